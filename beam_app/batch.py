@@ -1,0 +1,254 @@
+"""Batch branch: event history -> training examples with point-in-time features.
+
+Reads history (the spec's embedded data set by default: the 336,776 NYC
+flights of 2013), computes every windowed feature of the spec with the same
+`WindowedFeatures` transform the streaming job uses, and writes under --output:
+
+    train/ eval/ test/   examples-*.tfrecord.gz  (gzipped tf.train.Example)
+    dead_letters/        dead_letters-*.ndjson   (raw record, reason, source)
+    spec.json            the spec, its fingerprint and the example layout
+    summary.json         the counts and timings printed at the end
+
+Run on the embedded data:
+
+    python -m beam_app.batch --runner DirectRunner
+
+or on your own files (CSV through the spec's adapter, or NDJSON events):
+
+    python -m beam_app.batch --runner DirectRunner --input 'data/*.ndjson' --output out/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import SetupOptions
+from apache_beam.utils.timestamp import Timestamp
+
+from beam_app.options import CommonOptions, configure_logging
+from transforms.events import Event
+from transforms.examples import EncodeExamples, example_columns, is_labeled
+from transforms.parse import DEAD_LETTERS, ParseEvents
+from transforms.read_files import ReadRecords, matched_files, resolve_input
+from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
+from transforms.split import SplitExamples
+from transforms.windowed_features import WindowedFeatures
+
+
+
+class BatchOptions(CommonOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input", default=None,
+            help="History to read: a path or glob (local or gs://) of CSV files read by the spec's "
+                 "adapter, or NDJSON events. Default: the spec's embedded data set.")
+        parser.add_argument(
+            "--input_format", default="auto", choices=("auto", "csv", "json"),
+            help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+        parser.add_argument(
+            "--output", default="./output",
+            help="Directory for the TFRecords, dead letters, spec.json and summary.json (default: ./output). "
+                 "Earlier outputs of this job in it are replaced.")
+        parser.add_argument(
+            "--split", default=None, choices=("time", "hash"),
+            help="time: by request time at --eval_start/--test_start (UTC); hash: stable on event_id, "
+                 "by --eval_fraction/--test_fraction. Default: the spec's split.")
+        parser.add_argument("--eval_start", default=None, help="Time split: first eval day, e.g. 2013-11-01.")
+        parser.add_argument("--test_start", default=None, help="Time split: first test day, e.g. 2013-12-01.")
+        parser.add_argument("--eval_fraction", type=float, default=None, help="Hash split: share of eval.")
+        parser.add_argument("--test_fraction", type=float, default=None, help="Hash split: share of test.")
+
+
+class _StampEventTime(beam.DoFn):
+    """History files carry no element timestamps: the event time is assigned
+    here, at the source, once."""
+
+    def process(self, event: Event):
+        yield beam.window.TimestampedValue(event, Timestamp(micros=event.time_us))
+
+
+class _KeepLabeled(beam.DoFn):
+    """Requests whose outcome is unknown (a cancelled flight) cannot train: counted, not written."""
+
+    def __init__(self, spec: FeatureSpec):
+        self._spec = spec
+        self._unlabeled = beam.metrics.Metrics.counter("examples", "unlabeled_requests")
+
+    def process(self, row):
+        if is_labeled(self._spec, row):
+            yield row
+        else:
+            self._unlabeled.inc()
+
+
+def build(records, spec: FeatureSpec, split: SplitSpec) -> dict:
+    """PCollection[RawRecord] -> {"train"|"eval"|"test": PCollection[bytes] of
+    serialized tf.Examples, "dead_letters": PCollection[DeadLetter]}. No I/O."""
+    parsed = records | "ParseEvents" >> ParseEvents(spec, progress_every=100_000)
+    rows = (
+        parsed["events"]
+        | "StampEventTime" >> beam.ParDo(_StampEventTime())
+        | "WindowedFeatures" >> WindowedFeatures(spec)
+        | "KeepLabeled" >> beam.ParDo(_KeepLabeled(spec))
+    )
+    splits = rows | "Split" >> SplitExamples(split)
+    outputs = {name: splits[name] | f"Encode{name.title()}" >> EncodeExamples(spec) for name in SPLITS}
+    outputs[DEAD_LETTERS] = parsed[DEAD_LETTERS]
+    return outputs
+
+
+def split_from_options(spec: FeatureSpec, options: BatchOptions) -> SplitSpec:
+    """The spec's split with the command line's overrides applied."""
+    changes = {}
+    if options.split:
+        changes["method"] = options.split
+    for name in ("eval_start", "test_start"):
+        if getattr(options, name):
+            changes[name] = parse_utc_date(getattr(options, name), f"--{name}")
+    for name in ("eval_fraction", "test_fraction"):
+        if getattr(options, name) is not None:
+            changes[name] = getattr(options, name)
+    split = dataclasses.replace(spec.split, **changes)
+    validate_split(split)
+    return split
+
+
+def _counters(result) -> dict[str, int]:
+    counters: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+        value = counter.committed if counter.committed is not None else counter.attempted
+        counters[name] = counters.get(name, 0) + (value or 0)
+    return counters
+
+
+def summarize(counters: dict[str, int]) -> dict:
+    """The counts a user reads, and whether they add up (nothing lost silently)."""
+    c = lambda name: counters.get(name, 0)  # noqa: E731
+    examples = {name: c(f"split/examples_{name}") for name in SPLITS}
+    summary = {
+        "records_read": c("parse/records_read"),
+        "dead_letters": c("parse/dead_letters"),
+        "requests": c("parse/requests"),
+        "observations": c("parse/observations"),
+        "feature_rows": c("windowed_features/feature_rows"),
+        "unlabeled_requests": c("examples/unlabeled_requests"),
+        "examples": examples,
+        "late_requests": c("windowed_features/late_requests"),
+        "late_observations": c("windowed_features/late_observations"),
+    }
+    checks = {
+        "records_read == records parsed + dead_letters":
+            c("parse/records_read") == c("parse/records_ok") + c("parse/dead_letters"),
+        "feature_rows == requests": c("windowed_features/feature_rows") == c("parse/requests"),
+        "feature_rows == examples + unlabeled_requests":
+            c("windowed_features/feature_rows") == sum(examples.values()) + c("examples/unlabeled_requests"),
+        "examples encoded == examples split": c("examples/encoded") == sum(examples.values()),
+    }
+    summary["checks"] = checks
+    return summary
+
+
+def _clear_previous_outputs(output: str) -> None:
+    """Old shards would mix with new ones: remove this job's earlier outputs (only those)."""
+    patterns = [FileSystems.join(output, d, "*") for d in (*SPLITS, "dead_letters")]
+    patterns += [FileSystems.join(output, f) for f in ("spec.json", "summary.json")]
+    stale = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def _write_json(path: str, body: dict) -> None:
+    with FileSystems.create(path) as out:
+        out.write((json.dumps(body, indent=2) + "\n").encode())
+
+
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Runs the batch job; returns the summary it prints and writes."""
+    options = BatchOptions(argv)
+    options.view_as(SetupOptions).save_main_session = False
+    configure_logging()
+    started = time.monotonic()
+    spec = load_spec(options.spec)
+    split = split_from_options(spec, options)
+    input_pattern = resolve_input(options.input or spec.default_input or "")
+    if not input_pattern:
+        raise SpecError(f"spec {spec.name!r} has no default input: pass --input")
+    files = matched_files(input_pattern)
+    output = options.output.rstrip("/")
+    _clear_previous_outputs(output)
+    logging.info("spec %s (%s), %d input file(s): %s", spec.name, spec.fingerprint[:12], len(files), input_pattern)
+
+    pipeline = beam.Pipeline(options=options)
+    outputs = build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, options.input_format), spec, split)
+    for name in SPLITS:
+        outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
+            FileSystems.join(output, name, "examples"), file_name_suffix=".tfrecord.gz")
+    (outputs[DEAD_LETTERS]
+     | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
+     | "WriteDeadLetters" >> beam.io.WriteToText(
+         FileSystems.join(output, "dead_letters", "dead_letters"), file_name_suffix=".ndjson"))
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    summary = summarize(_counters(result))
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["spec"] = {"name": spec.name, "fingerprint": spec.fingerprint}
+    summary["input"] = files
+    summary["split"] = {"method": split.method,
+                        **({"eval_start": split.eval_start.date().isoformat(),
+                            "test_start": split.test_start.date().isoformat()} if split.method == "time" else
+                           {"eval_fraction": split.eval_fraction, "test_fraction": split.test_fraction})}
+    summary["outputs"] = {name: sorted(m.path for m in FileSystems.match(
+        [FileSystems.join(output, name, "*")])[0].metadata_list) for name in (*SPLITS, "dead_letters")}
+    _write_json(FileSystems.join(output, "spec.json"), {
+        "spec": spec.to_document(),
+        "fingerprint": spec.fingerprint,
+        "example_columns": [column._asdict() for column in example_columns(spec)],
+        "split": summary["split"],
+        "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    _write_json(FileSystems.join(output, "summary.json"), summary)
+    _print_summary(summary, output)
+    return summary
+
+
+def _print_summary(summary: dict, output: str) -> None:
+    examples = summary["examples"]
+    lines = [
+        f"batch job finished in {summary['seconds']} s",
+        f"  records read        {summary['records_read']:>9,}   dead letters {summary['dead_letters']:,}",
+        f"  events              {summary['requests'] + summary['observations']:>9,}   "
+        f"({summary['requests']:,} requests, {summary['observations']:,} observations)",
+        f"  examples            {sum(examples.values()):>9,}   "
+        + ", ".join(f"{name} {count:,}" for name, count in examples.items()),
+        f"  unlabeled requests  {summary['unlabeled_requests']:>9,}   (no outcome, not written)",
+        f"  late events         {summary['late_requests'] + summary['late_observations']:>9,}",
+        f"  output              {output}/{{train,eval,test}}/ dead_letters/ spec.json summary.json",
+    ]
+    failed = [name for name, ok in summary["checks"].items() if not ok]
+    lines.append("  counts add up       yes" if not failed else f"  COUNTS DO NOT ADD UP: {failed}")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    try:
+        summary = run(sys.argv[1:])
+    except (SpecError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    if not all(summary["checks"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Options shared by every entry point; each entry point subclasses these."""
+
+from __future__ import annotations
+
+import logging
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+class CommonOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--spec", default="flights",
+            help="Feature spec: a shipped spec name (flights) or a path to a spec YAML/JSON file.")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Our progress at INFO; Beam's own chatter only when it matters."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for noisy in ("apache_beam", "absl", "tensorflow"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # The DirectRunner first tries to fetch the Prism runner; offline that
+        # fails harmlessly and it falls back, with a traceback we do not need.
+        logging.getLogger("apache_beam.runners.direct.direct_runner").setLevel(logging.ERROR)
