@@ -48,47 +48,96 @@ def _typed(field: FieldSpec, value: Any) -> Any:
     return value
 
 
-def validate_event(spec: FeatureSpec, event: Event) -> Event:
-    """The event with its fields checked and typed against the spec.
+def _fast_check(field: FieldSpec):
+    """A check for values that are already of the right type and in range;
+    anything else goes through `_typed`, which coerces or says what is wrong."""
+    lo = field.min if field.min is not None else -math.inf
+    hi = field.max if field.max is not None else math.inf
+    vocabulary = frozenset(field.vocabulary) if field.vocabulary is not None else None
+    if field.type == "string":
+        def check(value):
+            if type(value) is str and value and value[0] != " " and value[-1] != " " and (
+                    vocabulary is None or value in vocabulary):
+                return value
+            return _typed(field, value)
+    else:
+        exact = float if field.type == "float" else int
+
+        def check(value):
+            if type(value) is exact and lo <= value <= hi:
+                return value
+            return _typed(field, value)
+    return check
+
+
+class EventValidator:
+    """Checks and types events against the spec (compiled once: it runs per event).
 
     Fields the spec does not name are dropped; a request may carry the label
     (history) or not (live)."""
-    if event.role not in ROLES:
-        raise InvalidRecord(f"role: expected one of {list(ROLES)}, got {event.role!r}")
-    if not event.event_id or (spec.event_id_pattern and not re.match(spec.event_id_pattern, event.event_id)):
-        raise InvalidRecord(f"event_id: {event.event_id!r} does not match {spec.event_id_pattern!r}")
-    fields: dict[str, Any] = {}
-    expected = spec.fields(event.role)
-    if event.role == "request":
-        expected = expected + (spec.label,)
-    for field in expected:
-        value = event.fields.get(field.name)
-        if value is None or value == "":
-            if field.required:
-                raise InvalidRecord(f"{field.name}: missing (required on {event.role} events)")
-            fields[field.name] = None
+
+    def __init__(self, spec: FeatureSpec):
+        self._pattern = re.compile(spec.event_id_pattern) if spec.event_id_pattern else None
+        self._fields = {}
+        for role in ROLES:
+            fields = spec.fields(role) + ((spec.label,) if role == "request" else ())
+            self._fields[role] = [(f.name, f.required, _fast_check(f)) for f in fields]
+
+    def __call__(self, event: Event) -> Event:
+        fields = self._fields.get(event.role)
+        if fields is None:
+            raise InvalidRecord(f"role: expected one of {list(ROLES)}, got {event.role!r}")
+        if not event.event_id or (self._pattern and not self._pattern.match(event.event_id)):
+            raise InvalidRecord(f"event_id: {event.event_id!r} does not match "
+                                f"{self._pattern.pattern if self._pattern else 'a non-empty id'!r}")
+        raw = event.fields
+        typed: dict[str, Any] = {}
+        for name, required, check in fields:
+            value = raw.get(name)
+            if value is None or value == "":
+                if required:
+                    raise InvalidRecord(f"{name}: missing (required on {event.role} events)")
+                typed[name] = None
+            else:
+                typed[name] = check(value)
+        return Event(event.event_id, event.role, event.time_us, typed)
+
+
+class RecordParser:
+    """A raw CSV row (through the spec's adapter) or NDJSON line -> valid events."""
+
+    def __init__(self, spec: FeatureSpec):
+        self._validate = EventValidator(spec)
+        self._adapter = csv_adapter(spec.csv_adapter) if spec.csv_adapter else None
+
+    def __call__(self, record: RawRecord) -> list[Event]:
+        if record.kind == "json":
+            events = [event_from_json(record.text)]
+        elif record.kind == "csv":
+            if self._adapter is None:
+                raise InvalidRecord("this spec names no CSV adapter: give NDJSON events")
+            if not record.header:
+                raise InvalidRecord("csv record without a header")
+            try:
+                values = next(csv.reader([record.text]))
+            except (csv.Error, StopIteration) as err:
+                raise InvalidRecord(f"unreadable CSV: {err}") from None
+            if len(values) != len(record.header):
+                raise InvalidRecord(f"expected {len(record.header)} CSV columns, got {len(values)}")
+            events = self._adapter(dict(zip(record.header, values)))
         else:
-            fields[field.name] = _typed(field, value)
-    return Event(event.event_id, event.role, event.time_us, fields)
+            raise InvalidRecord(f"unknown record kind {record.kind!r}")
+        return [self._validate(event) for event in events]
+
+
+def validate_event(spec: FeatureSpec, event: Event) -> Event:
+    """One event checked against the spec (tests and one-offs; jobs keep an EventValidator)."""
+    return EventValidator(spec)(event)
 
 
 def parse_record(spec: FeatureSpec, record: RawRecord) -> list[Event]:
-    """A raw CSV row (through the spec's adapter) or NDJSON line -> valid events."""
-    if record.kind == "json":
-        events = [event_from_json(record.text)]
-    elif record.kind == "csv":
-        if not record.header:
-            raise InvalidRecord("csv record without a header")
-        try:
-            values = next(csv.reader([record.text]))
-        except (csv.Error, StopIteration) as err:
-            raise InvalidRecord(f"unreadable CSV: {err}") from None
-        if len(values) != len(record.header):
-            raise InvalidRecord(f"expected {len(record.header)} CSV columns, got {len(values)}")
-        events = csv_adapter(spec.csv_adapter)(dict(zip(record.header, values)))
-    else:
-        raise InvalidRecord(f"unknown record kind {record.kind!r}")
-    return [validate_event(spec, event) for event in events]
+    """One record parsed against the spec (tests and one-offs; jobs keep a RecordParser)."""
+    return RecordParser(spec)(record)
 
 
 class _ParseDoFn(beam.DoFn):
@@ -103,13 +152,16 @@ class _ParseDoFn(beam.DoFn):
         self._by_role = {role: Metrics.counter("parse", f"{role}s") for role in ROLES}
         self._seen = 0
 
+    def setup(self):
+        self._parse = RecordParser(self._spec)
+
     def process(self, record: RawRecord):
         self._records.inc()
         self._seen += 1
         if self._progress_every and self._seen % self._progress_every == 0:
             logging.info("parsed %d records in this worker", self._seen)
         try:
-            events = parse_record(self._spec, record)
+            events = self._parse(record)
         except (InvalidRecord, ValueError) as err:
             self._dead.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(record.source, record.text, str(err), "parse"))

@@ -95,4 +95,6 @@ class ReadRecords(beam.PTransform):
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
             | "ReadLines" >> beam.FlatMap(read_records, self._input_format).with_output_types(RawRecord)
+            # A file is read by one worker; spread its lines so parsing runs on all of them.
+            | "Spread" >> beam.Reshuffle()
         )

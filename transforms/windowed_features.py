@@ -50,9 +50,11 @@ from transforms.spec import FeatureSpec, WindowedFeature
 _US = 1_000_000
 MIN_BUCKET_S = 86_400  # batch buckets: at least a day, so copies of observations stay a small share
 
-# Between stages an element is (event, features): the Event as a plain tuple
-# (cheaper to encode than the NamedTuple) and the spec-ordered feature tuple,
-# filled in group by group.
+# Between stages an element is a plain tuple, cheap to encode:
+#     (event_id, rank, time_us, values, features)
+# rank is REQUEST or OBSERVATION, values the event's fields in the order of
+# `EventLayout` for its role, features the spec-ordered tuple being filled.
+ID, RANK, TIME, VALUES, FEATURES = range(5)
 
 
 class FeatureRow(NamedTuple):
@@ -62,45 +64,81 @@ class FeatureRow(NamedTuple):
     features: tuple[Optional[float], ...]
 
 
+class EventLayout(NamedTuple):
+    """The order of an element's values, per rank."""
+
+    names: tuple[tuple[str, ...], tuple[str, ...]]  # [REQUEST], [OBSERVATION]
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> "EventLayout":
+        return cls((tuple(f.name for f in spec.request_fields) + (spec.label.name,),
+                    tuple(f.name for f in spec.observation_fields)))
+
+    def to_item(self, event: Event, features: tuple) -> tuple:
+        rank = REQUEST if event.role == "request" else OBSERVATION
+        values = tuple(event.fields.get(name) for name in self.names[rank])
+        return event.event_id, rank, event.time_us, values, features
+
+    def to_row(self, item: tuple) -> FeatureRow:
+        rank = item[RANK]
+        event = Event(item[ID], "request" if rank == REQUEST else "observation", item[TIME],
+                      dict(zip(self.names[rank], item[VALUES])))
+        return FeatureRow(event, item[FEATURES])
+
+    def index(self, rank: int, name: str) -> int:
+        return self.names[rank].index(name)
+
+
 class FeatureGroup(NamedTuple):
     """The windowed features sharing one key field: one stage of the chain."""
 
     key_field: str
     features: tuple[WindowedFeature, ...]
     slots: tuple[int, ...]  # where each feature's value goes in the spec-ordered tuple
+    key_index: tuple[int, int]  # where the key value is in an item's values, per rank
+    value_index: tuple[int, ...]  # where `history_fields(features)` are in an observation's values
     last: bool  # the last stage drops observations: nothing reads them after it
 
 
 def feature_groups(spec: FeatureSpec) -> tuple[FeatureGroup, ...]:
     """The windowed features grouped by key field, in spec order."""
+    layout = EventLayout.of(spec)
     by_key: dict[str, list[WindowedFeature]] = {}
     for feature in spec.windowed_features:
         by_key.setdefault(feature.key, []).append(feature)
     return tuple(
-        FeatureGroup(key, tuple(features), tuple(spec.windowed_features.index(f) for f in features),
-                     index == len(by_key) - 1)
+        FeatureGroup(
+            key_field=key,
+            features=tuple(features),
+            slots=tuple(spec.windowed_features.index(f) for f in features),
+            key_index=(layout.index(REQUEST, key), layout.index(OBSERVATION, key)),
+            value_index=tuple(layout.index(OBSERVATION, f) for f in history_fields(features)),
+            last=index == len(by_key) - 1)
         for index, (key, features) in enumerate(by_key.items()))
 
 
-def to_pending(item: tuple, fields: tuple[str, ...]) -> PendingEvent:
-    """An (event, features) element -> what the engine needs, carrying the element along."""
-    event_id, role, time_us, values = item[0]
-    if role == "request":
-        return PendingEvent(time_us, REQUEST, event_id, (), item)
-    return PendingEvent(time_us, OBSERVATION, event_id, tuple(values.get(f) for f in fields), item)
+def key_of(item: tuple, group: FeatureGroup) -> str:
+    return item[VALUES][group.key_index[item[RANK]]]
+
+
+def to_pending(item: tuple, group: FeatureGroup) -> PendingEvent:
+    """An element -> what the engine needs, carrying the element along."""
+    if item[RANK] == REQUEST:
+        return PendingEvent(item[TIME], REQUEST, item[ID], (), item)
+    values = item[VALUES]
+    return PendingEvent(item[TIME], OBSERVATION, item[ID], tuple(values[i] for i in group.value_index), item)
 
 
 def fill(item: tuple, slots: tuple[int, ...], answer: tuple) -> tuple:
-    """The (event, features) element with one group's answers written into their slots."""
-    event, features = item
-    filled = list(features)
+    """The element with one group's answers written into their slots."""
+    filled = list(item[FEATURES])
     for slot, value in zip(slots, answer):
         filled[slot] = value
-    return event, tuple(filled)
+    return item[:FEATURES] + (tuple(filled),)
 
 
 def _stamped(item: tuple):
-    return beam.window.TimestampedValue(item, Timestamp(micros=item[0][2]))
+    return beam.window.TimestampedValue(item, Timestamp(micros=item[TIME]))
 
 
 def bucket_span_us(group: FeatureGroup) -> int:
@@ -120,12 +158,10 @@ def answer_bucket(group: FeatureGroup, bucket: int, span_us: int, items: Iterabl
     """All events of one (key value, bucket) -> the elements to pass on: the
     bucket's requests with the group's features filled in and, unless this is
     the last stage, the bucket's own observations (not the copies)."""
-    fields = history_fields(group.features)
-    answers, _, _ = KeyHistory(group.features).apply(to_pending(item, fields) for item in items)
+    answers, _, _ = KeyHistory(group.features).apply(to_pending(item, group) for item in items)
     out = [fill(pending.payload, group.slots, answer) for pending, answer in answers]
     if not group.last:
-        out.extend(item for item in items
-                   if item[0][1] == "observation" and item[0][2] // span_us == bucket)
+        out.extend(item for item in items if item[RANK] == OBSERVATION and item[TIME] // span_us == bucket)
     return out
 
 
@@ -142,14 +178,12 @@ class _BucketedStage(beam.PTransform):
         horizon_us = max(f.window_s for f in group.features) * _US
 
         def to_buckets(item):
-            event = item[0]
-            rank = REQUEST if event[1] == "request" else OBSERVATION
-            key = event[3][group.key_field]
-            return [((key, bucket), item) for bucket in buckets_of(event[2], rank, horizon_us, span_us)]
+            key = key_of(item, group)
+            return [((key, bucket), item) for bucket in buckets_of(item[TIME], item[RANK], horizon_us, span_us)]
 
         def answer(keyed):
             (_, bucket), bucket_items = keyed
-            return [_stamped(item) for item in answer_bucket(group, bucket, span_us, list(bucket_items))]
+            return answer_bucket(group, bucket, span_us, list(bucket_items))
 
         return (
             items
@@ -171,7 +205,6 @@ class _PointInTimeDoFn(beam.DoFn):
 
     def __init__(self, group: FeatureGroup):
         self._group = group
-        self._fields = history_fields(group.features)
         self._late_requests = Metrics.counter("windowed_features", "late_requests")
         self._late_observations = Metrics.counter("windowed_features", "late_observations")
 
@@ -179,7 +212,7 @@ class _PointInTimeDoFn(beam.DoFn):
                 timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
         _, item = element
         buffer.add(item)
-        time_us = item[0][2]
+        time_us = item[TIME]
         pending = timer_at.read()
         if pending is None or time_us < pending:  # the timer (and hold) stays at the earliest buffered event
             release.set(Timestamp(micros=time_us))
@@ -191,16 +224,16 @@ class _PointInTimeDoFn(beam.DoFn):
                    release=beam.DoFn.TimerParam(RELEASE)):
         ready, rest = [], []
         for item in buffer.read():
-            (ready if item[0][2] <= fired_at.micros else rest).append(item)
+            (ready if item[TIME] <= fired_at.micros else rest).append(item)
         state = KeyHistory.from_state(self._group.features, history.read())
-        answers, late_requests, late_observations = state.apply(to_pending(item, self._fields) for item in ready)
+        answers, late_requests, late_observations = state.apply(to_pending(item, self._group) for item in ready)
         history.write(state.to_state())
         buffer.clear()
         timer_at.clear()
         if rest:
             for item in rest:
                 buffer.add(item)
-            next_us = min(item[0][2] for item in rest)
+            next_us = min(item[TIME] for item in rest)
             release.set(Timestamp(micros=next_us))
             timer_at.write(next_us)
         self._late_requests.inc(late_requests)
@@ -209,7 +242,7 @@ class _PointInTimeDoFn(beam.DoFn):
             yield _stamped(fill(pending.payload, self._group.slots, answer))
         if not self._group.last:
             for item in ready:
-                if item[0][1] == "observation":
+                if item[RANK] == OBSERVATION:
                     yield _stamped(item)
 
 
@@ -227,22 +260,24 @@ class _StatefulStage(beam.PTransform):
             # and then mixes up their timers, which loses every element (seen on
             # Beam 2.77). A shuffle keeps them apart; other runners shuffle here anyway.
             items = items | "Separate" >> beam.Reshuffle()
-        key_field = self._group.key_field
+        group = self._group
         return (
             items
-            | "KeyBy" >> beam.Map(lambda item: (item[0][3][key_field], item)).with_output_types(tuple[str, tuple])
+            | "KeyBy" >> beam.Map(lambda item: (key_of(item, group), item)).with_output_types(tuple[str, tuple])
             | "PointInTime" >> beam.ParDo(_PointInTimeDoFn(self._group))
         )
 
 
 class _ToRow(beam.DoFn):
-    def __init__(self):
+    """Element -> FeatureRow at the request's event time (batch stages drop timestamps)."""
+
+    def __init__(self, layout: EventLayout):
+        self._layout = layout
         self._rows = Metrics.counter("windowed_features", "feature_rows")
 
     def process(self, item):
-        event, features = item
         self._rows.inc()
-        yield FeatureRow(Event(*event), features)
+        yield beam.window.TimestampedValue(self._layout.to_row(item), Timestamp(micros=item[TIME]))
 
 
 class WindowedFeatures(beam.PTransform):
@@ -255,8 +290,9 @@ class WindowedFeatures(beam.PTransform):
 
     def expand(self, events):
         empty = (None,) * len(self._spec.windowed_features)
-        items = events | "Start" >> beam.Map(lambda event: (tuple(event), empty))
+        layout = EventLayout.of(self._spec)
+        items = events | "Start" >> beam.Map(lambda event: layout.to_item(event, empty))
         for index, group in enumerate(feature_groups(self._spec)):
             stage = _BucketedStage(group) if events.is_bounded else _StatefulStage(group, first=index == 0)
             items = items | f"Features_{group.key_field}" >> stage
-        return items | "ToRows" >> beam.ParDo(_ToRow()).with_output_types(FeatureRow)
+        return items | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)
