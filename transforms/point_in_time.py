@@ -68,10 +68,12 @@ class KeyHistory:
     `values[f]` hold the observations where field f is present.
     """
 
-    def __init__(self, features: Sequence[WindowedFeature]):
+    def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
         self.features = tuple(features)
         self.fields = history_fields(features)
-        self.horizon_us = max(f.window_s for f in features) * _US
+        # Kept: the longest window, plus how far behind a request may still arrive
+        # and be answered exactly.
+        self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
         self.times: dict[Optional[str], list[int]] = {None: [], **{f: [] for f in self.fields}}
         self.values: dict[str, list[float]] = {f: [] for f in self.fields}
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
@@ -112,7 +114,9 @@ class KeyHistory:
         Returns each request with its features, and how many requests and
         observations were late: older than an event this key had already
         applied. Late observations still join the history (they count for
-        later requests); late requests are answered from what is left.
+        later requests). A late request is answered from the history, exactly
+        if it is no later than `lateness_s`; beyond that its oldest
+        observations may have been evicted.
         """
         answers: list[tuple[PendingEvent, tuple]] = []
         late_requests = late_observations = 0
@@ -141,8 +145,9 @@ class KeyHistory:
                 tuple(self.times[f] for f in self.fields), tuple(self.values[f] for f in self.fields))
 
     @classmethod
-    def from_state(cls, features: Sequence[WindowedFeature], state: Optional[tuple]) -> "KeyHistory":
-        history = cls(features)
+    def from_state(cls, features: Sequence[WindowedFeature], state: Optional[tuple],
+                   lateness_s: int = 0) -> "KeyHistory":
+        history = cls(features, lateness_s)
         if state is not None:
             history.processed_through_us, history.times[None], field_times, field_values = state
             history.times.update(zip(history.fields, (list(t) for t in field_times)))

@@ -2,34 +2,35 @@
 aggregate of the spec for every request event, in batch and in streaming.
 
 The features are grouped by key field (flights: origin, carrier). For each
-group in turn, events are gathered per key value and applied in time order
+group, the events of each key value are gathered and applied in time order
 to a `KeyHistory` (transforms/point_in_time.py), which answers each request
-from [t - W, t). The group's answers are written into the request's feature
-tuple and every event goes on to the next group's stage; after the last one
-the requests leave as `FeatureRow`s.
+from [t - W, t). How the events are gathered depends on the input:
 
-    events -> stage(origin) -> stage(carrier) -> FeatureRows
+- bounded (batch): the groups run as a chain of GroupByKeys on (key value,
+  time bucket); requests go from one group's stage to the next, picking up
+  that group's values, and every stage reads the observations from the
+  input. Each observation is also copied into the later buckets whose
+  requests can still see it, so a group holds one bucket plus the longest
+  window, however long the history: memory stays bounded and buckets run in
+  parallel. No per-request state: keyed state costs the Python SDK about a
+  millisecond per key (its state cache sizes every value it loads).
 
-How a stage gathers a key's events depends on the input:
+      observations ----------+--------------------+
+                             v                    v
+      requests --> stage(origin) --requests--> stage(carrier) --> FeatureRows
 
-- bounded (batch): GroupByKey on (key value, time bucket). Each observation
-  is also copied into the later buckets whose requests can still see it, so
-  a group holds one bucket plus the longest window, however long the
-  history: memory stays bounded and the buckets run in parallel.
-- unbounded (streaming): a stateful DoFn per key value buffers events and,
-  when the watermark passes the earliest one it holds (an event-time timer),
-  applies everything up to that time. The emitted events carry their own
-  time, which is the timer's watermark hold, so the next stage never sees
-  them as late. Observations arriving behind the watermark are counted as
-  late and still join the history.
+- unbounded (streaming): every group's stage reads the input; a stateful
+  DoFn per key value buffers events and, when the watermark passes the
+  earliest one it holds (an event-time timer), applies everything up to that
+  time and emits each request's values for the group. A stateful join per
+  event_id emits the row once the request and every group's values are in:
+  no stage waits on another's watermark, so the result does not depend on
+  how a runner holds watermarks for timers. Observations arriving behind the
+  watermark are counted as late and still join the history; a request up to
+  `allowed_lateness_s` late is still answered exactly.
 
 Both call the same `KeyHistory.apply`, whose result depends only on event
 times; the TestStream parity test checks that they agree bit for bit.
-
-Why chained stages and not a fan-out and a join by event_id: keyed state
-costs the Python SDK about a millisecond per key (its state cache sizes
-every value it loads), fine for a few thousand entity keys, ruinous for one
-key per request.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.events import Event
@@ -97,7 +99,7 @@ class FeatureGroup(NamedTuple):
     slots: tuple[int, ...]  # where each feature's value goes in the spec-ordered tuple
     key_index: tuple[int, int]  # where the key value is in an item's values, per rank
     value_index: tuple[int, ...]  # where `history_fields(features)` are in an observation's values
-    last: bool  # the last stage drops observations: nothing reads them after it
+    first: bool
 
 
 def feature_groups(spec: FeatureSpec) -> tuple[FeatureGroup, ...]:
@@ -113,7 +115,7 @@ def feature_groups(spec: FeatureSpec) -> tuple[FeatureGroup, ...]:
             slots=tuple(spec.windowed_features.index(f) for f in features),
             key_index=(layout.index(REQUEST, key), layout.index(OBSERVATION, key)),
             value_index=tuple(layout.index(OBSERVATION, f) for f in history_fields(features)),
-            last=index == len(by_key) - 1)
+            first=index == 0)
         for index, (key, features) in enumerate(by_key.items()))
 
 
@@ -154,19 +156,16 @@ def buckets_of(time_us: int, rank: int, horizon_us: int, span_us: int) -> range:
     return range(own, (time_us + horizon_us) // span_us + 1)
 
 
-def answer_bucket(group: FeatureGroup, bucket: int, span_us: int, items: Iterable[tuple]) -> list[tuple]:
-    """All events of one (key value, bucket) -> the elements to pass on: the
-    bucket's requests with the group's features filled in and, unless this is
-    the last stage, the bucket's own observations (not the copies)."""
+def answer_bucket(group: FeatureGroup, items: Iterable[tuple]) -> list[tuple]:
+    """All events of one (key value, bucket) -> the bucket's requests with the
+    group's features filled in."""
     answers, _, _ = KeyHistory(group.features).apply(to_pending(item, group) for item in items)
-    out = [fill(pending.payload, group.slots, answer) for pending, answer in answers]
-    if not group.last:
-        out.extend(item for item in items if item[RANK] == OBSERVATION and item[TIME] // span_us == bucket)
-    return out
+    return [fill(pending.payload, group.slots, answer) for pending, answer in answers]
 
 
 class _BucketedStage(beam.PTransform):
-    """Bounded input: PCollection[(event, features)] -> the same, this group filled in."""
+    """Bounded input: PCollection[element] (observations and requests) ->
+    PCollection[element] of the requests, with this group filled in."""
 
     def __init__(self, group: FeatureGroup):
         super().__init__()
@@ -182,8 +181,8 @@ class _BucketedStage(beam.PTransform):
             return [((key, bucket), item) for bucket in buckets_of(item[TIME], item[RANK], horizon_us, span_us)]
 
         def answer(keyed):
-            (_, bucket), bucket_items = keyed
-            return answer_bucket(group, bucket, span_us, list(bucket_items))
+            _, bucket_items = keyed
+            return answer_bucket(group, bucket_items)
 
         return (
             items
@@ -194,27 +193,34 @@ class _BucketedStage(beam.PTransform):
 
 
 class _PointInTimeDoFn(beam.DoFn):
-    """Unbounded input: (key value, (event, features)) -> (event, features) with
-    this group filled in on requests, released in time order once the watermark
-    has passed them."""
+    """Unbounded input: (key value, element) -> (event_id, (group index, values))
+    for each request, released in time order once the watermark has passed it."""
 
     BUFFER = BagStateSpec("buffer", FastPrimitivesCoder())
     HISTORY = ReadModifyWriteStateSpec("history", FastPrimitivesCoder())
     TIMER_AT = ReadModifyWriteStateSpec("timer_at", VarIntCoder())
     RELEASE = TimerSpec("release", TimeDomain.WATERMARK)
+    # At the end of the window (a drained or finished stream) a timer set from
+    # then on never fires: this one, set while the window is open, releases
+    # whatever is still buffered.
+    DRAIN = TimerSpec("drain", TimeDomain.WATERMARK)
 
-    def __init__(self, group: FeatureGroup):
+    def __init__(self, group: FeatureGroup, index: int, allowed_lateness_s: int):
         self._group = group
+        self._index = index
+        self._lateness_s = allowed_lateness_s
         self._late_requests = Metrics.counter("windowed_features", "late_requests")
         self._late_observations = Metrics.counter("windowed_features", "late_observations")
 
-    def process(self, element, buffer=beam.DoFn.StateParam(BUFFER),
-                timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
+    def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
+                release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):
         _, item = element
         buffer.add(item)
         time_us = item[TIME]
         pending = timer_at.read()
-        if pending is None or time_us < pending:  # the timer (and hold) stays at the earliest buffered event
+        if pending is None:
+            drain.set(GlobalWindow().max_timestamp())
+        if pending is None or time_us < pending:  # the timer stays at the earliest buffered event
             release.set(Timestamp(micros=time_us))
             timer_at.write(time_us)
 
@@ -222,10 +228,20 @@ class _PointInTimeDoFn(beam.DoFn):
     def on_release(self, fired_at=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
                    history=beam.DoFn.StateParam(HISTORY), timer_at=beam.DoFn.StateParam(TIMER_AT),
                    release=beam.DoFn.TimerParam(RELEASE)):
+        return self._release(fired_at.micros, buffer, history, timer_at, release)
+
+    @on_timer(DRAIN)
+    def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), history=beam.DoFn.StateParam(HISTORY),
+                 timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
+        return self._release(GlobalWindow().max_timestamp().micros, buffer, history, timer_at, release)
+
+    def _release(self, up_to_us, buffer, history, timer_at, release):
+        """Applies the buffered events up to `up_to_us` (the watermark has passed
+        them) and emits their requests' values; the rest wait for the next timer."""
         ready, rest = [], []
         for item in buffer.read():
-            (ready if item[TIME] <= fired_at.micros else rest).append(item)
-        state = KeyHistory.from_state(self._group.features, history.read())
+            (ready if item[TIME] <= up_to_us else rest).append(item)
+        state = KeyHistory.from_state(self._group.features, history.read(), self._lateness_s)
         answers, late_requests, late_observations = state.apply(to_pending(item, self._group) for item in ready)
         history.write(state.to_state())
         buffer.clear()
@@ -236,35 +252,63 @@ class _PointInTimeDoFn(beam.DoFn):
             next_us = min(item[TIME] for item in rest)
             release.set(Timestamp(micros=next_us))
             timer_at.write(next_us)
-        self._late_requests.inc(late_requests)
-        self._late_observations.inc(late_observations)
-        for pending, answer in answers:
-            yield _stamped(fill(pending.payload, self._group.slots, answer))
-        if not self._group.last:
-            for item in ready:
-                if item[RANK] == OBSERVATION:
-                    yield _stamped(item)
+        if self._group.first:  # every stage sees every event: count once
+            self._late_requests.inc(late_requests)
+            self._late_observations.inc(late_observations)
+        return [beam.window.TimestampedValue((pending.event_id, (self._index, answer)),
+                                             Timestamp(micros=pending.time_us)) for pending, answer in answers]
 
 
-class _StatefulStage(beam.PTransform):
-    """Unbounded input: PCollection[(event, features)] -> the same, this group filled in."""
+class _JoinGroupsDoFn(beam.DoFn):
+    """(event_id, part) -> the request element with every group's values, as
+    soon as the request (part -1) and one part per group are in."""
 
-    def __init__(self, group: FeatureGroup, first: bool):
+    PARTS = BagStateSpec("parts", FastPrimitivesCoder())
+
+    def __init__(self, groups: tuple[FeatureGroup, ...]):
+        self._groups = groups
+
+    def process(self, element, parts=beam.DoFn.StateParam(PARTS)):
+        _, part = element
+        parts.add(part)
+        collected = list(parts.read())
+        if len(collected) < len(self._groups) + 1:
+            return
+        parts.clear()
+        request = next(payload for index, payload in collected if index == _REQUEST_PART)
+        for index, answer in collected:
+            if index != _REQUEST_PART:
+                request = fill(request, self._groups[index].slots, answer)
+        yield _stamped(request)
+
+
+_REQUEST_PART = -1
+
+
+class _StreamingFeatures(beam.PTransform):
+    """Unbounded input: PCollection[element] -> PCollection[element] of the
+    requests with every group filled in."""
+
+    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int):
         super().__init__()
-        self._group = group
-        self._first = first
+        self._groups = groups
+        self._lateness_s = allowed_lateness_s
 
     def expand(self, items):
-        if not self._first:
-            # Beam's FnApiRunner fuses consecutive stateful DoFns into one stage
-            # and then mixes up their timers, which loses every element (seen on
-            # Beam 2.77). A shuffle keeps them apart; other runners shuffle here anyway.
-            items = items | "Separate" >> beam.Reshuffle()
-        group = self._group
+        parts = [items
+                 | "Requests" >> beam.Filter(lambda item: item[RANK] == REQUEST)
+                 | "KeyRequests" >> beam.Map(lambda item: (item[ID], (_REQUEST_PART, item)))]
+        for index, group in enumerate(self._groups):
+            name = group.key_field
+            parts.append(
+                items
+                | f"KeyBy_{name}" >> beam.Map(
+                    lambda item, g: (key_of(item, g), item), group).with_output_types(tuple[str, tuple])
+                | f"PointInTime_{name}" >> beam.ParDo(_PointInTimeDoFn(group, index, self._lateness_s)))
         return (
-            items
-            | "KeyBy" >> beam.Map(lambda item: (key_of(item, group), item)).with_output_types(tuple[str, tuple])
-            | "PointInTime" >> beam.ParDo(_PointInTimeDoFn(self._group))
+            parts
+            | "MergeParts" >> beam.Flatten()
+            | "JoinGroups" >> beam.ParDo(_JoinGroupsDoFn(self._groups)).with_input_types(tuple[str, tuple])
         )
 
 
@@ -282,17 +326,30 @@ class _ToRow(beam.DoFn):
 
 class WindowedFeatures(beam.PTransform):
     """PCollection[Event] (requests and observations, in any order) ->
-    PCollection[FeatureRow], one per request, timestamped at the request time."""
+    PCollection[FeatureRow], one per request, timestamped at the request time.
 
-    def __init__(self, spec: FeatureSpec, label: Optional[str] = None):
+    allowed_lateness_s: on unbounded input, how far behind the watermark a
+    request may arrive and still be answered exactly (older observations
+    are forgotten after the longest window plus this)."""
+
+    def __init__(self, spec: FeatureSpec, allowed_lateness_s: int = 3600, label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
+        self._lateness_s = allowed_lateness_s
 
     def expand(self, events):
         empty = (None,) * len(self._spec.windowed_features)
         layout = EventLayout.of(self._spec)
+        groups = feature_groups(self._spec)
         items = events | "Start" >> beam.Map(lambda event: layout.to_item(event, empty))
-        for index, group in enumerate(feature_groups(self._spec)):
-            stage = _BucketedStage(group) if events.is_bounded else _StatefulStage(group, first=index == 0)
-            items = items | f"Features_{group.key_field}" >> stage
-        return items | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)
+        if events.is_bounded:
+            observations = items | "Observations" >> beam.Filter(lambda item: item[RANK] == OBSERVATION)
+            requests = items | "Requests" >> beam.Filter(lambda item: item[RANK] == REQUEST)
+            for group in groups:
+                name = group.key_field
+                requests = ((requests, observations)
+                            | f"Merge_{name}" >> beam.Flatten()
+                            | f"Features_{name}" >> _BucketedStage(group))
+        else:
+            requests = items | "Features" >> _StreamingFeatures(groups, self._lateness_s)
+        return requests | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)
