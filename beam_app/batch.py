@@ -20,12 +20,15 @@ or on your own files (CSV through the spec's adapter, or NDJSON events):
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -85,7 +88,7 @@ class _KeepLabeled(beam.DoFn):
 def build(records, spec: FeatureSpec, split: SplitSpec) -> dict:
     """PCollection[RawRecord] -> {"train"|"eval"|"test": PCollection[bytes] of
     serialized tf.Examples, "dead_letters": PCollection[DeadLetter]}. No I/O."""
-    parsed = records | "ParseEvents" >> ParseEvents(spec, progress_every=100_000)
+    parsed = records | "ParseEvents" >> ParseEvents(spec)
     rows = (
         parsed["events"]
         | "WindowedFeatures" >> WindowedFeatures(spec)
@@ -113,15 +116,16 @@ def split_from_options(spec: FeatureSpec, options: BatchOptions) -> SplitSpec:
     return split
 
 
-def use_all_cores_locally(options: BatchOptions) -> None:
+def use_all_cores_locally(options: BatchOptions, argv: list[str]) -> None:
     """On the DirectRunner, default to one worker process per core (about 1.7x
-    faster on 2 cores than the single in-process worker); flags still win."""
+    faster on 2 cores than the single in-process worker); flags still win.
+    Read from argv: Beam's options cannot tell an explicit default from none."""
     runner = options.view_as(StandardOptions).runner
-    chosen = options.get_all_options(drop_default=True)
-    if runner in (None, "DirectRunner", "direct") and "direct_num_workers" not in chosen:
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--direct_")}
+    if runner in (None, "DirectRunner", "direct") and "--direct_num_workers" not in given:
         direct = options.view_as(DirectOptions)
         direct.direct_num_workers = os.cpu_count() or 1
-        if "direct_running_mode" not in chosen:
+        if "--direct_running_mode" not in given:
             direct.direct_running_mode = "multi_processing"
 
 
@@ -161,6 +165,24 @@ def summarize(counters: dict[str, int]) -> dict:
     return summary
 
 
+@contextlib.contextmanager
+def _heartbeat(started: float, every_s: float):
+    """The DirectRunner reports nothing until it is done: say that we are alive."""
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every_s):
+            logging.info("pipeline running, %.0f s so far (the full flights data takes about a minute on 2 cores)",
+                         time.monotonic() - started)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def _clear_previous_outputs(output: str) -> None:
     """Old shards would mix with new ones: remove this job's earlier outputs (only those)."""
     patterns = [FileSystems.join(output, d, "*") for d in (*SPLITS, "dead_letters")]
@@ -177,9 +199,10 @@ def _write_json(path: str, body: dict) -> None:
 
 def run(argv: Optional[list[str]] = None) -> dict:
     """Runs the batch job; returns the summary it prints and writes."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     options = BatchOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
-    use_all_cores_locally(options)
+    use_all_cores_locally(options, argv)
     configure_logging()
     started = time.monotonic()
     spec = load_spec(options.spec)
@@ -201,8 +224,9 @@ def run(argv: Optional[list[str]] = None) -> dict:
      | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
      | "WriteDeadLetters" >> beam.io.WriteToText(
          FileSystems.join(output, "dead_letters", "dead_letters"), file_name_suffix=".ndjson"))
-    result = pipeline.run()
-    result.wait_until_finish()
+    with _heartbeat(started, every_s=15):
+        result = pipeline.run()
+        result.wait_until_finish()
 
     summary = summarize(_counters(result))
     summary["seconds"] = round(time.monotonic() - started, 1)
@@ -244,7 +268,21 @@ def _print_summary(summary: dict, output: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_app.batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
+               "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers "
+               "(default here: one per core), ...")
+    CommonOptions._add_argparse_args(parser)
+    BatchOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print_help()
+        return
     try:
         summary = run(sys.argv[1:])
     except (SpecError, FileNotFoundError) as err:

@@ -7,7 +7,6 @@ reason; `ParseEvents` is the thin Beam wrapper that counts and routes.
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import re
 from typing import Any, Optional
@@ -143,23 +142,18 @@ def parse_record(spec: FeatureSpec, record: RawRecord) -> list[Event]:
 class _ParseDoFn(beam.DoFn):
     """RawRecord -> Event (main) | DeadLetter (tagged), counted."""
 
-    def __init__(self, spec: FeatureSpec, progress_every: int):
+    def __init__(self, spec: FeatureSpec):
         self._spec = spec
-        self._progress_every = progress_every
         self._records = Metrics.counter("parse", "records_read")
         self._ok = Metrics.counter("parse", "records_ok")
         self._dead = Metrics.counter("parse", "dead_letters")
         self._by_role = {role: Metrics.counter("parse", f"{role}s") for role in ROLES}
-        self._seen = 0
 
     def setup(self):
         self._parse = RecordParser(self._spec)
 
     def process(self, record: RawRecord):
         self._records.inc()
-        self._seen += 1
-        if self._progress_every and self._seen % self._progress_every == 0:
-            logging.info("parsed %d records in this worker", self._seen)
         try:
             events = self._parse(record)
         except (InvalidRecord, ValueError) as err:
@@ -179,12 +173,11 @@ class ParseEvents(beam.PTransform):
     Identical in batch and streaming: the parser knows nothing of where the
     records came from. Element timestamps pass through untouched."""
 
-    def __init__(self, spec: FeatureSpec, progress_every: int = 0, label: Optional[str] = None):
+    def __init__(self, spec: FeatureSpec, label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
-        self._progress_every = progress_every
 
     def expand(self, records):
-        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._progress_every)).with_outputs(
+        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}

@@ -73,6 +73,18 @@ def read_records(path: str, input_format: str = "auto") -> Iterator[RawRecord]:
             yield RawRecord(f"{path}:{number}", line, kind, header)
 
 
+def read_chunks(path: str, input_format: str = "auto", chunk_size: int = 5000) -> Iterator[list[RawRecord]]:
+    """The records of one file in lists of `chunk_size`: the unit spread over workers."""
+    chunk: list[RawRecord] = []
+    for record in read_records(path, input_format):
+        chunk.append(record)
+        if len(chunk) == chunk_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def matched_files(pattern: str) -> list[str]:
     """The files a path or glob names; raises FileNotFoundError saying so when none."""
     matches = FileSystems.match([pattern])[0].metadata_list
@@ -94,7 +106,9 @@ class ReadRecords(beam.PTransform):
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "ReadLines" >> beam.FlatMap(read_records, self._input_format).with_output_types(RawRecord)
-            # A file is read by one worker; spread its lines so parsing runs on all of them.
+            | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format)
+            # A file is read by one worker; spread chunks of its lines so parsing
+            # runs on all of them (chunks, not lines: far less to shuffle).
             | "Spread" >> beam.Reshuffle()
+            | "Records" >> beam.FlatMap(lambda chunk: chunk).with_output_types(RawRecord)
         )
