@@ -85,6 +85,18 @@ def test_bad_ndjson_says_why(flights_spec, text, reason):
     assert reason in str(err.value)
 
 
+def test_undecodable_bytes_are_a_dead_letter_not_a_crash(flights_spec, tmp_path):
+    from transforms.read_files import read_records
+
+    path = tmp_path / "flights.csv"
+    bad_bytes = ROW.encode().replace(b"IAH", b"I\xffH")  # not UTF-8
+    path.write_bytes(",".join(HEADER).encode() + b"\n" + ROW.encode() + b"\n" + bad_bytes + b"\n")
+    good, bad = read_records(str(path))
+    assert parse_record(flights_spec, good)[0].fields["dest"] == "IAH"
+    with pytest.raises(InvalidRecord, match="not valid UTF-8"):
+        parse_record(flights_spec, bad)
+
+
 def test_live_request_needs_no_label(flights_spec):
     event = Event("20130101-UA1545-EWR", "request", 0, {
         "carrier": "UA", "origin": "EWR", "dest": "IAH", "distance": 1400, "hour": 5, "minute": 15,

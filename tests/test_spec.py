@@ -77,6 +77,7 @@ def _broken(flights_spec, edit):
     (lambda d: d["split"].update(eval_start="2014-01-01"), "eval_start must not be after test_start"),
     (lambda d: d["split"].update(test_fraction=0.95), "must leave some training data"),
     (lambda d: d["request"].pop("label"), "request.label"),
+    (lambda d: d["source"].update(csv_adapter="taxi"), "source.csv_adapter: unknown 'taxi'"),
 ])
 def test_bad_specs_say_what_is_wrong(flights_spec, edit, message):
     with pytest.raises(SpecError, match=message):

@@ -110,6 +110,8 @@ class RecordParser:
         self._adapter = csv_adapter(spec.csv_adapter) if spec.csv_adapter else None
 
     def __call__(self, record: RawRecord) -> list[Event]:
+        if "\ufffd" in record.text:
+            raise InvalidRecord("not valid UTF-8 (undecodable bytes)")
         if record.kind == "json":
             events = [event_from_json(record.text)]
         elif record.kind == "csv":

@@ -54,7 +54,9 @@ def _text_lines(path: str, raw: IO[bytes]) -> Iterator[str]:
         if len(members) != 1:
             raise ValueError(f"{path}: expected a zip with one file, found {members}")
         raw = archive.open(members[0])
-    yield from io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    # Undecodable bytes become U+FFFD and the parser dead-letters that line,
+    # rather than one bad byte stopping the whole file.
+    yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
 
 
 def read_records(path: str, input_format: str = "auto") -> Iterator[RawRecord]:

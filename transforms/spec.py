@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from transforms.adapters import CSV_ADAPTERS
+
 SPECS_DIR = Path(__file__).parent / "specs"
 
 FIELD_TYPES = ("string", "int", "float")
@@ -240,10 +242,13 @@ def spec_from_dict(raw: Any) -> FeatureSpec:
             re.compile(pattern)
         except re.error as err:
             raise SpecError(f"event_id.pattern: not a regular expression: {err}") from None
+    csv_adapter = source.get("csv_adapter") if source.raw else None
+    if csv_adapter is not None and csv_adapter not in CSV_ADAPTERS:
+        raise SpecError(f"source.csv_adapter: unknown {csv_adapter!r}; known: {sorted(CSV_ADAPTERS)}")
     return FeatureSpec(
         name=name,
         description=str(doc.get("description") or ""),
-        csv_adapter=source.get("csv_adapter") if source.raw else None,
+        csv_adapter=csv_adapter,
         default_input=source.get("default_input") if source.raw else None,
         event_id_pattern=pattern,
         request_fields=request_fields,
