@@ -99,7 +99,7 @@ class FeatureGroup(NamedTuple):
     slots: tuple[int, ...]  # where each feature's value goes in the spec-ordered tuple
     key_index: tuple[int, int]  # where the key value is in an item's values, per rank
     value_index: tuple[int, ...]  # where `history_fields(features)` are in an observation's values
-    first: bool
+    first: bool  # every stage sees every event, so only the first counts late ones
 
 
 def feature_groups(spec: FeatureSpec) -> tuple[FeatureGroup, ...]:
