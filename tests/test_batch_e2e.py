@@ -3,6 +3,7 @@ checked against an independent implementation of the features in DuckDB SQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import duckdb
@@ -12,6 +13,9 @@ import pytest
 from beam_app import batch
 from tests.flights_slice import flights_lines
 from tests.reference_features import FEATURES_SQL
+from transforms.events import RawRecord, event_to_json
+from transforms.parse import RecordParser
+from transforms.split import assign_split
 from transforms.examples import parse_feature_spec
 from transforms.spec import load_spec
 
@@ -92,3 +96,39 @@ def test_every_example_matches_duckdb(batch_run):
                 assert example[f"{name}_present"] == 1, (event_id, name)
                 assert example[name] == np.float32(value), (event_id, name, example[name], value)
     assert empty_windows > 0  # the slice has early-morning requests with empty windows
+
+
+@pytest.mark.slow
+def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(batch_run, tmp_path):
+    """The JSON events the streaming branch receives, read as history, give
+    exactly the examples the CSV gave; --split hash routes each by event_id."""
+    spec = load_spec("flights")
+    lines = batch_run["good_csv"].read_text().splitlines()
+    parse, header = RecordParser(spec), tuple(lines[0].split(","))
+    events = [event for number, line in enumerate(lines[1:], 2)
+              for event in parse(RawRecord(f"csv:{number}", line, "csv", header))]
+    ndjson = tmp_path / "events.ndjson"
+    ndjson.write_text("".join(event_to_json(event) + "\n" for event in events))
+    output = tmp_path / "out"
+    summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--input", str(ndjson),
+                         "--output", str(output), "--split", "hash"])
+    assert summary["records_read"] == len(events) and summary["dead_letters"] == 0
+    assert all(summary["checks"].values())
+
+    feature_spec = parse_feature_spec(spec)
+    from_csv = {}
+    for split in ("train", "eval", "test"):
+        from_csv.update(_read_examples(batch_run["output"], split, feature_spec))
+    hash_split = dataclasses.replace(spec.split, method="hash")  # the spec's fractions, as the run used
+    assert json.loads((output / "spec.json").read_text())["split"]["method"] == "hash"
+    from_json = {}
+    for split in ("train", "eval", "test"):
+        examples = _read_examples(output, split, feature_spec)
+        assert examples, split
+        for event_id in examples:
+            assert assign_split(hash_split, 0, event_id) == split
+        from_json.update(examples)
+    assert from_json.keys() == from_csv.keys()
+    for event_id, example in from_csv.items():
+        for name, value in example.items():
+            assert from_json[event_id][name] == value, (event_id, name)
