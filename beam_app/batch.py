@@ -199,11 +199,11 @@ def _write_json(path: str, body: dict) -> None:
 
 def run(argv: Optional[list[str]] = None) -> dict:
     """Runs the batch job; returns the summary it prints and writes."""
+    configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     options = BatchOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
     use_all_cores_locally(options, argv)
-    configure_logging()
     started = time.monotonic()
     spec = load_spec(options.spec)
     split = split_from_options(spec, options)

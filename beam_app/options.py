@@ -17,10 +17,19 @@ class CommonOptions(PipelineOptions):
 
 def configure_logging(verbose: bool = False) -> None:
     """Our progress at INFO; Beam's own chatter only when it matters."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # force: importing TensorFlow/Beam may already have configured the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
     if not verbose:
         for noisy in ("apache_beam", "absl", "tensorflow"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        # The DirectRunner first tries to fetch the Prism runner; offline that
-        # fails harmlessly and it falls back, with a traceback we do not need.
-        logging.getLogger("apache_beam.runners.direct.direct_runner").setLevel(logging.ERROR)
+        for chatter in (
+            # The DirectRunner first tries to fetch the Prism runner; offline that
+            # fails harmlessly and it falls back, with a traceback we do not need.
+            "apache_beam.runners.direct.direct_runner",
+            # Option-parsing notes about flags meant for other option classes.
+            "apache_beam.options.pipeline_options",
+            # Worker processes' own start-up warnings, relayed as raw protos.
+            "apache_beam.runners.portability.local_job_service",
+        ):
+            logging.getLogger(chatter).setLevel(logging.ERROR)
