@@ -28,3 +28,31 @@ def request(event_id: str, time_us: int, origin: str = "EWR", carrier: str = "UA
 
 def observation(event_id: str, time_us: int, delay: float, origin: str = "EWR", carrier: str = "UA") -> Event:
     return Event(event_id, "observation", time_us, {"carrier": carrier, "origin": origin, "dep_delay": delay})
+
+
+# The slice the end-to-end and model tests share: days on both sides of the
+# eval and test boundaries (and of midnight UTC).
+DAYS = {(10, 31), (11, 1), (11, 30), (12, 1)}
+BAD_ROWS = {
+    "2013,11,1,600,600,3,900,900,1,UA,9999,N1,BOS,ORD,100,700,6,0,2013-11-01T11:00:00Z": "origin: unknown value",
+    "2013,11,1,600,600,soon,900,900,1,UA,9998,N1,EWR,ORD,100,700,6,0,2013-11-01T11:00:00Z": "dep_delay: not a number",
+    "2013,11,1,600,600,3,900": "expected 19 CSV columns",
+}
+
+
+@pytest.fixture(scope="session")
+def flights_batch(tmp_path_factory):
+    """beam_app.batch run once on the slice (bad rows mixed in): its inputs, output and summary."""
+    from beam_app import batch
+    from tests.flights_slice import flights_lines
+
+    root = tmp_path_factory.mktemp("batch")
+    lines = flights_lines(lambda month, day: (month, day) in DAYS)
+    good = root / "good.csv"
+    good.write_text("\n".join(lines) + "\n")
+    with_bad = root / "flights.csv"
+    with_bad.write_text("\n".join(lines + list(BAD_ROWS)) + "\n")
+    output = root / "out"
+    summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1",
+                         "--input", str(with_bad), "--output", str(output)])
+    return {"rows": len(lines) - 1, "good_csv": good, "output": output, "summary": summary}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from beam_app import batch
-from tests.flights_slice import flights_lines
+from tests.conftest import BAD_ROWS
 from tests.reference_features import FEATURES_SQL
 from transforms.events import RawRecord, event_to_json
 from transforms.parse import RecordParser
@@ -21,26 +21,6 @@ from transforms.spec import load_spec
 
 tf = pytest.importorskip("tensorflow")
 
-# Days on both sides of the eval and test boundaries (and of midnight UTC).
-DAYS = {(10, 31), (11, 1), (11, 30), (12, 1)}
-BAD_ROWS = {
-    "2013,11,1,600,600,3,900,900,1,UA,9999,N1,BOS,ORD,100,700,6,0,2013-11-01T11:00:00Z": "origin: unknown value",
-    "2013,11,1,600,600,soon,900,900,1,UA,9998,N1,EWR,ORD,100,700,6,0,2013-11-01T11:00:00Z": "dep_delay: not a number",
-    "2013,11,1,600,600,3,900": "expected 19 CSV columns",
-}
-
-@pytest.fixture(scope="module")
-def batch_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch")
-    lines = flights_lines(lambda month, day: (month, day) in DAYS)
-    good = root / "good.csv"
-    good.write_text("\n".join(lines) + "\n")
-    with_bad = root / "flights.csv"
-    with_bad.write_text("\n".join(lines + list(BAD_ROWS)) + "\n")
-    output = root / "out"
-    summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1",
-                         "--input", str(with_bad), "--output", str(output)])
-    return {"rows": len(lines) - 1, "good_csv": good, "output": output, "summary": summary}
 
 
 def _read_examples(output, split, feature_spec):
@@ -56,12 +36,12 @@ def _read_examples(output, split, feature_spec):
 
 
 @pytest.mark.slow
-def test_counts_add_up_and_bad_rows_are_dead_letters(batch_run):
-    summary = batch_run["summary"]
-    assert summary["records_read"] == batch_run["rows"] + len(BAD_ROWS)
+def test_counts_add_up_and_bad_rows_are_dead_letters(flights_batch):
+    summary = flights_batch["summary"]
+    assert summary["records_read"] == flights_batch["rows"] + len(BAD_ROWS)
     assert summary["dead_letters"] == len(BAD_ROWS)
     assert all(summary["checks"].values()), summary["checks"]
-    dead = [json.loads(line) for path in (batch_run["output"] / "dead_letters").glob("*.ndjson")
+    dead = [json.loads(line) for path in (flights_batch["output"] / "dead_letters").glob("*.ndjson")
             for line in path.read_text().splitlines()]
     assert {d["raw"] for d in dead} == set(BAD_ROWS)
     for letter in dead:
@@ -70,15 +50,15 @@ def test_counts_add_up_and_bad_rows_are_dead_letters(batch_run):
 
 
 @pytest.mark.slow
-def test_every_example_matches_duckdb(batch_run):
-    output = batch_run["output"]
+def test_every_example_matches_duckdb(flights_batch):
+    output = flights_batch["output"]
     spec = load_spec(output / "spec.json")  # the written spec.json is enough to read the data
     feature_spec = parse_feature_spec(spec)
     examples = {split: _read_examples(output, split, feature_spec) for split in ("train", "eval", "test")}
 
-    expected = duckdb.execute(FEATURES_SQL, [str(batch_run["good_csv"])]).fetchall()
+    expected = duckdb.execute(FEATURES_SQL, [str(flights_batch["good_csv"])]).fetchall()
     labeled = [row for row in expected if row[1] is not None]
-    assert sum(len(e) for e in examples.values()) == len(labeled) == sum(batch_run["summary"]["examples"].values())
+    assert sum(len(e) for e in examples.values()) == len(labeled) == sum(flights_batch["summary"]["examples"].values())
     assert all(len(examples[split]) > 300 for split in examples)
 
     names = ("origin_departures_1h", "origin_dep_delay_mean_1h", "origin_dep_delay_max_1h",
@@ -99,11 +79,11 @@ def test_every_example_matches_duckdb(batch_run):
 
 
 @pytest.mark.slow
-def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(batch_run, tmp_path):
+def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(flights_batch, tmp_path):
     """The JSON events the streaming branch receives, read as history, give
     exactly the examples the CSV gave; --split hash routes each by event_id."""
     spec = load_spec("flights")
-    lines = batch_run["good_csv"].read_text().splitlines()
+    lines = flights_batch["good_csv"].read_text().splitlines()
     parse, header = RecordParser(spec), tuple(lines[0].split(","))
     events = [event for number, line in enumerate(lines[1:], 2)
               for event in parse(RawRecord(f"csv:{number}", line, "csv", header))]
@@ -118,7 +98,7 @@ def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(batch_r
     feature_spec = parse_feature_spec(spec)
     from_csv = {}
     for split in ("train", "eval", "test"):
-        from_csv.update(_read_examples(batch_run["output"], split, feature_spec))
+        from_csv.update(_read_examples(flights_batch["output"], split, feature_spec))
     hash_split = dataclasses.replace(spec.split, method="hash")  # the spec's fractions, as the run used
     assert json.loads((output / "spec.json").read_text())["split"]["method"] == "hash"
     from_json = {}

@@ -1,0 +1,51 @@
+"""tf.data input pipelines over the batch job's TFRecord shards.
+
+Files are interleaved and examples shuffled through a bounded buffer, then
+batched and parsed together (`tf.io.parse_example` on a whole batch is far
+cheaper than per example): a split is never loaded into memory whole.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+from transforms.examples import parse_feature_spec
+from transforms.spec import FeatureSpec
+
+
+def split_files(data_dir: str, split: str) -> list[str]:
+    files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/examples-*.tfrecord.gz"))
+    if not files:
+        raise FileNotFoundError(f"no {split} examples under {data_dir}: run python -m beam_app.batch first "
+                                f"(or pass the --output it wrote to)")
+    return files
+
+
+def example_dataset(data_dir: str, split: str, spec: FeatureSpec, batch_size: int, shuffle: bool = False,
+                    shuffle_buffer: int = 50_000, seed: Optional[int] = None, repeat: bool = False,
+                    keep_event_id: bool = False) -> tf.data.Dataset:
+    """Batches of (features dict, label) from one split; label is float32 of shape (batch,)."""
+    files = split_files(data_dir, split)
+    label = spec.label.name
+    parse_spec = parse_feature_spec(spec)
+
+    def parse(serialized):
+        features = tf.io.parse_example(serialized, parse_spec)
+        target = features.pop(label)
+        if not keep_event_id:
+            features.pop("event_id")
+        return features, target
+
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        dataset = dataset.shuffle(len(files), seed=seed)
+    dataset = dataset.interleave(
+        lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+        cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

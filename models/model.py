@@ -1,0 +1,74 @@
+"""The Keras model, built from `ModelInputs`: a wide part (hashed crosses such
+as origin x hour, each a learned weight per bucket) beside a deep part
+(embeddings of the categorical fields, normalized numbers, windowed features
+and their presence flags, through dense layers). Every preprocessing step is
+a layer of the model, fitted on a bounded sample of the training split, so
+serving applies exactly what training applied.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from models.features import ModelInputs
+from transforms.examples import example_columns
+from transforms.spec import FeatureSpec
+
+_DTYPES = {"bytes": "string", "int64": "int64", "float32": "float32"}
+
+
+def sample_features(dataset: tf.data.Dataset, max_examples: int) -> dict[str, np.ndarray]:
+    """Up to max_examples of a (features, label) dataset as arrays: what the
+    vocabularies and normalizers are fitted on (bounded, whatever the split size)."""
+    columns: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    for features, _ in dataset:
+        for name, values in features.items():
+            columns.setdefault(name, []).append(values.numpy())
+        seen += len(next(iter(features.values())))
+        if seen >= max_examples:
+            break
+    return {name: np.concatenate(parts)[:max_examples] for name, parts in columns.items()}
+
+
+def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.ndarray],
+                hidden_units: Sequence[int] = (256, 128, 64), embedding_dim: int = 8,
+                cross_bins: int = 1024, label_offset: float = 0.0) -> keras.Model:
+    """An uncompiled model: dict of example features -> prediction of shape (batch,)."""
+    dtypes = {c.name: _DTYPES[c.dtype] for c in example_columns(spec)}
+    feeds = {name: keras.Input(shape=(), dtype=dtypes[name], name=name) for name in inputs.names}
+    deep, wide = [], []
+
+    for name in inputs.categorical:
+        lookup = layers.StringLookup(name=f"{name}_lookup")
+        lookup.adapt(sample[name])
+        deep.append(layers.Embedding(lookup.vocabulary_size(), embedding_dim, name=f"{name}_embedding")(
+            lookup(feeds[name])))
+    for name, (low, high) in inputs.ordinal.items():
+        lookup = layers.IntegerLookup(vocabulary=list(range(low, high + 1)), name=f"{name}_lookup")
+        deep.append(layers.Embedding(lookup.vocabulary_size(), embedding_dim, name=f"{name}_embedding")(
+            lookup(feeds[name])))
+    for name in (*inputs.numeric, *inputs.windowed):
+        normalize = layers.Normalization(axis=None, name=f"{name}_normalize")
+        normalize.adapt(sample[name].astype("float32"))
+        deep.append(ops.expand_dims(normalize(ops.cast(feeds[name], "float32")), -1))
+    for name in inputs.presence:
+        deep.append(ops.expand_dims(ops.cast(feeds[name], "float32"), -1))
+    for first, second in inputs.crosses:
+        crossed = layers.HashedCrossing(cross_bins, name=f"{first}_x_{second}")((feeds[first], feeds[second]))
+        wide.append(layers.Embedding(cross_bins, 1, embeddings_initializer="zeros",
+                                     name=f"{first}_x_{second}_weight")(crossed))
+
+    hidden = layers.Concatenate(name="deep_inputs")(deep)
+    for index, units in enumerate(hidden_units):
+        hidden = layers.Dense(units, activation="relu", name=f"hidden_{index}")(hidden)
+    output = layers.Dense(1, bias_initializer=keras.initializers.Constant(label_offset), name="deep_output")(hidden)
+    if wide:
+        output = layers.Add(name="wide_and_deep")([output, *wide])
+    prediction = layers.Reshape((), name="prediction")(output)
+    return keras.Model(feeds, prediction, name="wide_and_deep")

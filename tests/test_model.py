@@ -1,0 +1,64 @@
+"""The model's inputs, input pipeline and architecture, on the batch job's real output."""
+
+import math
+
+import numpy as np
+import pytest
+
+from models.features import model_inputs, training_spec
+
+tf = pytest.importorskip("tensorflow")
+from models.data import example_dataset  # noqa: E402
+from models.model import build_model, sample_features  # noqa: E402
+
+
+def test_flights_model_inputs(flights_spec):
+    inputs = model_inputs(flights_spec)
+    assert inputs.categorical == ("carrier", "origin", "dest")
+    assert inputs.numeric == ("distance", "hour", "minute", "month", "day_of_week")
+    assert inputs.ordinal == {"hour": (0, 23), "minute": (0, 59), "month": (1, 12), "day_of_week": (0, 6)}
+    assert ("origin", "hour") in inputs.crosses and ("carrier", "day_of_week") in inputs.crosses
+    assert len(inputs.windowed) == 5 and len(inputs.presence) == 4 and inputs.label == "dep_delay"
+    without = model_inputs(flights_spec, use_windowed=False)
+    assert without.windowed == () and without.presence == ()
+    assert not any("1h" in name or "3h" in name for name in without.names)
+
+
+def test_dataset_reads_every_example_once_in_batches(flights_batch):
+    data_dir = str(flights_batch["output"])
+    spec = training_spec(data_dir)
+    dataset = example_dataset(data_dir, "train", spec, batch_size=256, shuffle=True, shuffle_buffer=1000, seed=1,
+                              keep_event_id=True)
+    ids, sizes = [], []
+    for features, label in dataset:
+        assert label.dtype == tf.float32 and "dep_delay" not in features
+        ids.extend(features["event_id"].numpy().tolist())
+        sizes.append(len(label))
+    assert len(ids) == len(set(ids)) == flights_batch["summary"]["examples"]["train"]
+    assert max(sizes) == 256
+
+
+def test_missing_split_says_to_run_the_batch_job(flights_spec, tmp_path):
+    with pytest.raises(FileNotFoundError, match="beam_app.batch"):
+        example_dataset(str(tmp_path), "train", flights_spec, batch_size=8)
+
+
+@pytest.mark.slow
+def test_a_short_training_run_lowers_the_loss(flights_batch):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    data_dir = str(flights_batch["output"])
+    spec = training_spec(data_dir)
+    train = example_dataset(data_dir, "train", spec, batch_size=128, shuffle=True, seed=3)
+    sample = sample_features(train, max_examples=5000)
+    model = build_model(model_inputs(spec), spec, sample, hidden_units=(32, 16), label_offset=0.0)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mae")
+    before = model.evaluate(train, verbose=0)
+    losses = model.fit(train, epochs=4, verbose=0).history["loss"]
+    after = model.evaluate(train, verbose=0)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] and after < before * 0.9, (before, losses, after)
+    features, _ = next(iter(train))
+    predictions = model.predict(features, verbose=0)
+    assert predictions.shape == (len(features["origin"]),) and np.isfinite(predictions).all()
