@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make run    virtual environment + install + batch job on the embedded flights data
+#   make run    virtual environment + install + batch job on the embedded flights data + training
 #   make test   the same environment + test tools + the whole test suite
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -25,6 +25,7 @@ venv: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/python -m beam_app.batch $(RUNNER_FLAGS)
+	$(BIN)/python -m models.train --data_dir output
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests
@@ -34,6 +35,7 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/batch_bench.py
+	$(BIN)/python bench/model_bench.py
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -7,7 +7,7 @@ cheaper than per example): a split is never loaded into memory whole.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -25,25 +25,27 @@ def split_files(data_dir: str, split: str) -> list[str]:
 
 def example_dataset(data_dir: str, split: str, spec: FeatureSpec, batch_size: int, shuffle: bool = False,
                     shuffle_buffer: int = 50_000, seed: Optional[int] = None, repeat: bool = False,
-                    keep_event_id: bool = False) -> tf.data.Dataset:
-    """Batches of (features dict, label) from one split; label is float32 of shape (batch,)."""
+                    features: Optional[Sequence[str]] = None) -> tf.data.Dataset:
+    """Batches of (features dict, label) from one split; label is float32 of shape (batch,).
+    `features`: the example features to parse (default: all but the label)."""
     files = split_files(data_dir, split)
     label = spec.label.name
     parse_spec = parse_feature_spec(spec)
+    keep = [name for name in parse_spec if name != label] if features is None else list(features)
+    parse_spec = {name: parse_spec[name] for name in (*keep, label)}
 
     def parse(serialized):
-        features = tf.io.parse_example(serialized, parse_spec)
-        target = features.pop(label)
-        if not keep_event_id:
-            features.pop("event_id")
-        return features, target
+        parsed = tf.io.parse_example(serialized, parse_spec)
+        return {name: parsed[name] for name in keep}, parsed[label]
 
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         dataset = dataset.shuffle(len(files), seed=seed)
     dataset = dataset.interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
-        cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+        # With a seed the order is reproducible (a resumed run must fit the same preprocessing).
+        cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not shuffle or seed is not None)
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:

@@ -27,8 +27,7 @@ def test_flights_model_inputs(flights_spec):
 def test_dataset_reads_every_example_once_in_batches(flights_batch):
     data_dir = str(flights_batch["output"])
     spec = training_spec(data_dir)
-    dataset = example_dataset(data_dir, "train", spec, batch_size=256, shuffle=True, shuffle_buffer=1000, seed=1,
-                              keep_event_id=True)
+    dataset = example_dataset(data_dir, "train", spec, batch_size=256, shuffle=True, shuffle_buffer=1000, seed=1)
     ids, sizes = [], []
     for features, label in dataset:
         assert label.dtype == tf.float32 and "dep_delay" not in features
@@ -50,9 +49,10 @@ def test_a_short_training_run_lowers_the_loss(flights_batch):
     keras.utils.set_random_seed(3)
     data_dir = str(flights_batch["output"])
     spec = training_spec(data_dir)
-    train = example_dataset(data_dir, "train", spec, batch_size=128, shuffle=True, seed=3)
+    inputs = model_inputs(spec)
+    train = example_dataset(data_dir, "train", spec, batch_size=128, shuffle=True, seed=3, features=inputs.names)
     sample = sample_features(train, max_examples=5000)
-    model = build_model(model_inputs(spec), spec, sample, hidden_units=(32, 16), label_offset=0.0)
+    model = build_model(inputs, spec, sample, hidden_units=(32, 16), label_offset=0.0)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mae")
     before = model.evaluate(train, verbose=0)
     losses = model.fit(train, epochs=4, verbose=0).history["loss"]

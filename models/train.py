@@ -1,0 +1,225 @@
+"""Training: the batch job's TFRecords -> a versioned SavedModel that serves tf.Examples.
+
+    python -m models.train --data_dir output
+
+reads output/{train,eval}/ and output/spec.json, trains the wide-and-deep
+model (early stopping on eval), trains the same model without the windowed
+features as a baseline, evaluates both on eval and test, and writes
+
+    <model_dir>/<UTC timestamp>/saved_model/   serving_default: serialized tf.Example -> prediction
+    <model_dir>/<UTC timestamp>/metrics.json   MAE and RMSE on eval and test, with the baselines
+    <model_dir>/<UTC timestamp>/params.json    the settings of this run
+    <model_dir>/<UTC timestamp>/spec.json      the feature spec and its fingerprint
+    <model_dir>/LATEST                         the name of the newest version
+    <model_dir>/work/                          checkpoints each epoch, TensorBoard logs
+
+Re-run with the same --model_dir after an interruption and training resumes
+from the last completed epoch. `tensorboard --logdir <model_dir>/work/logs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from models.features import ModelInputs, model_inputs, training_spec
+from transforms.spec import FeatureSpec
+
+ADAPT_SEED = 0  # the preprocessing sample must be the same on a resumed run
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    data_dir: str
+    model_dir: str
+    epochs: int = 12
+    batch_size: int = 1024
+    learning_rate: float = 0.002
+    hidden_units: tuple[int, ...] = (256, 128, 64)
+    embedding_dim: int = 8
+    cross_bins: int = 1024
+    loss: str = "mae"
+    patience: int = 3
+    shuffle_buffer: int = 100_000
+    adapt_examples: int = 100_000
+    seed: int = 42
+    baseline_model: bool = True  # also train without the windowed features
+
+
+def parse_args(argv: Sequence[str]) -> Params:
+    defaults = Params("", "")
+    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default="./output", help="Output of beam_app.batch (default: ./output).")
+    parser.add_argument("--model_dir", default=None, help="Where versions are exported (default: <data_dir>/model).")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help="Most epochs (early stopping may end sooner).")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="Adam learning rate.")
+    parser.add_argument("--hidden_units", default=",".join(map(str, defaults.hidden_units)),
+                        help="Deep part, comma-separated layer sizes (default: %(default)s).")
+    parser.add_argument("--embedding_dim", type=int, default=defaults.embedding_dim)
+    parser.add_argument("--cross_bins", type=int, default=defaults.cross_bins, help="Hash buckets per crossed pair.")
+    parser.add_argument("--loss", choices=("mae", "mse", "huber"), default=defaults.loss,
+                        help="mae (default) suits delays: a few huge ones should not steer the model.")
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="Epochs without a better eval loss before stopping.")
+    parser.add_argument("--shuffle_buffer", type=int, default=defaults.shuffle_buffer)
+    parser.add_argument("--adapt_examples", type=int, default=defaults.adapt_examples,
+                        help="Training examples the vocabularies and normalizers are fitted on.")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no_baseline_model", action="store_true",
+                        help="Skip training the model without windowed features (halves the time).")
+    args = parser.parse_args(argv)
+    try:
+        hidden = tuple(int(units) for units in args.hidden_units.split(",") if units.strip())
+    except ValueError:
+        parser.error(f"--hidden_units: comma-separated integers, got {args.hidden_units!r}")
+    if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0 or not hidden:
+        parser.error("--epochs and --batch_size must be positive, --learning_rate > 0, --hidden_units non-empty")
+    return Params(
+        data_dir=args.data_dir, model_dir=args.model_dir or str(Path(args.data_dir) / "model"),
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, hidden_units=hidden,
+        embedding_dim=args.embedding_dim, cross_bins=args.cross_bins, loss=args.loss, patience=args.patience,
+        shuffle_buffer=args.shuffle_buffer, adapt_examples=args.adapt_examples, seed=args.seed,
+        baseline_model=not args.no_baseline_model)
+
+
+def regression_metrics(errors: np.ndarray) -> dict[str, float]:
+    return {"mae": float(np.mean(np.abs(errors))), "rmse": float(math.sqrt(np.mean(np.square(errors))))}
+
+
+def split_sizes(data_dir: str) -> dict[str, int]:
+    summary = json.loads((Path(data_dir) / "summary.json").read_text())
+    return summary["examples"]
+
+
+def labels(data_dir: str, split: str, spec: FeatureSpec) -> np.ndarray:
+    """One split's labels (a float per example: small, unlike the features)."""
+    from models.data import example_dataset
+
+    return np.concatenate([y.numpy() for _, y in example_dataset(data_dir, split, spec, batch_size=8192)])
+
+
+def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: Path, label_offset: float,
+        extra_callbacks: Sequence = ()):
+    """Builds and trains one model; resumes from work_dir/backup if a run there was interrupted."""
+    import keras
+
+    from models.data import example_dataset
+    from models.model import build_model, sample_features
+
+    keras.utils.set_random_seed(params.seed)
+    train = example_dataset(params.data_dir, "train", spec, params.batch_size, shuffle=True,
+                            shuffle_buffer=params.shuffle_buffer, seed=params.seed, repeat=True, features=inputs.names)
+    evaluation = example_dataset(params.data_dir, "eval", spec, params.batch_size, features=inputs.names)
+    sample = sample_features(
+        example_dataset(params.data_dir, "train", spec, 4096, shuffle=True, shuffle_buffer=params.shuffle_buffer,
+                        seed=ADAPT_SEED, features=inputs.names), params.adapt_examples)
+    model = build_model(inputs, spec, sample, params.hidden_units, params.embedding_dim, params.cross_bins,
+                        label_offset)
+    model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
+                  loss={"mae": "mae", "mse": "mse", "huber": keras.losses.Huber(delta=15.0)}[params.loss],
+                  metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
+                           keras.metrics.RootMeanSquaredError(name="rmse")])
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),  # checkpoint each epoch; resume after a crash
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True),
+        keras.callbacks.TensorBoard(log_dir=str(work_dir / "logs")),
+        *extra_callbacks,
+    ]
+    steps = math.ceil(split_sizes(params.data_dir)["train"] / params.batch_size)
+    history = model.fit(train, validation_data=evaluation, epochs=params.epochs, steps_per_epoch=steps,
+                        callbacks=callbacks, verbose=2 if not sys.stdout.isatty() else 1)
+    return model, history
+
+
+def evaluate(model, params: Params, spec: FeatureSpec, inputs: ModelInputs) -> dict[str, dict[str, float]]:
+    from models.data import example_dataset
+
+    out = {}
+    for split in ("eval", "test"):
+        values = model.evaluate(example_dataset(params.data_dir, split, spec, params.batch_size, features=inputs.names),
+                                verbose=0, return_dict=True)
+        out[split] = {"mae": float(values["mae"]), "rmse": float(values["rmse"])}
+    return out
+
+
+def run(params: Params, extra_callbacks: Sequence = ()) -> Path:
+    """Trains, evaluates against the baselines, exports; returns the version directory."""
+    from models.export import export_saved_model
+
+    started = time.monotonic()
+    spec = training_spec(params.data_dir)
+    model_dir = Path(params.model_dir)
+    work_dir = model_dir / "work"
+    logging.info("training on %s (spec %s %s)", params.data_dir, spec.name, spec.fingerprint[:12])
+
+    train_labels = labels(params.data_dir, "train", spec)
+    median = float(np.median(train_labels))
+    metrics: dict = {"examples": split_sizes(params.data_dir), "median_of_train": {}}
+    for split in ("eval", "test"):
+        metrics["median_of_train"][split] = regression_metrics(labels(params.data_dir, split, spec) - median)
+
+    inputs = model_inputs(spec)
+    model, history = fit(params, spec, inputs, work_dir / "model", median, extra_callbacks)
+    metrics["model"] = evaluate(model, params, spec, inputs)
+    metrics["epochs_run"] = len(history.history.get("loss", []))
+    if params.baseline_model:
+        logging.info("training the same model without the windowed features (the baseline)")
+        without = model_inputs(spec, use_windowed=False)
+        baseline, _ = fit(params, spec, without, work_dir / "no_windowed", median)
+        metrics["without_windowed_features"] = evaluate(baseline, params, spec, without)
+        metrics["windowed_features_gain_mae"] = {
+            split: metrics["without_windowed_features"][split]["mae"] - metrics["model"][split]["mae"]
+            for split in ("eval", "test")}
+
+    version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    version_dir = model_dir / version
+    export_saved_model(model, spec, inputs, version_dir / "saved_model")
+    metrics["train_seconds"] = round(time.monotonic() - started, 1)
+    (version_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (version_dir / "params.json").write_text(json.dumps(dataclasses.asdict(params), indent=2) + "\n")
+    shutil.copy(Path(params.data_dir) / "spec.json", version_dir / "spec.json")
+    (model_dir / "LATEST").write_text(version + "\n")
+    _print_summary(metrics, version_dir)
+    return version_dir
+
+
+def _print_summary(metrics: dict, version_dir: Path) -> None:
+    rows = [("median of train", metrics["median_of_train"])]
+    if "without_windowed_features" in metrics:
+        rows.append(("model without windowed features", metrics["without_windowed_features"]))
+    rows.append(("model", metrics["model"]))
+    lines = [f"training finished in {metrics['train_seconds']} s ({metrics['epochs_run']} epochs)",
+             f"  {'':34} {'eval MAE':>9} {'eval RMSE':>10} {'test MAE':>9} {'test RMSE':>10}"]
+    for name, values in rows:
+        lines.append(f"  {name:34} {values['eval']['mae']:9.2f} {values['eval']['rmse']:10.2f} "
+                     f"{values['test']['mae']:9.2f} {values['test']['rmse']:10.2f}")
+    lines.append(f"  exported to {version_dir}/saved_model (metrics.json, params.json, spec.json beside it)")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    params = parse_args(sys.argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    try:
+        run(params)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
