@@ -24,7 +24,7 @@ def split_files(data_dir: str, split: str) -> list[str]:
 
 
 def example_dataset(data_dir: str, split: str, spec: FeatureSpec, batch_size: int, shuffle: bool = False,
-                    shuffle_buffer: int = 50_000, seed: Optional[int] = None, repeat: bool = False,
+                    shuffle_buffer: int = 10_000, seed: Optional[int] = None, repeat: bool = False,
                     features: Optional[Sequence[str]] = None) -> tf.data.Dataset:
     """Batches of (features dict, label) from one split; label is float32 of shape (batch,).
     `features`: the example features to parse (default: all but the label)."""

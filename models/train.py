@@ -51,7 +51,7 @@ class Params:
     cross_bins: int = 1024
     loss: str = "mae"
     patience: int = 3
-    shuffle_buffer: int = 100_000
+    shuffle_buffer: int = 10_000  # the batch job writes shards in random order already
     adapt_examples: int = 100_000
     seed: int = 42
     baseline_model: bool = True  # also train without the windowed features
