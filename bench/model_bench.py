@@ -45,7 +45,7 @@ def run_training(data_dir: Path, model_dir: Path) -> dict:
     return {"seconds": round(seconds, 1), "metrics": metrics, "saved_model": str(version_dir / "saved_model")}
 
 
-def input_throughput(data_dir: Path, steps: int = 120, batch_size: int = 1024, shuffle_buffer: int = 10_000) -> dict:
+def input_throughput(data_dir: Path, steps: int = 200, batch_size: int = 1024, shuffle_buffer: int = 10_000) -> dict:
     """The same model trained for the same steps, fed by the TFRecord pipeline
     or by Keras from numpy arrays of the same examples already in memory."""
     import keras
