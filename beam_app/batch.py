@@ -37,7 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, StandardOptions
 
-from beam_app.options import CommonOptions, configure_logging
+from beam_app.options import CommonOptions, configure_logging, quiet_tensorflow
 from transforms.examples import EncodeExamples, example_columns, is_labeled
 from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.read_files import ReadRecords, matched_files, resolve_input
@@ -280,6 +280,7 @@ def print_help() -> None:
 
 
 def main() -> None:
+    quiet_tensorflow()
     if {"-h", "--help"} & set(sys.argv[1:]):
         print_help()
         return

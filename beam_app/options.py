@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -13,6 +14,12 @@ class CommonOptions(PipelineOptions):
         parser.add_argument(
             "--spec", default="flights",
             help="Feature spec: a shipped spec name (flights) or a path to a spec YAML/JSON file.")
+
+
+def quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up chatter (no GPU here, CPU features): errors only.
+    Must run before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def configure_logging(verbose: bool = False) -> None:

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -141,7 +142,8 @@ def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: Path, 
     ]
     steps = math.ceil(split_sizes(params.data_dir)["train"] / params.batch_size)
     history = model.fit(train, validation_data=evaluation, epochs=params.epochs, steps_per_epoch=steps,
-                        callbacks=callbacks, verbose=2 if not sys.stdout.isatty() else 1)
+                        callbacks=callbacks, shuffle=False,  # the dataset shuffles itself
+                        verbose=2 if not sys.stdout.isatty() else 1)
     return model, history
 
 
@@ -212,6 +214,7 @@ def _print_summary(metrics: dict, version_dir: Path) -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no GPU/CPU-feature chatter
     params = parse_args(sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
