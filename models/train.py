@@ -140,8 +140,12 @@ def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: Path, 
         keras.callbacks.TensorBoard(log_dir=str(work_dir / "logs")),
         *extra_callbacks,
     ]
-    steps = math.ceil(split_sizes(params.data_dir)["train"] / params.batch_size)
-    history = model.fit(train, validation_data=evaluation, epochs=params.epochs, steps_per_epoch=steps,
+    sizes = split_sizes(params.data_dir)
+    steps = math.ceil(sizes["train"] / params.batch_size)
+    # Exact eval steps: Keras warns whenever a dataset of unknown length ends.
+    eval_steps = math.ceil(sizes["eval"] / params.batch_size)
+    history = model.fit(train, validation_data=evaluation, validation_steps=eval_steps,
+                        epochs=params.epochs, steps_per_epoch=steps,
                         callbacks=callbacks, shuffle=False,  # the dataset shuffles itself
                         verbose=2 if not sys.stdout.isatty() else 1)
     return model, history
@@ -151,9 +155,10 @@ def evaluate(model, params: Params, spec: FeatureSpec, inputs: ModelInputs) -> d
     from models.data import example_dataset
 
     out = {}
+    sizes = split_sizes(params.data_dir)
     for split in ("eval", "test"):
         values = model.evaluate(example_dataset(params.data_dir, split, spec, params.batch_size, features=inputs.names),
-                                verbose=0, return_dict=True)
+                                steps=math.ceil(sizes[split] / params.batch_size), verbose=0, return_dict=True)
         out[split] = {"mae": float(values["mae"]), "rmse": float(values["rmse"])}
     return out
 
