@@ -54,8 +54,12 @@ def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.nda
         deep.append(layers.Embedding(lookup.vocabulary_size(), embedding_dim, name=f"{name}_embedding")(
             lookup(feeds[name])))
     for name in (*inputs.numeric, *inputs.windowed):
-        normalize = layers.Normalization(axis=None, name=f"{name}_normalize")
-        normalize.adapt(sample[name].astype("float32"))
+        values = sample[name].astype("float64")
+        variance = float(values.var())
+        # A feature constant in the sample (one month in a short history) would
+        # be divided by ~0 and explode on new values: centre it only.
+        normalize = layers.Normalization(axis=None, mean=float(values.mean()),
+                                         variance=variance if variance > 1e-12 else 1.0, name=f"{name}_normalize")
         deep.append(ops.expand_dims(normalize(ops.cast(feeds[name], "float32")), -1))
     for name in inputs.presence:
         deep.append(ops.expand_dims(ops.cast(feeds[name], "float32"), -1))

@@ -39,7 +39,18 @@ def test_run_writes_a_versioned_export_with_its_metrics(trained):
     metrics = json.loads((version_dir / "metrics.json").read_text())
     for name in ("model", "median_of_train"):
         for split in ("eval", "test"):
-            assert metrics[name][split]["mae"] > 0 and metrics[name][split]["rmse"] >= metrics[name][split]["mae"]
+            assert 0 < metrics[name][split]["mae"] <= metrics[name][split]["rmse"]
+    # The metrics are the model's real errors: recompute them from its own predictions.
+    spec = training_spec(params.data_dir)
+    loaded = tf.saved_model.load(str(version_dir / "saved_model"))
+    errors = []
+    for records in tf.data.TFRecordDataset(split_files(params.data_dir, "test"), compression_type="GZIP").batch(512):
+        predictions = loaded.signatures["serving_default"](examples=records)["prediction"].numpy()
+        labels = tf.io.parse_example(records, parse_feature_spec(spec))["dep_delay"].numpy()
+        errors.append(predictions.astype("float64") - labels)
+    errors = np.concatenate(errors)
+    assert metrics["model"]["test"]["mae"] == pytest.approx(np.abs(errors).mean(), rel=1e-5)
+    assert metrics["model"]["test"]["rmse"] == pytest.approx(np.sqrt(np.square(errors).mean()), rel=1e-5)
     assert json.loads((version_dir / "params.json").read_text())["hidden_units"] == [32, 16]
     written = json.loads((version_dir / "spec.json").read_text())
     assert written["fingerprint"] == training_spec(params.data_dir).fingerprint
