@@ -78,6 +78,8 @@ def _broken(flights_spec, edit):
     (lambda d: d["split"].update(test_fraction=0.95), "must leave some training data"),
     (lambda d: d["request"].pop("label"), "request.label"),
     (lambda d: d["source"].update(csv_adapter="taxi"), "source.csv_adapter: unknown 'taxi'"),
+    (lambda d: d["windowed_features"][0].update(name="Bad-Name"), r"windowed_features\[0\].name: use lower_snake_case"),
+    (lambda d: d["request"]["fields"].update({"Dest2": {"type": "string"}}), "use lower_snake_case"),
 ])
 def test_bad_specs_say_what_is_wrong(flights_spec, edit, message):
     with pytest.raises(SpecError, match=message):

@@ -193,9 +193,7 @@ def load_spec(name_or_path: str | Path) -> FeatureSpec:
 def spec_from_dict(raw: Any) -> FeatureSpec:
     """Validates a parsed spec document and builds the `FeatureSpec`."""
     doc = _Doc(raw, "spec")
-    name = doc.str("name")
-    if not _NAME.match(name):
-        raise SpecError(f"name: use lower_snake_case, got {name!r}")
+    name = doc.name()
     source = doc.sub("source", optional=True)
     request = doc.sub("request")
     observation = doc.sub("observation")
@@ -280,6 +278,13 @@ class _Doc:
             raise SpecError(f"{self.where}.{key}: a non-empty string is required")
         return value
 
+    def name(self, key: str = "name") -> str:
+        """A name that becomes a feature or file name: lower_snake_case."""
+        value = self.str(key)
+        if not _NAME.match(value):
+            raise SpecError(f"{self.where}.{key}: use lower_snake_case, got {value!r}")
+        return value
+
     def list(self, key: str) -> Sequence[Any]:
         value = self.raw.get(key)
         if not isinstance(value, list):
@@ -306,9 +311,7 @@ def _fields(doc: _Doc, where: str) -> tuple[FieldSpec, ...]:
 def _field(raw: Any, where: str) -> FieldSpec:
     doc = _Doc(raw, where)
     doc.reject_unknown({"name", "type", "required", "vocabulary", "min", "max"})
-    name = doc.str("name")
-    if not _NAME.match(name):
-        raise SpecError(f"{where}: field names are lower_snake_case, got {name!r}")
+    name = doc.name()
     ftype = doc.get("type")
     if ftype not in FIELD_TYPES:
         raise SpecError(f"{where}.type: one of {list(FIELD_TYPES)} is required, got {ftype!r}")
@@ -333,9 +336,7 @@ def _field(raw: Any, where: str) -> FieldSpec:
 def _windowed(raw: Any, where: str, keys: Sequence[str], obs_fields: Mapping[str, FieldSpec]) -> WindowedFeature:
     doc = _Doc(raw, where)
     doc.reject_unknown({"name", "key", "aggregate", "field", "window"})
-    name = doc.str("name")
-    if not _NAME.match(name):
-        raise SpecError(f"{where}.name: lower_snake_case, got {name!r}")
+    name = doc.name()
     key = doc.str("key")
     if key not in keys:
         raise SpecError(f"{where}.key: {key!r} is not one of entity_keys {list(keys)}")
