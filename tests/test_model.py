@@ -15,10 +15,11 @@ from models.model import build_model, sample_features  # noqa: E402
 def test_flights_model_inputs(flights_spec):
     inputs = model_inputs(flights_spec)
     assert inputs.categorical == ("carrier", "origin", "dest")
-    assert inputs.numeric == ("distance", "hour", "minute", "month", "day_of_week")
+    assert inputs.numeric == ("distance",)
     assert inputs.ordinal == {"hour": (0, 23), "minute": (0, 59), "month": (1, 12), "day_of_week": (0, 6)}
     assert ("origin", "hour") in inputs.crosses and ("carrier", "day_of_week") in inputs.crosses
     assert len(inputs.windowed) == 5 and len(inputs.presence) == 4 and inputs.label == "dep_delay"
+    assert {"hour", "month", "distance", "carrier"} <= set(inputs.names)
     without = model_inputs(flights_spec, use_windowed=False)
     assert without.windowed == () and without.presence == ()
     assert not any("1h" in name or "3h" in name for name in without.names)
