@@ -49,24 +49,17 @@ def input_throughput(data_dir: Path, steps: int = 200, batch_size: int = 1024, s
     """The same model trained for the same steps, fed by the TFRecord pipeline
     or by Keras from numpy arrays of the same examples already in memory."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
     from models.data import example_dataset
     from models.features import model_inputs, training_spec
-    from models.model import build_model
+    from models.model import build_model, sample_features
 
     spec = training_spec(data_dir)
     inputs = model_inputs(spec)
     records = example_dataset(str(data_dir), "train", spec, batch_size, shuffle=True, shuffle_buffer=shuffle_buffer,
                               seed=1, repeat=True, features=inputs.names)
-    parts, labels = {}, []
-    for features, label in records.take(steps):
-        for name, values in features.items():
-            parts.setdefault(name, []).append(values.numpy())
-        labels.append(label.numpy())
-    arrays = {name: np.concatenate(values) for name, values in parts.items()}
-    targets = np.concatenate(labels)
+    arrays, targets = sample_features(records, steps * batch_size, with_labels=True)
     tensors = {name: tf.constant(values) for name, values in arrays.items()}  # Keras slices these in memory
 
     def model():

@@ -18,11 +18,8 @@ import keras
 import tensorflow as tf
 
 from models.features import ModelInputs
-from transforms.examples import example_columns, parse_feature_spec
+from transforms.examples import parse_feature_spec, tf_dtypes
 from transforms.spec import FeatureSpec
-
-_TF_DTYPES = {"bytes": tf.string, "int64": tf.int64, "float32": tf.float32}
-
 
 class SpecMismatch(ValueError):
     """The model was trained on another feature spec than the one in use."""
@@ -31,7 +28,7 @@ class SpecMismatch(ValueError):
 def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInputs, path: str | Path) -> None:
     parse_spec = {name: feature for name, feature in parse_feature_spec(spec, with_label=False).items()
                   if name in inputs.names}
-    dtypes = {c.name: _TF_DTYPES[c.dtype] for c in example_columns(spec)}
+    dtypes = tf_dtypes(spec)
     archive = keras.export.ExportArchive()
     archive.track(model)
 

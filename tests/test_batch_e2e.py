@@ -13,8 +13,8 @@ import pytest
 from beam_app import batch
 from tests.conftest import BAD_ROWS
 from tests.reference_features import FEATURES_SQL
-from transforms.events import RawRecord, event_to_json
-from transforms.parse import RecordParser
+from tests.flights_slice import slice_events
+from transforms.events import event_to_json
 from transforms.split import assign_split
 from transforms.examples import parse_feature_spec
 from transforms.spec import load_spec
@@ -83,10 +83,7 @@ def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(flights
     """The JSON events the streaming branch receives, read as history, give
     exactly the examples the CSV gave; --split hash routes each by event_id."""
     spec = load_spec("flights")
-    lines = flights_batch["good_csv"].read_text().splitlines()
-    parse, header = RecordParser(spec), tuple(lines[0].split(","))
-    events = [event for number, line in enumerate(lines[1:], 2)
-              for event in parse(RawRecord(f"csv:{number}", line, "csv", header))]
+    events = slice_events(spec, flights_batch["good_csv"].read_text().splitlines())
     ndjson = tmp_path / "events.ndjson"
     ndjson.write_text("".join(event_to_json(event) + "\n" for event in events))
     output = tmp_path / "out"

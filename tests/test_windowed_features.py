@@ -15,9 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
 
 from tests.conftest import HOUR_US, MIN_US, observation, request
-from tests.flights_slice import flights_lines
-from transforms.events import RawRecord
-from transforms.parse import RecordParser
+from tests.flights_slice import flights_lines, slice_events
 from transforms.windowed_features import WindowedFeatures
 
 DAY_US = 24 * HOUR_US
@@ -49,11 +47,7 @@ def test_hand_computed_values_across_keys_and_buckets(flights_spec):
 
 
 def _slice_events(spec, days):
-    lines = flights_lines(lambda month, day: (month, day) in days)
-    parse = RecordParser(spec)
-    header = tuple(lines[0].split(","))
-    return [event for number, line in enumerate(lines[1:], 2)
-            for event in parse(RawRecord(f"slice:{number}", line, "csv", header))]
+    return slice_events(spec, flights_lines(lambda month, day: (month, day) in days))
 
 
 # Streams end with the watermark at a finite time well past the last event,

@@ -93,18 +93,26 @@ def is_labeled(spec: FeatureSpec, row: FeatureRow) -> bool:
     return row.event.fields.get(spec.label.name) is not None
 
 
-def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
-    """The `tf.io.parse_example` feature spec of the encoded examples."""
+def tf_dtypes(spec: FeatureSpec) -> dict:
+    """Each example column's TensorFlow dtype, by name."""
     import tensorflow as tf  # only readers need TensorFlow
 
     dtypes = {"bytes": tf.string, "int64": tf.int64, "float32": tf.float32}
+    return {column.name: dtypes[column.dtype] for column in example_columns(spec)}
+
+
+def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
+    """The `tf.io.parse_example` feature spec of the encoded examples."""
+    import tensorflow as tf
+
+    dtypes = tf_dtypes(spec)
     defaults = {"bytes": b"", "int64": 0, "float32": 0.0}
     parse = {}
     for column in example_columns(spec):
         if column.role == "label" and not with_label:
             continue
         default = None if column.always_present else defaults[column.dtype]
-        parse[column.name] = tf.io.FixedLenFeature([], dtypes[column.dtype], default_value=default)
+        parse[column.name] = tf.io.FixedLenFeature([], dtypes[column.name], default_value=default)
     return parse
 
 
