@@ -56,3 +56,18 @@ def flights_batch(tmp_path_factory):
     summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1",
                          "--input", str(with_bad), "--output", str(output)])
     return {"rows": len(lines) - 1, "good_csv": good, "output": output, "summary": summary}
+
+
+# Training parameters small enough for tests: a few seconds on the slice.
+SMALL_TRAINING = dict(epochs=2, batch_size=256, hidden_units=(32, 16), shuffle_buffer=2000, adapt_examples=2000,
+                      baseline_model=False)
+
+
+@pytest.fixture(scope="session")
+def trained_model(flights_batch, tmp_path_factory):
+    """A small model trained on the slice: (train.Params, its version directory)."""
+    from models import train
+
+    params = train.Params(data_dir=str(flights_batch["output"]), model_dir=str(tmp_path_factory.mktemp("model")),
+                          **SMALL_TRAINING)
+    return params, train.run(params)

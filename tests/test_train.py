@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models.features import model_inputs, training_spec
+from tests.conftest import SMALL_TRAINING as SMALL
 
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
@@ -19,21 +20,10 @@ from models.export import SpecMismatch, check_model_spec, export_saved_model  # 
 from transforms.examples import parse_feature_spec  # noqa: E402
 from transforms.spec import spec_from_dict  # noqa: E402
 
-SMALL = dict(epochs=2, batch_size=256, hidden_units=(32, 16), shuffle_buffer=2000, adapt_examples=2000,
-             baseline_model=False)
-
-
-@pytest.fixture(scope="module")
-def trained(flights_batch, tmp_path_factory):
-    params = train.Params(data_dir=str(flights_batch["output"]),
-                          model_dir=str(tmp_path_factory.mktemp("model")), **SMALL)
-    version_dir = train.run(params)
-    return params, version_dir
-
 
 @pytest.mark.slow
-def test_run_writes_a_versioned_export_with_its_metrics(trained):
-    params, version_dir = trained
+def test_run_writes_a_versioned_export_with_its_metrics(trained_model):
+    params, version_dir = trained_model
     model_dir = version_dir.parent
     assert (model_dir / "LATEST").read_text().strip() == version_dir.name
     metrics = json.loads((version_dir / "metrics.json").read_text())
@@ -80,8 +70,8 @@ def test_serving_signature_equals_model_predict_on_the_batch_bytes(flights_batch
 
 
 @pytest.mark.slow
-def test_model_from_another_spec_is_refused(trained):
-    params, version_dir = trained
+def test_model_from_another_spec_is_refused(trained_model):
+    params, version_dir = trained_model
     spec = training_spec(params.data_dir)
     loaded = tf.saved_model.load(str(version_dir / "saved_model"))
     check_model_spec(loaded, spec)  # the right spec passes

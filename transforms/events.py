@@ -40,6 +40,7 @@ class RawRecord(NamedTuple):
     text: str
     kind: str  # "csv" or "json"
     header: Optional[tuple[str, ...]] = None  # csv column names
+    attributes: Optional[dict[str, str]] = None  # message attributes (Pub/Sub), kept for dead letters
 
 
 class DeadLetter(NamedTuple):
@@ -49,9 +50,13 @@ class DeadLetter(NamedTuple):
     raw: str
     reason: str
     stage: str  # the step that rejected it, e.g. "parse"
+    attributes: Optional[dict[str, str]] = None  # the message's attributes, when it had some
 
     def to_json(self) -> str:
-        return json.dumps(self._asdict(), ensure_ascii=False)
+        body = self._asdict()
+        if body["attributes"] is None:
+            del body["attributes"]
+        return json.dumps(body, ensure_ascii=False)
 
 
 def time_us_to_rfc3339(time_us: int) -> str:

@@ -116,10 +116,18 @@ def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
     return parse
 
 
+class RequestKey(NamedTuple):
+    """What a keyed example carries along (through RunInference) to its prediction."""
+
+    event_id: str
+    time_us: int
+
+
 class _EncodeBatchDoFn(beam.DoFn):
-    def __init__(self, spec: FeatureSpec, with_label: bool):
+    def __init__(self, spec: FeatureSpec, with_label: bool, keyed: bool):
         self._spec = spec
         self._with_label = with_label
+        self._keyed = keyed
         self._encoded = Metrics.counter("examples", "encoded")
 
     def setup(self):
@@ -127,27 +135,33 @@ class _EncodeBatchDoFn(beam.DoFn):
 
         self._encoder = RecordBatchToExamplesEncoder()
 
-    def process(self, rows: list[FeatureRow]) -> Iterable[bytes]:
+    def process(self, rows: list[FeatureRow]) -> Iterable:
         serialized = self._encoder.encode(rows_to_record_batch(self._spec, rows, self._with_label))
         self._encoded.inc(len(serialized))
-        return serialized
+        if not self._keyed:
+            return serialized
+        return [(RequestKey(row.event.event_id, row.event.time_us), example) for row, example in zip(rows, serialized)]
 
 
 class EncodeExamples(beam.PTransform):
-    """PCollection[FeatureRow] -> PCollection[bytes] (serialized tf.train.Example).
+    """PCollection[FeatureRow] -> PCollection[bytes] (serialized tf.train.Example),
+    or with keyed=True PCollection[(RequestKey, bytes)].
 
-    Batches rows for the C++ encoder; the batch size adapts to the runner."""
+    Batches rows for the C++ encoder; the batch size adapts to the runner
+    (in streaming, a batch never waits beyond the bundle)."""
 
-    def __init__(self, spec: FeatureSpec, with_label: bool = True, max_batch_size: int = 4096,
+    def __init__(self, spec: FeatureSpec, with_label: bool = True, keyed: bool = False, max_batch_size: int = 4096,
                  label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
         self._with_label = with_label
+        self._keyed = keyed
         self._max_batch_size = max_batch_size
 
     def expand(self, rows):
         return (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
-            | "Encode" >> beam.ParDo(_EncodeBatchDoFn(self._spec, self._with_label)).with_output_types(bytes)
+            | "Encode" >> beam.ParDo(_EncodeBatchDoFn(self._spec, self._with_label, self._keyed)).with_output_types(
+                tuple[RequestKey, bytes] if self._keyed else bytes)
         )

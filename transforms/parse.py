@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.adapters import csv_adapter
-from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json
+from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json, time_us_to_rfc3339
 from transforms.spec import ROLES, FeatureSpec, FieldSpec
 
 DEAD_LETTERS = "dead_letters"
@@ -131,6 +131,18 @@ class RecordParser:
         return [self._validate(event) for event in events]
 
 
+def check_event_time(event: Event, element_time_us: int) -> None:
+    """A source that stamps elements itself (Pub/Sub's event_time attribute)
+    must agree with the payload's event_time, to the millisecond (Dataflow
+    keeps Pub/Sub timestamps at ms precision): features are computed from the
+    payload, windows and watermarks from the stamp."""
+    if event.time_us // 1000 != element_time_us // 1000:
+        raise InvalidRecord(
+            f"event_time: the payload says {time_us_to_rfc3339(event.time_us)} but the message is stamped "
+            f"{time_us_to_rfc3339(element_time_us)} (its event_time attribute, or its publish time when the "
+            "attribute is missing): publish with the event_time attribute equal to the payload's")
+
+
 def validate_event(spec: FeatureSpec, event: Event) -> Event:
     """One event checked against the spec (tests and one-offs; jobs keep an EventValidator)."""
     return EventValidator(spec)(event)
@@ -144,8 +156,9 @@ def parse_record(spec: FeatureSpec, record: RawRecord) -> list[Event]:
 class _ParseDoFn(beam.DoFn):
     """RawRecord -> Event (main) | DeadLetter (tagged), counted."""
 
-    def __init__(self, spec: FeatureSpec):
+    def __init__(self, spec: FeatureSpec, check_timestamps: bool):
         self._spec = spec
+        self._check_timestamps = check_timestamps
         self._records = Metrics.counter("parse", "records_read")
         self._ok = Metrics.counter("parse", "records_ok")
         self._dead = Metrics.counter("parse", "dead_letters")
@@ -154,13 +167,17 @@ class _ParseDoFn(beam.DoFn):
     def setup(self):
         self._parse = RecordParser(self._spec)
 
-    def process(self, record: RawRecord):
+    def process(self, record: RawRecord, timestamp=beam.DoFn.TimestampParam):
         self._records.inc()
         try:
             events = self._parse(record)
+            if self._check_timestamps:
+                for event in events:
+                    check_event_time(event, timestamp.micros)
         except (InvalidRecord, ValueError) as err:
             self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(record.source, record.text, str(err), "parse"))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                record.source, record.text, str(err), "parse", record.attributes))
             return
         self._ok.inc()
         for event in events:
@@ -173,13 +190,17 @@ class ParseEvents(beam.PTransform):
     "dead_letters": PCollection[DeadLetter]}.
 
     Identical in batch and streaming: the parser knows nothing of where the
-    records came from. Element timestamps pass through untouched."""
+    records came from. Element timestamps pass through untouched.
 
-    def __init__(self, spec: FeatureSpec, label: Optional[str] = None):
+    check_timestamps: the source stamped each record with its event time
+    (Pub/Sub); a payload whose event_time disagrees is a dead letter."""
+
+    def __init__(self, spec: FeatureSpec, check_timestamps: bool = False, label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
+        self._check_timestamps = check_timestamps
 
     def expand(self, records):
-        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec)).with_outputs(
+        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._check_timestamps)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}
