@@ -85,8 +85,8 @@ class _AppendLines(beam.DoFn):
             out.write(line + "\n")
 
 
-def _run_to_file(pipeline, events_source, spec, path):
-    (_features(pipeline | events_source | WindowedFeatures(spec))
+def _run_to_file(pipeline, events_source, spec, path, key_shards=None):
+    (_features(pipeline | events_source | WindowedFeatures(spec, key_shards=key_shards))
      | beam.Map(json.dumps) | beam.ParDo(_AppendLines(path)))
 
 
@@ -96,7 +96,8 @@ def _read_features(directory, prefix):
 
 
 @pytest.mark.slow
-def test_streaming_path_equals_batch_path_bit_for_bit(flights_spec, tmp_path):
+@pytest.mark.parametrize("key_shards", [None, 1, 2], ids=["state_per_key", "one_shard", "two_shards"])
+def test_streaming_path_equals_batch_path_bit_for_bit(flights_spec, tmp_path, key_shards):
     # Six busy hours of real flights: every key sees many events, with ties.
     day = _slice_events(flights_spec, {(3, 4)})
     start = min(e.time_us for e in day) + 10 * HOUR_US
@@ -108,7 +109,7 @@ def test_streaming_path_equals_batch_path_bit_for_bit(flights_spec, tmp_path):
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
     with TestPipeline(options=options) as pipeline:
-        _run_to_file(pipeline, _arrivals(events), flights_spec, tmp_path / "streaming")
+        _run_to_file(pipeline, _arrivals(events), flights_spec, tmp_path / "streaming", key_shards)
 
     batch = _read_features(tmp_path, "batch")
     streaming = _read_features(tmp_path, "streaming")

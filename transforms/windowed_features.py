@@ -20,13 +20,14 @@ from [t - W, t). How the events are gathered depends on the input:
       requests --> stage(origin) --requests--> stage(carrier) --> FeatureRows
 
 - unbounded (streaming): every group's stage reads the input; a stateful
-  DoFn per key value buffers events and, when the watermark passes the
-  earliest one it holds (an event-time timer), applies everything up to that
-  time and emits each request's values for the group. A stateful join per
-  event_id emits the row once the request and every group's values are in:
-  no stage waits on another's watermark, so the result does not depend on
-  how a runner holds watermarks for timers. Observations arriving behind the
-  watermark are counted as late and still join the history; a request up to
+  DoFn per key value (or per shard of key values, `key_shards`) buffers
+  events and, when the watermark passes the earliest one it holds (an
+  event-time timer), applies everything up to that time and emits each
+  request's values for the group. A stateful join per event_id emits the row
+  once the request and every group's values are in: no stage waits on
+  another's watermark, so the result does not depend on how a runner holds
+  watermarks for timers. Observations arriving behind the watermark are
+  counted as late and still join the history; a request up to
   `allowed_lateness_s` late is still answered exactly.
 
 Both call the same `KeyHistory.apply`, whose result depends only on event
@@ -35,6 +36,7 @@ times; the TestStream parity test checks that they agree bit for bit.
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterable, NamedTuple, Optional
 
 import apache_beam as beam
@@ -192,12 +194,19 @@ class _BucketedStage(beam.PTransform):
         )
 
 
+def state_key(key: str, shards: Optional[int]) -> str:
+    """The state a key value lives in: its own, or one of `shards` (a stable
+    hash: Python's hash() differs between worker processes)."""
+    return key if shards is None else f"shard-{zlib.crc32(key.encode()) % shards}"
+
+
 class _PointInTimeDoFn(beam.DoFn):
-    """Unbounded input: (key value, element) -> (event_id, (group index, values))
-    for each request, released in time order once the watermark has passed it."""
+    """Unbounded input: (state key, element) -> (event_id, (group index, values))
+    for each request, released in time order once the watermark has passed it.
+    A state key holds one or more key values, each with its own history."""
 
     BUFFER = BagStateSpec("buffer", FastPrimitivesCoder())
-    HISTORY = ReadModifyWriteStateSpec("history", FastPrimitivesCoder())
+    HISTORIES = ReadModifyWriteStateSpec("histories", FastPrimitivesCoder())  # {key value: KeyHistory state}
     TIMER_AT = ReadModifyWriteStateSpec("timer_at", VarIntCoder())
     RELEASE = TimerSpec("release", TimeDomain.WATERMARK)
     # At the end of the window (a drained or finished stream) a timer set from
@@ -226,24 +235,38 @@ class _PointInTimeDoFn(beam.DoFn):
 
     @on_timer(RELEASE)
     def on_release(self, fired_at=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
-                   history=beam.DoFn.StateParam(HISTORY), timer_at=beam.DoFn.StateParam(TIMER_AT),
+                   histories=beam.DoFn.StateParam(HISTORIES), timer_at=beam.DoFn.StateParam(TIMER_AT),
                    release=beam.DoFn.TimerParam(RELEASE)):
-        return self._release(fired_at.micros, buffer, history, timer_at, release)
+        return self._release(fired_at.micros, buffer, histories, timer_at, release)
 
     @on_timer(DRAIN)
-    def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), history=beam.DoFn.StateParam(HISTORY),
+    def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), histories=beam.DoFn.StateParam(HISTORIES),
                  timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
-        return self._release(GlobalWindow().max_timestamp().micros, buffer, history, timer_at, release)
+        return self._release(GlobalWindow().max_timestamp().micros, buffer, histories, timer_at, release)
 
-    def _release(self, up_to_us, buffer, history, timer_at, release):
+    def _release(self, up_to_us, buffer, histories, timer_at, release):
         """Applies the buffered events up to `up_to_us` (the watermark has passed
         them) and emits their requests' values; the rest wait for the next timer."""
-        ready, rest = [], []
+        ready: dict[str, list[tuple]] = {}
+        rest = []
         for item in buffer.read():
-            (ready if item[TIME] <= up_to_us else rest).append(item)
-        state = KeyHistory.from_state(self._group.features, history.read(), self._lateness_s)
-        answers, late_requests, late_observations = state.apply(to_pending(item, self._group) for item in ready)
-        history.write(state.to_state())
+            if item[TIME] <= up_to_us:
+                ready.setdefault(key_of(item, self._group), []).append(item)
+            else:
+                rest.append(item)
+        states = histories.read() or {}
+        outputs = []
+        for key, items in ready.items():
+            history = KeyHistory.from_state(self._group.features, states.get(key), self._lateness_s)
+            answers, late_requests, late_observations = history.apply(to_pending(item, self._group) for item in items)
+            states[key] = history.to_state()
+            if self._group.first:  # every stage sees every event: count once
+                self._late_requests.inc(late_requests)
+                self._late_observations.inc(late_observations)
+            outputs.extend(beam.window.TimestampedValue((pending.event_id, (self._index, answer)),
+                                                        Timestamp(micros=pending.time_us))
+                           for pending, answer in answers)
+        histories.write(states)
         buffer.clear()
         timer_at.clear()
         if rest:
@@ -252,11 +275,7 @@ class _PointInTimeDoFn(beam.DoFn):
             next_us = min(item[TIME] for item in rest)
             release.set(Timestamp(micros=next_us))
             timer_at.write(next_us)
-        if self._group.first:  # every stage sees every event: count once
-            self._late_requests.inc(late_requests)
-            self._late_observations.inc(late_observations)
-        return [beam.window.TimestampedValue((pending.event_id, (self._index, answer)),
-                                             Timestamp(micros=pending.time_us)) for pending, answer in answers]
+        return outputs
 
 
 class _JoinGroupsDoFn(beam.DoFn):
@@ -285,26 +304,44 @@ class _JoinGroupsDoFn(beam.DoFn):
 _REQUEST_PART = -1
 
 
+class _Route(beam.DoFn):
+    """Element -> the request to the join, and the element to each group's
+    stage keyed by its state key: one step, as every step costs the streaming
+    DirectRunner a few milliseconds per bundle."""
+
+    def __init__(self, groups: tuple[FeatureGroup, ...], key_shards: Optional[int]):
+        self._groups = groups
+        self._shards = key_shards
+
+    def process(self, item):
+        if item[RANK] == REQUEST:
+            yield beam.pvalue.TaggedOutput(_JOIN, (item[ID], (_REQUEST_PART, item)))
+        for index, group in enumerate(self._groups):
+            yield beam.pvalue.TaggedOutput(str(index), (state_key(key_of(item, group), self._shards), item))
+
+
+_JOIN = "join"
+
+
 class _StreamingFeatures(beam.PTransform):
     """Unbounded input: PCollection[element] -> PCollection[element] of the
     requests with every group filled in."""
 
-    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int):
+    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, key_shards: Optional[int]):
         super().__init__()
         self._groups = groups
         self._lateness_s = allowed_lateness_s
+        self._shards = key_shards
 
     def expand(self, items):
-        parts = [items
-                 | "Requests" >> beam.Filter(lambda item: item[RANK] == REQUEST)
-                 | "KeyRequests" >> beam.Map(lambda item: (item[ID], (_REQUEST_PART, item)))]
+        tags = [str(index) for index in range(len(self._groups))]
+        routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_outputs(_JOIN, *tags)
+        parts = [routed[_JOIN]]
         for index, group in enumerate(self._groups):
-            name = group.key_field
             parts.append(
-                items
-                | f"KeyBy_{name}" >> beam.Map(
-                    lambda item, g: (key_of(item, g), item), group).with_output_types(tuple[str, tuple])
-                | f"PointInTime_{name}" >> beam.ParDo(_PointInTimeDoFn(group, index, self._lateness_s)))
+                routed[tags[index]]
+                | f"PointInTime_{group.key_field}" >> beam.ParDo(
+                    _PointInTimeDoFn(group, index, self._lateness_s)).with_input_types(tuple[str, tuple]))
         return (
             parts
             | "MergeParts" >> beam.Flatten()
@@ -330,12 +367,20 @@ class WindowedFeatures(beam.PTransform):
 
     allowed_lateness_s: on unbounded input, how far behind the watermark a
     request may arrive and still be answered exactly (older observations
-    are forgotten after the longest window plus this)."""
+    are forgotten after the longest window plus this).
+    key_shards: on unbounded input, None keeps each key value in a state of
+    its own (the most parallel); N hashes key values into N states per
+    group: fewer, larger states and fewer timer firings (each firing is a
+    bundle through every later step, which the DirectRunner pays for)."""
 
-    def __init__(self, spec: FeatureSpec, allowed_lateness_s: int = 3600, label: Optional[str] = None):
+    def __init__(self, spec: FeatureSpec, allowed_lateness_s: int = 3600, key_shards: Optional[int] = None,
+                 label: Optional[str] = None):
         super().__init__(label)
+        if key_shards is not None and key_shards < 1:
+            raise ValueError(f"key_shards must be None or at least 1, got {key_shards}")
         self._spec = spec
         self._lateness_s = allowed_lateness_s
+        self._shards = key_shards
 
     def expand(self, events):
         empty = (None,) * len(self._spec.windowed_features)
@@ -351,5 +396,5 @@ class WindowedFeatures(beam.PTransform):
                             | f"Merge_{name}" >> beam.Flatten()
                             | f"Features_{name}" >> _BucketedStage(group))
         else:
-            requests = items | "Features" >> _StreamingFeatures(groups, self._lateness_s)
+            requests = items | "Features" >> _StreamingFeatures(groups, self._lateness_s, self._shards)
         return requests | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)
