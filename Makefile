@@ -1,12 +1,23 @@
 # Two commands on a fresh machine:
 #   make run    virtual environment + install + batch job on the embedded flights data + training
-#   make test   the same environment + test tools + the whole test suite
+#   make test   the same environment + test tools + the emulators' venv (.venv-bq) + the whole test suite
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUNNER_FLAGS ?= --runner DirectRunner
 
-.PHONY: venv run test test-fast bench clean
+# The BigQuery emulator (local-bigquery, see DESIGN.md section 4) needs Python >= 3.13: its own venv.
+PYTHON_BQ ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+BQ_VENV ?= .venv-bq
+BQ_BIN := $(BQ_VENV)/bin
+# Offline, DuckDB cannot download the extensions local-bigquery loads; PyPI ships them as packages,
+# which `duckdb_extensions.import_extension` installs into DuckDB's own directory.
+DUCKDB_VERSION := 1.5.5
+DUCKDB_PLATFORM ?= $(if $(filter aarch64 arm64,$(shell uname -m)),linux_arm64,linux_amd64)
+DUCKDB_EXTENSIONS := $(foreach name,icu spatial ducklake,\
+	$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/$(name).duckdb_extension)
+
+.PHONY: venv venv-bq run test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +34,32 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 venv: $(VENV)/.installed
 
+$(BQ_BIN)/python:
+	$(PYTHON_BQ) -m venv $(BQ_VENV)
+	$(BQ_BIN)/pip install --quiet --upgrade pip
+
+# local-bigquery 0.4.0 asks for duckdb>=2.0, but the extensions are on PyPI only up to 1.5.5, and it runs on
+# 1.5.5 (DESIGN.md section 4): install it, then put duckdb 1.5.5 and the extension packages in its place.
+$(BQ_VENV)/.installed: $(BQ_BIN)/python
+	$(BQ_BIN)/pip install --quiet local-bigquery==0.4.0
+	$(BQ_BIN)/pip install --quiet --no-deps duckdb==$(DUCKDB_VERSION) duckdb-extensions==$(DUCKDB_VERSION) \
+		$(foreach name,icu spatial ducklake,duckdb-extension-$(name)==$(DUCKDB_VERSION))
+	touch $@
+
+# The extension files themselves are the targets, not a stamp in the venv: ~/.duckdb may go while the venv stays.
+$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/%.duckdb_extension: $(BQ_VENV)/.installed
+	$(BQ_BIN)/python -c 'from duckdb_extensions import import_extension; import_extension("$*", force_install=True)'
+
+venv-bq: $(DUCKDB_EXTENSIONS)
+
 run: $(VENV)/.installed
 	$(BIN)/python -m beam_app.batch $(RUNNER_FLAGS)
 	$(BIN)/python -m models.train --data_dir output
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test venv-bq
 	$(BIN)/python -m pytest tests
 
-test-fast: $(VENV)/.installed-test
+test-fast: $(VENV)/.installed-test venv-bq
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: $(VENV)/.installed-test
@@ -38,4 +67,4 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/model_bench.py
 
 clean:
-	rm -rf $(VENV) output build *.egg-info
+	rm -rf $(VENV) $(BQ_VENV) output build *.egg-info

@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth must not probe a metadata server
 
+from tests.emulators import bigquery_emulator, pubsub_emulator  # noqa: E402, F401
 from transforms.events import Event  # noqa: E402
 from transforms.spec import load_spec  # noqa: E402
 
