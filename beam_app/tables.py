@@ -72,6 +72,11 @@ def dead_letter_row(dead: DeadLetter, processed_at_us: int) -> dict[str, Any]:
     }
 
 
+def is_dead_letter_row(row: dict[str, Any]) -> bool:
+    """Tells the two tables' rows apart (only dead letters have a stage)."""
+    return "stage" in row
+
+
 def failed_inference_letters(batch: list[tuple[RequestKey, bytes]], error: tuple) -> list[DeadLetter]:
     """A batch RunInference could not score, with (exception type, repr,
     traceback lines) as `with_exception_handling` gives them -> one dead

@@ -85,8 +85,9 @@ class _AppendLines(beam.DoFn):
             out.write(line + "\n")
 
 
-def _run_to_file(pipeline, events_source, spec, path, key_shards=None):
-    (_features(pipeline | events_source | WindowedFeatures(spec, key_shards=key_shards))
+def _run_to_file(pipeline, events_source, spec, path, key_shards=None, release_step_ms=0):
+    (_features(pipeline | events_source | WindowedFeatures(spec, key_shards=key_shards,
+                                                          release_step_ms=release_step_ms))
      | beam.Map(json.dumps) | beam.ParDo(_AppendLines(path)))
 
 
@@ -96,8 +97,9 @@ def _read_features(directory, prefix):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key_shards", [None, 1, 2], ids=["state_per_key", "one_shard", "two_shards"])
-def test_streaming_path_equals_batch_path_bit_for_bit(flights_spec, tmp_path, key_shards):
+@pytest.mark.parametrize("key_shards, release_step_ms", [(None, 0), (1, 0), (2, 600_000)],
+                         ids=["state_per_key", "one_shard", "two_shards_10min_steps"])
+def test_streaming_path_equals_batch_path_bit_for_bit(flights_spec, tmp_path, key_shards, release_step_ms):
     # Six busy hours of real flights: every key sees many events, with ties.
     day = _slice_events(flights_spec, {(3, 4)})
     start = min(e.time_us for e in day) + 10 * HOUR_US
@@ -109,7 +111,8 @@ def test_streaming_path_equals_batch_path_bit_for_bit(flights_spec, tmp_path, ke
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
     with TestPipeline(options=options) as pipeline:
-        _run_to_file(pipeline, _arrivals(events), flights_spec, tmp_path / "streaming", key_shards)
+        _run_to_file(pipeline, _arrivals(events), flights_spec, tmp_path / "streaming", key_shards,
+                     release_step_ms)
 
     batch = _read_features(tmp_path, "batch")
     streaming = _read_features(tmp_path, "streaming")

@@ -194,6 +194,14 @@ class _BucketedStage(beam.PTransform):
         )
 
 
+def release_time(time_us: int, step_us: int) -> int:
+    """When an event may be released: the end of its step of event time. The
+    watermark has then passed every event of the step, so one timer firing
+    releases them all, where a timer per event time would fire once per
+    distinct time (each firing a bundle through every later step)."""
+    return -(-time_us // step_us) * step_us if step_us > 1 else time_us
+
+
 def state_key(key: str, shards: Optional[int]) -> str:
     """The state a key value lives in: its own, or one of `shards` (a stable
     hash: Python's hash() differs between worker processes)."""
@@ -214,10 +222,11 @@ class _PointInTimeDoFn(beam.DoFn):
     # whatever is still buffered.
     DRAIN = TimerSpec("drain", TimeDomain.WATERMARK)
 
-    def __init__(self, group: FeatureGroup, index: int, allowed_lateness_s: int):
+    def __init__(self, group: FeatureGroup, index: int, allowed_lateness_s: int, release_step_us: int):
         self._group = group
         self._index = index
         self._lateness_s = allowed_lateness_s
+        self._step_us = release_step_us
         self._late_requests = Metrics.counter("windowed_features", "late_requests")
         self._late_observations = Metrics.counter("windowed_features", "late_observations")
 
@@ -229,9 +238,10 @@ class _PointInTimeDoFn(beam.DoFn):
         pending = timer_at.read()
         if pending is None:
             drain.set(GlobalWindow().max_timestamp())
-        if pending is None or time_us < pending:  # the timer stays at the earliest buffered event
-            release.set(Timestamp(micros=time_us))
-            timer_at.write(time_us)
+        release_at = release_time(time_us, self._step_us)
+        if pending is None or release_at < pending:  # the timer stays at the earliest buffered event's step
+            release.set(Timestamp(micros=release_at))
+            timer_at.write(release_at)
 
     @on_timer(RELEASE)
     def on_release(self, fired_at=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
@@ -272,7 +282,7 @@ class _PointInTimeDoFn(beam.DoFn):
         if rest:
             for item in rest:
                 buffer.add(item)
-            next_us = min(item[TIME] for item in rest)
+            next_us = release_time(min(item[TIME] for item in rest), self._step_us)
             release.set(Timestamp(micros=next_us))
             timer_at.write(next_us)
         return outputs
@@ -327,11 +337,13 @@ class _StreamingFeatures(beam.PTransform):
     """Unbounded input: PCollection[element] -> PCollection[element] of the
     requests with every group filled in."""
 
-    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, key_shards: Optional[int]):
+    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, key_shards: Optional[int],
+                 release_step_us: int):
         super().__init__()
         self._groups = groups
         self._lateness_s = allowed_lateness_s
         self._shards = key_shards
+        self._step_us = release_step_us
 
     def expand(self, items):
         tags = [str(index) for index in range(len(self._groups))]
@@ -340,8 +352,8 @@ class _StreamingFeatures(beam.PTransform):
         for index, group in enumerate(self._groups):
             parts.append(
                 routed[tags[index]]
-                | f"PointInTime_{group.key_field}" >> beam.ParDo(
-                    _PointInTimeDoFn(group, index, self._lateness_s)).with_input_types(tuple[str, tuple]))
+                | f"PointInTime_{group.key_field}" >> beam.ParDo(_PointInTimeDoFn(
+                    group, index, self._lateness_s, self._step_us)).with_input_types(tuple[str, tuple]))
         return (
             parts
             | "MergeParts" >> beam.Flatten()
@@ -371,16 +383,23 @@ class WindowedFeatures(beam.PTransform):
     key_shards: on unbounded input, None keeps each key value in a state of
     its own (the most parallel); N hashes key values into N states per
     group: fewer, larger states and fewer timer firings (each firing is a
-    bundle through every later step, which the DirectRunner pays for)."""
+    bundle through every later step, which the DirectRunner pays for).
+    release_step_ms: on unbounded input, requests are answered once the
+    watermark passes the end of their step of event time: at most one timer
+    firing per state and step, for up to a step of added latency. Values
+    do not depend on it."""
 
     def __init__(self, spec: FeatureSpec, allowed_lateness_s: int = 3600, key_shards: Optional[int] = None,
-                 label: Optional[str] = None):
+                 release_step_ms: int = 0, label: Optional[str] = None):
         super().__init__(label)
         if key_shards is not None and key_shards < 1:
             raise ValueError(f"key_shards must be None or at least 1, got {key_shards}")
+        if release_step_ms < 0:
+            raise ValueError(f"release_step_ms must be 0 or more, got {release_step_ms}")
         self._spec = spec
         self._lateness_s = allowed_lateness_s
         self._shards = key_shards
+        self._step_us = release_step_ms * 1000
 
     def expand(self, events):
         empty = (None,) * len(self._spec.windowed_features)
@@ -396,5 +415,5 @@ class WindowedFeatures(beam.PTransform):
                             | f"Merge_{name}" >> beam.Flatten()
                             | f"Features_{name}" >> _BucketedStage(group))
         else:
-            requests = items | "Features" >> _StreamingFeatures(groups, self._lateness_s, self._shards)
+            requests = items | "Features" >> _StreamingFeatures(groups, self._lateness_s, self._shards, self._step_us)
         return requests | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)

@@ -1,0 +1,406 @@
+"""Streaming branch: live events from Pub/Sub -> the same windowed features as
+the batch branch -> the trained SavedModel -> predictions in BigQuery.
+
+    Pub/Sub (JSON event, event_time attribute)
+      -> ParseEvents (the batch parser)        -> dead letters
+      -> WindowedFeatures(spec) (the batch transform: point-in-time [t - W, t))
+      -> EncodeExamples (the batch encoder, no label)
+      -> RunInference (SavedModel, serving_default on whole batches) -> dead letters
+      -> WriteToBigQuery predictions (streaming inserts) -> refused rows: dead letters
+    dead letters -> WriteToBigQuery dead-letter table (payload, attributes, error, time)
+
+It refuses to start when the model was trained on another spec than --spec.
+Requests get their prediction once the watermark passes their event time.
+
+Run against real Pub/Sub and BigQuery on the DirectRunner:
+
+    python -m beam_app.streaming --input_subscription projects/P/subscriptions/S \\
+        --model output/model --predictions_table P:features.predictions \\
+        --dead_letter_table P:features.dead_letters --create_tables
+
+or against the local emulators (see `python -m beam_app.local_stack` and the
+README's streaming demo) by adding --bigquery_endpoint http://127.0.0.1:PORT with
+PUBSUB_EMULATOR_HOST set. On Dataflow it runs as a flex template (templates/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+import apache_beam as beam
+from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
+from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
+
+from beam_app.options import CommonOptions, configure_logging, quiet_tensorflow
+from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
+                             failed_row_letter, is_dead_letter_row, prediction_row, table_schema)
+from models.export import SpecMismatch
+from models.inference import SavedModelHandler, load_checked_model, locate_model
+from transforms.events import DeadLetter, RawRecord
+from transforms.examples import EncodeExamples
+from transforms.parse import DEAD_LETTERS, ParseEvents
+from transforms.spec import FeatureSpec, SpecError, load_spec
+from transforms.windowed_features import WindowedFeatures
+
+_LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner")
+
+
+class StreamingOptions(CommonOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input_subscription", default=None,
+            help="Pub/Sub subscription to read events from: projects/<project>/subscriptions/<name>.")
+        parser.add_argument(
+            "--input_topic", default=None,
+            help="Or a topic (projects/<project>/topics/<name>): the job reads through a subscription of its own "
+                 "and sees only what is published after it starts.")
+        parser.add_argument(
+            "--event_time_attribute", default="event_time",
+            help="Message attribute holding the event time (RFC 3339 or ms since the epoch); it must equal the "
+                 "payload's event_time (default: event_time).")
+        parser.add_argument(
+            "--id_attribute", default=None,
+            help="Message attribute unique per message, for de-duplication of redelivered messages (Dataflow "
+                 "only; the publisher sets message_key). The DirectRunner does not support it.")
+        parser.add_argument(
+            "--model", default=None,
+            help="The trained model: the --model_dir of `python -m models.train` (its LATEST version is used), a "
+                 "version directory in it, or a saved_model directory; local or gs://.")
+        parser.add_argument(
+            "--predictions_table", default=None,
+            help="BigQuery table for predictions: <project>:<dataset>.<table> (or <project>.<dataset>.<table>).")
+        parser.add_argument(
+            "--dead_letter_table", default=None,
+            help="BigQuery table for dead letters (rejected messages, failed inferences, refused rows).")
+        parser.add_argument(
+            "--create_tables", action="store_true",
+            help="Create the dataset and both tables if missing (otherwise they must exist).")
+        parser.add_argument(
+            "--bigquery_endpoint", default=None,
+            help="BigQuery API endpoint, e.g. http://127.0.0.1:9050 for the local emulator. Default: Google's.")
+        parser.add_argument(
+            "--allowed_lateness_s", type=int, default=3600,
+            help="How far behind the watermark a request may arrive and still get exact features (default 3600).")
+        parser.add_argument(
+            "--key_shards", type=int, default=None,
+            help="State shards per feature group: 0 keeps one state per key value (the most parallel: the default "
+                 "on Dataflow); N hashes key values into N states. Default on the DirectRunner: 1, since every "
+                 "state's timer firing there is a bundle through every later step.")
+        parser.add_argument(
+            "--release_step_ms", type=int, default=1000,
+            help="Requests are answered when the watermark passes the end of their step of event time: one timer "
+                 "firing per state and step instead of one per event time, for up to a step of latency "
+                 "(default 1000; 0: per event time).")
+        parser.add_argument(
+            "--inference_batch_size", type=int, default=1024,
+            help="Largest batch of examples per model call (default 1024).")
+        parser.add_argument(
+            "--duration_s", type=float, default=0,
+            help="DirectRunner only: stop after this many seconds and print the summary (default: run until "
+                 "Ctrl-C).")
+
+
+def message_to_record(message: PubsubMessage) -> RawRecord:
+    """A Pub/Sub message -> the record the parser reads; bytes that are not
+    UTF-8 become U+FFFD, which the parser turns into a dead letter."""
+    text = (message.data or b"").decode("utf-8", errors="replace")
+    return RawRecord(f"pubsub:{message.message_id}", text, "json", attributes=dict(message.attributes or {}))
+
+
+class _ToPredictionRow(beam.DoFn):
+    """(RequestKey, PredictionResult) -> a predictions table row."""
+
+    def __init__(self, spec_fingerprint: str, clock: Callable[[], float]):
+        self._fingerprint = spec_fingerprint
+        self._clock = clock  # injectable: tests pin processing_time
+        self._rows = Metrics.counter("predictions", "rows")
+
+    def process(self, keyed):
+        key, result = keyed
+        self._rows.inc()
+        yield prediction_row(key, result.inference, result.model_id, self._fingerprint, int(self._clock() * 1e6))
+
+
+class _ToDeadLetterRow(beam.DoFn):
+    """DeadLetter -> a dead-letter table row, counted per stage."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._counters = {}
+
+    def process(self, dead: DeadLetter):
+        if dead.stage not in self._counters:
+            self._counters[dead.stage] = Metrics.counter("dead_letters", dead.stage)
+        self._counters[dead.stage].inc()
+        yield dead_letter_row(dead, int(self._clock() * 1e6))
+
+
+def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
+          key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
+          clock: Callable[[], float] = time.time) -> dict:
+    """PCollection[PubsubMessage] (stamped with their event time) ->
+    {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O."""
+    records = messages | "ToRecords" >> beam.Map(message_to_record)
+    parsed = records | "ParseEvents" >> ParseEvents(spec, check_timestamps=True)
+    examples = (
+        parsed["events"]
+        | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms)
+        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True)
+    )
+    handler = KeyedModelHandler(SavedModelHandler(model_path, spec, max_batch_size=inference_batch_size))
+    predictions, failed = examples | "RunInference" >> RunInference(handler).with_exception_handling()
+    failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
+        failed_inference_letters)
+    return {
+        "predictions": predictions | "ToPredictionRows" >> beam.ParDo(_ToPredictionRow(spec.fingerprint, clock)),
+        "dead_letters": (parsed[DEAD_LETTERS], failed_inferences) | "MergeDeadLetters" >> beam.Flatten(),
+    }
+
+
+def _write_rows(rows, label: str, table, schema, test_client) -> beam.PCollection:
+    """Streaming inserts with an explicit schema; returns the refused rows as
+    (destination, row, errors). Only transient errors are retried: the
+    default retries a bad row forever."""
+    result = rows | label >> WriteToBigQuery(
+        table=table, schema=schema, method=WriteToBigQuery.Method.STREAMING_INSERTS,
+        create_disposition=BigQueryDisposition.CREATE_NEVER, write_disposition=BigQueryDisposition.WRITE_APPEND,
+        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, test_client=test_client)
+    return result.failed_rows_with_errors
+
+
+class _Destinations:
+    """Which table a row goes to, and that table's schema (WriteToBigQuery's
+    dynamic destinations: a plain object, so it pickles)."""
+
+    def __init__(self, predictions_table: str, dead_letter_table: str):
+        from beam_app.bigquery_client import parse_table_spec
+
+        self._predictions = predictions_table
+        self._dead_letters = dead_letter_table
+        self._dead_letters_ref = parse_table_spec(dead_letter_table)
+
+    def table(self, row: dict) -> str:
+        return self._dead_letters if is_dead_letter_row(row) else self._predictions
+
+    def schema(self, destination) -> dict:
+        from beam_app.bigquery_client import parse_table_spec
+
+        is_dead = parse_table_spec(str(destination)) == self._dead_letters_ref
+        return table_schema(DEAD_LETTERS_SCHEMA if is_dead else PREDICTIONS_SCHEMA)
+
+
+class _LogUnwritable(beam.DoFn):
+    """Dead letters the dead-letter table refused: the end of the line, so
+    they go to the worker log in full, and a counter."""
+
+    def __init__(self):
+        self._unwritable = Metrics.counter("dead_letters", "unwritable")
+
+    def process(self, failed):
+        self._unwritable.inc()
+        logging.error("dead letter refused by BigQuery (%s): %s; errors: %s", *failed)
+
+
+def write_outputs(outputs: dict, predictions_table: str, dead_letter_table: str, test_client=None,
+                  clock: Callable[[], float] = time.time) -> None:
+    """Predictions and dead letters to their tables through one WriteToBigQuery
+    (each of its steps costs the DirectRunner per bundle, even an empty one);
+    prediction rows BigQuery refuses become dead letters, written by a second."""
+    destinations = _Destinations(predictions_table, dead_letter_table)
+    dead_letter_rows = outputs["dead_letters"] | "ToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
+    refused = _write_rows((outputs["predictions"], dead_letter_rows) | "AllRows" >> beam.Flatten(), "WriteRows",
+                          destinations.table, destinations.schema, test_client)
+    refused_predictions, refused_dead_letters = refused | "SplitRefused" >> beam.Partition(
+        lambda failed, _: int(is_dead_letter_row(failed[1])), 2)
+    refused_rows = (
+        refused_predictions
+        | "RefusedPredictions" >> beam.MapTuple(failed_row_letter)
+        | "RefusedToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
+    )
+    unwritable = _write_rows(refused_rows, "WriteRefusedRows", dead_letter_table,
+                             table_schema(DEAD_LETTERS_SCHEMA), test_client)
+    (refused_dead_letters, unwritable) | "Unwritable" >> beam.Flatten() | "LogUnwritable" >> beam.ParDo(
+        _LogUnwritable())
+
+
+class UsageError(ValueError):
+    """A flag is missing or wrong: the message says which and what to give."""
+
+
+def _check_options(options: StreamingOptions) -> None:
+    if bool(options.input_subscription) == bool(options.input_topic):
+        raise UsageError("give exactly one of --input_subscription projects/P/subscriptions/S "
+                         "or --input_topic projects/P/topics/T")
+    for flag in ("model", "predictions_table", "dead_letter_table"):
+        if not getattr(options, flag):
+            raise UsageError(f"--{flag} is required (see --help)")
+
+
+def key_shards(options: StreamingOptions) -> Optional[int]:
+    """--key_shards, with the DirectRunner's default of 1 (see its help)."""
+    if options.key_shards is not None:
+        if options.key_shards < 0:
+            raise UsageError(f"--key_shards must be 0 (a state per key value) or more, got {options.key_shards}")
+        return options.key_shards or None
+    return 1 if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS else None
+
+
+def _prepare_tables(options: StreamingOptions) -> None:
+    """Creates the tables (--create_tables) or checks that they exist, so a
+    typo fails at start rather than as endless insert errors."""
+    from google.api_core.exceptions import NotFound
+
+    from beam_app.bigquery_client import bigquery_client, ensure_table, parse_table_spec
+
+    for table, schema in ((options.predictions_table, PREDICTIONS_SCHEMA),
+                          (options.dead_letter_table, DEAD_LETTERS_SCHEMA)):
+        project, _, _ = parse_table_spec(table)
+        client = bigquery_client(project, options.bigquery_endpoint)
+        if options.create_tables:
+            ensure_table(client, table, schema)
+            continue
+        try:
+            client.get_table(".".join(parse_table_spec(table)))
+        except NotFound:
+            raise UsageError(f"BigQuery table {table} does not exist: run with --create_tables, "
+                             "or create it as the README's deployment section shows") from None
+
+
+def _table_counts(options: StreamingOptions, since_us: int) -> dict:
+    """Rows written to each table since the job started: the DirectRunner
+    reports no metrics for streaming pipelines, BigQuery does."""
+    from beam_app.bigquery_client import bigquery_client, parse_table_spec
+    from transforms.events import time_us_to_rfc3339
+
+    since = time_us_to_rfc3339(since_us)
+    counts = {}
+    for name, table, group in (("predictions", options.predictions_table, None),
+                               ("dead_letters", options.dead_letter_table, "stage")):
+        project, dataset, table_id = parse_table_spec(table)
+        select = f"{group}, COUNT(*) AS n" if group else "COUNT(*) AS n"
+        sql = (f"SELECT {select} FROM `{project}.{dataset}.{table_id}` "
+               f"WHERE processing_time >= TIMESTAMP('{since}')" + (f" GROUP BY {group}" if group else ""))
+        rows = list(bigquery_client(project, options.bigquery_endpoint).query(sql).result())
+        counts[name] = {row[group]: row["n"] for row in rows} if group else (rows[0]["n"] if rows else 0)
+    return counts
+
+
+def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,
+        clock: Callable[[], float] = time.time) -> dict:
+    """Starts the streaming job. On the DirectRunner it runs until --duration_s,
+    Ctrl-C or `stop` is set, and returns the summary; on Dataflow it returns
+    once the job is submitted."""
+    configure_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = StreamingOptions(argv)
+    options.view_as(StandardOptions).streaming = True
+    options.view_as(SetupOptions).save_main_session = False
+    _check_options(options)
+    started = time.monotonic()
+    spec = load_spec(options.spec)
+    # Pin one version for the whole job (LATEST may move), and refuse a model of another spec now.
+    location = locate_model(options.model)
+    load_checked_model(location.saved_model, spec)
+    _prepare_tables(options)
+    test_client = None
+    if options.bigquery_endpoint:
+        from beam_app.bigquery_client import EndpointBigQueryClient, parse_table_spec
+
+        test_client = EndpointBigQueryClient(parse_table_spec(options.predictions_table)[0], options.bigquery_endpoint)
+
+    pipeline = beam.Pipeline(options=options)
+    messages = pipeline | "ReadFromPubSub" >> ReadFromPubSub(
+        subscription=options.input_subscription, topic=options.input_topic, with_attributes=True,
+        timestamp_attribute=options.event_time_attribute, id_label=options.id_attribute)
+    outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
+                    options.release_step_ms, options.inference_batch_size, clock)
+    write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
+    started_us = int(clock() * 1e6)
+    result = pipeline.run()
+    summary = {"spec": {"name": spec.name, "fingerprint": spec.fingerprint}, "model": location.saved_model,
+               "model_version": location.version, "input": options.input_subscription or options.input_topic,
+               "predictions_table": options.predictions_table, "dead_letter_table": options.dead_letter_table}
+    logging.info("streaming job started: spec %s (%s), model version %s, reading %s",
+                 spec.name, spec.fingerprint[:12], location.version, summary["input"])
+    if options.view_as(StandardOptions).runner not in _LOCAL_RUNNERS:
+        job_id = getattr(result, "job_id", lambda: None)()
+        summary["job_id"] = job_id
+        print(f"submitted streaming job {job_id}; it runs until you drain or cancel it", flush=True)
+        return summary
+    try:
+        _wait(options.duration_s, started, stop or threading.Event(), lambda: _table_counts(options, started_us))
+    except KeyboardInterrupt:
+        logging.info("interrupted: stopping the pipeline")
+    finally:
+        result.cancel()
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    summary.update(_table_counts(options, started_us))
+    _print_summary(summary)
+    return summary
+
+
+def _wait(duration_s: float, started: float, stop: threading.Event, counts: Callable[[], dict],
+          every_s: float = 30) -> None:
+    """Blocks until duration_s (0: forever) or `stop`, logging what has been written."""
+    next_report = time.monotonic() + every_s
+    while not duration_s or time.monotonic() - started < duration_s:
+        if stop.wait(0.5):
+            return
+        if time.monotonic() >= next_report:
+            next_report += every_s
+            written = counts()
+            logging.info("running %.0f s: %d predictions, dead letters %s", time.monotonic() - started,
+                         written["predictions"], written["dead_letters"] or 0)
+
+
+def _print_summary(summary: dict) -> None:
+    dead = summary["dead_letters"]
+    print("\n".join([
+        f"streaming job stopped after {summary['seconds']} s",
+        f"  model               {summary['model_version']}  ({summary['model']})",
+        f"  spec                {summary['spec']['name']} {summary['spec']['fingerprint'][:12]}",
+        f"  predictions         {summary['predictions']:>9,}   -> {summary['predictions_table']}",
+        f"  dead letters        {sum(dead.values()):>9,}   -> {summary['dead_letter_table']}"
+        + (f"  ({', '.join(f'{stage} {n:,}' for stage, n in sorted(dead.items()))})" if dead else ""),
+    ]), flush=True)
+
+
+def print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_app.streaming", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner), "
+               "--project, --region, --temp_location, ...")
+    CommonOptions._add_argparse_args(parser)
+    StreamingOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
+def main() -> None:
+    quiet_tensorflow()
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print_help()
+        return
+    try:
+        run(sys.argv[1:])
+    except (UsageError, SpecError, SpecMismatch, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    # The DirectRunner's Pub/Sub reader may sit in a 30 s pull that nobody
+    # will use: do not wait for it at interpreter exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

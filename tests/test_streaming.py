@@ -1,0 +1,80 @@
+"""The streaming job's start-up checks and its BigQuery writes (on the real
+BigQuery emulator); the whole job end to end is in test_streaming_e2e.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import apache_beam as beam
+import pytest
+import yaml
+
+from beam_app import streaming
+from beam_app.bigquery_client import EndpointBigQueryClient, bigquery_client, ensure_table
+from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA
+from transforms.events import DeadLetter
+
+PROJECT = "test-project"
+
+
+def test_options_say_what_is_missing():
+    with pytest.raises(streaming.UsageError, match="exactly one of --input_subscription"):
+        streaming._check_options(streaming.StreamingOptions(["--model", "m"]))
+    with pytest.raises(streaming.UsageError, match="--predictions_table is required"):
+        streaming._check_options(streaming.StreamingOptions(
+            ["--input_topic", "projects/p/topics/t", "--model", "m", "--dead_letter_table", "p:d.t"]))
+    with pytest.raises(streaming.UsageError, match="--key_shards must be 0"):
+        streaming.key_shards(streaming.StreamingOptions(["--key_shards", "-1"]))
+    assert streaming.key_shards(streaming.StreamingOptions(["--runner", "DirectRunner"])) == 1
+    assert streaming.key_shards(streaming.StreamingOptions(["--runner", "DataflowRunner"])) is None
+    assert streaming.key_shards(streaming.StreamingOptions(["--runner", "DirectRunner", "--key_shards", "0"])) is None
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_another_spec_refuses_to_start(trained_model, flights_spec, tmp_path):
+    _, version_dir = trained_model
+    other = dataclasses.replace(flights_spec, name="flights_v2", windowed_features=flights_spec.windowed_features[:4])
+    spec_file = tmp_path / "flights_v2.yaml"
+    spec_file.write_text(yaml.safe_dump(other.to_document()))
+    # Nothing runs on these Pub/Sub and BigQuery names: the check comes first.
+    done = subprocess.run(
+        [sys.executable, "-m", "beam_app.streaming", "--spec", str(spec_file), "--model", str(version_dir.parent),
+         "--input_subscription", "projects/nowhere/subscriptions/none", "--predictions_table", "nowhere:d.p",
+         "--dead_letter_table", "nowhere:d.dl"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "error: model" in done.stderr and f"was trained on spec {flights_spec.fingerprint[:12]}" in done.stderr
+    assert f"this job uses spec 'flights_v2' {other.fingerprint[:12]}" in done.stderr
+
+
+@pytest.mark.slow
+def test_rows_bigquery_refuses_become_dead_letters(bigquery_emulator):
+    predictions_table, dead_letter_table = f"{PROJECT}:refused.predictions", f"{PROJECT}:refused.dead_letters"
+    client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
+    ensure_table(client, predictions_table, PREDICTIONS_SCHEMA)
+    ensure_table(client, dead_letter_table, DEAD_LETTERS_SCHEMA)
+    good = {"event_id": "ok", "event_time": "2026-11-23T12:00:00Z", "prediction": 1.5, "model_version": "v1",
+            "spec_fingerprint": "f" * 64, "processing_time": "2026-11-23T12:00:01Z"}
+    bad = {**good, "event_id": "bad", "prediction": None}  # REQUIRED
+    letter = DeadLetter("pubsub:1", "{oops", "not valid JSON", "parse", {"event_time": "2026-11-23T12:00:00Z"})
+    with beam.Pipeline(runner="DirectRunner") as pipeline:
+        streaming.write_outputs(
+            {"predictions": pipeline | "Predictions" >> beam.Create([good, bad]),
+             "dead_letters": pipeline | "DeadLetters" >> beam.Create([letter])},
+            predictions_table, dead_letter_table, EndpointBigQueryClient(PROJECT, bigquery_emulator.endpoint),
+            clock=lambda: 1_795_000_000.0)
+
+    rows = [dict(r.items()) for r in client.query(f"SELECT * FROM `{PROJECT}.refused.predictions`").result()]
+    assert [row["event_id"] for row in rows] == ["ok"]
+    dead = {row["stage"]: dict(row.items())
+            for row in client.query(f"SELECT * FROM `{PROJECT}.refused.dead_letters`").result()}
+    assert set(dead) == {"parse", "bigquery"}
+    assert dead["parse"]["payload"] == "{oops" and dead["parse"]["error"] == "not valid JSON"
+    assert json.loads(dead["parse"]["attributes"]) == {"event_time": "2026-11-23T12:00:00Z"}
+    refused = dead["bigquery"]
+    assert json.loads(refused["payload"]) == bad
+    assert "prediction" in refused["error"] and "invalid" in refused["error"]
+    assert refused["source"].endswith("refused.predictions")
+    assert refused["processing_time"].isoformat().startswith("2026-11-18T")  # the injected clock
