@@ -17,7 +17,7 @@ DUCKDB_PLATFORM ?= $(if $(filter aarch64 arm64,$(shell uname -m)),linux_arm64,li
 DUCKDB_EXTENSIONS := $(foreach name,icu spatial ducklake,\
 	$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/$(name).duckdb_extension)
 
-.PHONY: venv venv-bq run test test-fast bench clean
+.PHONY: venv venv-bq run demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ venv-bq: $(DUCKDB_EXTENSIONS)
 run: $(VENV)/.installed
 	$(BIN)/python -m beam_app.batch $(RUNNER_FLAGS)
 	$(BIN)/python -m models.train --data_dir output
+
+# The streaming demo on the emulators; trains the model first if `make run` has not.
+demo: $(VENV)/.installed venv-bq
+	test -e output/model/LATEST || $(MAKE) run
+	$(BIN)/python -m beam_app.local_demo
 
 test: $(VENV)/.installed-test venv-bq
 	$(BIN)/python -m pytest tests

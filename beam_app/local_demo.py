@@ -1,0 +1,186 @@
+"""The streaming demo on one machine, in one command (`make demo` runs it):
+
+1. starts the Pub/Sub and BigQuery emulators (beam_app.local_stack);
+2. creates the topic, the job's subscription and both BigQuery tables;
+3. starts the streaming job, `python -m beam_app.streaming`, on the
+   DirectRunner with the model `make run` trained;
+4. publishes flights events with `python -m beam_app.publish --rebase_to_now`
+   (the DirectRunner's watermark is the wall clock), and a few malformed
+   messages;
+5. waits until every request has its prediction, then prints some of them,
+   the dead letters and the publish-to-prediction latency, and stops it all.
+
+    python -m beam_app.local_demo [--model output/model] [--events 300] [--rate 20]
+
+The streaming DirectRunner answers a few requests a second here (see the
+README's figures): keep --rate modest, or expect a growing backlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from beam_app.bigquery_client import bigquery_client
+from beam_app.local_stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
+
+TOPIC = f"projects/{DEFAULT_PROJECT}/topics/events"
+SUBSCRIPTION = f"projects/{DEFAULT_PROJECT}/subscriptions/streaming-job"
+PREDICTIONS = f"{DEFAULT_PROJECT}:demo.predictions"
+DEAD_LETTERS = f"{DEFAULT_PROJECT}:demo.dead_letters"
+MALFORMED = (b"{this is not json", '{"event_id": "x", "role": "request"}'.encode())
+
+
+class Stack(NamedTuple):
+    pubsub: PubSubEmulator
+    bigquery: BigQueryEmulator
+    job: subprocess.Popen
+
+
+@contextlib.contextmanager
+def streaming_stack(model: str, job_log: Path, extra_job_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """Both emulators, the topic and subscription, and the streaming job (a
+    subprocess writing to job_log); everything stops on exit."""
+    with PubSubEmulator() as pubsub, BigQueryEmulator(DEFAULT_PROJECT) as bigquery:
+        os.environ.update(pubsub.env)
+        from google.cloud import pubsub_v1
+
+        pubsub_v1.PublisherClient().create_topic(name=TOPIC)
+        pubsub_v1.SubscriberClient().create_subscription(name=SUBSCRIPTION, topic=TOPIC)
+        command = [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
+                   "--input_subscription", SUBSCRIPTION, "--model", model, "--predictions_table", PREDICTIONS,
+                   "--dead_letter_table", DEAD_LETTERS, "--create_tables",
+                   "--bigquery_endpoint", bigquery.endpoint, *extra_job_args]
+        with open(job_log, "w") as log:
+            job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            wait_for_tables(bigquery, job, job_log)
+            yield Stack(pubsub, bigquery, job)
+        finally:
+            stop_job(job)
+
+
+def wait_for_tables(bigquery: BigQueryEmulator, job: subprocess.Popen, job_log: Path, timeout_s: float = 120) -> None:
+    """The job creates its tables once it has loaded and checked the model."""
+    from google.api_core.exceptions import NotFound
+
+    client = bigquery_client(DEFAULT_PROJECT, bigquery.endpoint)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise RuntimeError(f"the streaming job exited with {job.returncode}:\n{job_log.read_text()[-3000:]}")
+        try:
+            client.get_table(PREDICTIONS.replace(":", "."))
+            client.get_table(DEAD_LETTERS.replace(":", "."))
+            time.sleep(3)  # the pipeline starts its reader just after creating the tables
+            return
+        except NotFound:
+            time.sleep(0.5)
+    raise RuntimeError(f"the streaming job did not start within {timeout_s:.0f} s; its log: {job_log}")
+
+
+def stop_job(job: subprocess.Popen) -> None:
+    """Ctrl-C, as a user would: the job prints its summary and exits."""
+    if job.poll() is None:
+        job.send_signal(signal.SIGINT)
+        try:
+            job.wait(60)
+        except subprocess.TimeoutExpired:
+            job.kill()
+
+
+def query(bigquery: BigQueryEmulator, sql: str) -> list[dict]:
+    return [dict(row.items()) for row in bigquery_client(DEFAULT_PROJECT, bigquery.endpoint).query(sql).result()]
+
+
+def wait_for_predictions(bigquery: BigQueryEmulator, job: subprocess.Popen, expected: int, timeout_s: float,
+                         progress: bool = True) -> list[dict]:
+    """Polls the predictions table until `expected` rows are in; returns them."""
+    table = PREDICTIONS.replace(":", ".")
+    deadline = time.monotonic() + timeout_s
+    count = 0
+    while time.monotonic() < deadline and job.poll() is None:
+        count = query(bigquery, f"SELECT COUNT(*) AS n FROM `{table}`")[0]["n"]
+        if progress:
+            print(f"\r  predictions {count:,} of {expected:,}", end="", file=sys.stderr, flush=True)
+        if count >= expected:
+            break
+        time.sleep(1)
+    if progress:
+        print(file=sys.stderr)
+    if count < expected:
+        raise RuntimeError(f"only {count} of {expected} predictions within {timeout_s:.0f} s "
+                           f"(job {'running' if job.poll() is None else f'exited {job.returncode}'})")
+    return query(bigquery, f"SELECT * FROM `{table}` ORDER BY event_time")
+
+
+def latencies_s(rows: list[dict]) -> list[float]:
+    """Publish -> prediction row, per request: with --rebase_to_now an event's
+    time is the moment it was published."""
+    return sorted((row["processing_time"] - row["event_time"]).total_seconds() for row in rows)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def run(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beam_app.local_demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="output/model", help="Model directory of `make run` (default %(default)s).")
+    parser.add_argument("--events", type=int, default=300, help="Flights events to publish (default %(default)s).")
+    parser.add_argument("--rate", type=float, default=20, help="Events per second (default %(default)s).")
+    parser.add_argument("--start_time", default="2013-12-02T11:00:00Z",
+                        help="Where in 2013 the replay starts (default %(default)s: a busy December morning).")
+    parser.add_argument("--work_dir", default="output/demo", help="Job log and published events (default %(default)s).")
+    args = parser.parse_args(argv)
+    if not (Path(args.model) / "LATEST").exists() and not Path(args.model).exists():
+        sys.exit(f"error: no model at {args.model}: run `make run` first (it trains one)")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    print("starting the emulators and the streaming job ...", flush=True)
+    with streaming_stack(args.model, work / "streaming_job.log") as stack:
+        from beam_app import publish
+
+        published = publish.run(["--topic", TOPIC, "--start_time", args.start_time, "--limit", str(args.events),
+                                 "--rate", str(args.rate), "--rebase_to_now",
+                                 "--record", str(work / "published.ndjson")])
+        from google.cloud import pubsub_v1
+
+        publisher = pubsub_v1.PublisherClient()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for data in MALFORMED:
+            publisher.publish(TOPIC, data, event_time=stamp).result()
+        requests = sum('"role":"request"' in line for line in (work / "published.ndjson").read_text().splitlines())
+        print(f"waiting for {requests} predictions (one per request) ...", flush=True)
+        rows = wait_for_predictions(stack.bigquery, stack.job, requests, timeout_s=max(120, 2 * requests))
+        time.sleep(2)
+        dead = query(stack.bigquery, f"SELECT stage, error, payload FROM `{DEAD_LETTERS.replace(':', '.')}`")
+        stop_job(stack.job)
+    log = (work / "streaming_job.log").read_text()
+    if "streaming job stopped" in log:  # the job's own summary
+        print("streaming job stopped" + log.split("streaming job stopped", 1)[1], end="")
+    lat = latencies_s(rows)
+    print(f"\npredictions (first 5 of {len(rows)}):")
+    for row in rows[:5]:
+        print(f"  {row['event_id']:<24} {row['event_time']:%H:%M:%S.%f}  {row['prediction']:8.2f} min  "
+              f"model {row['model_version']}")
+    print(f"dead letters ({len(dead)}):")
+    for row in dead:
+        print(f"  {row['stage']:<10} {row['error'][:70]!s:<72} payload {row['payload'][:30]!r}")
+    print(f"publish -> prediction latency: p50 {percentile(lat, 50):.2f} s, p99 {percentile(lat, 99):.2f} s "
+          f"at {published['rate_achieved']} events/s")
+    print(f"demo finished in {time.monotonic() - started:.0f} s; job log and published events in {work}/")
+
+
+if __name__ == "__main__":
+    run()
