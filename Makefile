@@ -70,6 +70,7 @@ test-fast: $(VENV)/.installed-test venv-bq
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/batch_bench.py
 	$(BIN)/python bench/model_bench.py
+	$(BIN)/python bench/inference_bench.py
 
 clean:
 	rm -rf $(VENV) $(BQ_VENV) output build *.egg-info
