@@ -106,6 +106,8 @@ def predict(batch: Sequence[bytes], model: LoadedModel) -> list[PredictionResult
     """One signature call for the whole batch."""
     import tensorflow as tf
 
+    if not batch:  # the signature cannot take an empty batch
+        return []
     predictions = model.serve(examples=tf.constant(list(batch), dtype=tf.string))["prediction"].numpy()
     if predictions.shape != (len(batch),):
         raise ValueError(f"model {model.version} returned predictions of shape {predictions.shape} "
