@@ -20,7 +20,6 @@ or on your own files (CSV through the spec's adapter, or NDJSON events):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime as dt
@@ -37,7 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, StandardOptions
 
-from beam_app.options import CommonOptions, configure_logging, quiet_tensorflow
+from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
 from transforms.examples import EncodeExamples, example_columns, is_labeled
 from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.read_files import ReadRecords, matched_files, resolve_input
@@ -268,21 +267,13 @@ def _print_summary(summary: dict, output: str) -> None:
     print("\n".join(lines), flush=True)
 
 
-def print_help() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m beam_app.batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
-               "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers "
-               "(default here: one per core), ...")
-    CommonOptions._add_argparse_args(parser)
-    BatchOptions._add_argparse_args(parser)
-    parser.print_help()
-
-
 def main() -> None:
     quiet_tensorflow()
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print_help()
+        print_help("python -m beam_app.batch", __doc__, (CommonOptions, BatchOptions),
+                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
+               "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers "
+               "(default here: one per core), ...")
         return
     try:
         summary = run(sys.argv[1:])

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from beam_app.bigquery_client import bigquery_client
 from beam_app.local_stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
@@ -45,20 +45,25 @@ class Stack(NamedTuple):
     job: subprocess.Popen
 
 
+def streaming_job_command(model: str, bigquery_endpoint: str) -> list[str]:
+    return [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
+            "--input_subscription", SUBSCRIPTION, "--model", model, "--predictions_table", PREDICTIONS,
+            "--dead_letter_table", DEAD_LETTERS, "--create_tables", "--bigquery_endpoint", bigquery_endpoint]
+
+
 @contextlib.contextmanager
-def streaming_stack(model: str, job_log: Path, extra_job_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+def streaming_stack(model: str, job_log: Path,
+                    job_command: Callable[[str, str], list[str]] = streaming_job_command) -> Iterator[Stack]:
     """Both emulators, the topic and subscription, and the streaming job (a
-    subprocess writing to job_log); everything stops on exit."""
+    subprocess writing to job_log, made by job_command(model, BigQuery
+    endpoint)); everything stops on exit."""
     with PubSubEmulator() as pubsub, BigQueryEmulator(DEFAULT_PROJECT) as bigquery:
         os.environ.update(pubsub.env)
         from google.cloud import pubsub_v1
 
         pubsub_v1.PublisherClient().create_topic(name=TOPIC)
         pubsub_v1.SubscriberClient().create_subscription(name=SUBSCRIPTION, topic=TOPIC)
-        command = [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
-                   "--input_subscription", SUBSCRIPTION, "--model", model, "--predictions_table", PREDICTIONS,
-                   "--dead_letter_table", DEAD_LETTERS, "--create_tables",
-                   "--bigquery_endpoint", bigquery.endpoint, *extra_job_args]
+        command = job_command(model, bigquery.endpoint)
         with open(job_log, "w") as log:
             job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
         try:

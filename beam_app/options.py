@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -40,3 +41,13 @@ def configure_logging(verbose: bool = False) -> None:
             "apache_beam.runners.portability.local_job_service",
         ):
             logging.getLogger(chatter).setLevel(logging.ERROR)
+
+
+def print_help(prog: str, description: str, option_classes: tuple, epilog: str) -> None:
+    """--help from the entry point's docstring and its option classes' flags
+    (Beam's own parser would list every Beam option first)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for option_class in option_classes:
+        option_class._add_argparse_args(parser)
+    parser.print_help()

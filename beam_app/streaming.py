@@ -25,7 +25,6 @@ PUBSUB_EMULATOR_HOST set. On Dataflow it runs as a flex template (templates/).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -41,7 +40,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
-from beam_app.options import CommonOptions, configure_logging, quiet_tensorflow
+from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
                              failed_row_letter, is_dead_letter_row, prediction_row, table_schema)
 from models.export import SpecMismatch
@@ -376,20 +375,12 @@ def _print_summary(summary: dict) -> None:
     ]), flush=True)
 
 
-def print_help() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m beam_app.streaming", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner), "
-               "--project, --region, --temp_location, ...")
-    CommonOptions._add_argparse_args(parser)
-    StreamingOptions._add_argparse_args(parser)
-    parser.print_help()
-
-
 def main() -> None:
     quiet_tensorflow()
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print_help()
+        print_help("python -m beam_app.streaming", __doc__, (CommonOptions, StreamingOptions),
+                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner), "
+               "--project, --region, --temp_location, ...")
         return
     try:
         run(sys.argv[1:])
