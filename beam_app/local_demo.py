@@ -10,7 +10,7 @@
 5. waits until every request has its prediction, then prints some of them,
    the dead letters and the publish-to-prediction latency, and stops it all.
 
-    python -m beam_app.local_demo [--model output/model] [--events 300] [--rate 20]
+    python -m beam_app.local_demo [--model output/model] [--events 300] [--rate 10]
 
 The streaming DirectRunner answers a few requests a second here (see the
 README's figures): keep --rate modest, or expect a growing backlog.
@@ -142,7 +142,7 @@ def run(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="output/model", help="Model directory of `make run` (default %(default)s).")
     parser.add_argument("--events", type=int, default=300, help="Flights events to publish (default %(default)s).")
-    parser.add_argument("--rate", type=float, default=20, help="Events per second (default %(default)s).")
+    parser.add_argument("--rate", type=float, default=10, help="Events per second (default %(default)s).")
     parser.add_argument("--start_time", default="2013-12-02T11:00:00Z",
                         help="Where in 2013 the replay starts (default %(default)s: a busy December morning).")
     parser.add_argument("--work_dir", default="output/demo", help="Job log and published events (default %(default)s).")
