@@ -143,3 +143,16 @@ def test_late_observation_is_used_by_later_requests(flights_spec):
             ("r1", (1.0, 10.0, 10.0, 10.0, 10.0)),
             ("r2", (2.0, 20.0, 30.0, 20.0, 20.0)),  # the late one counts for r2
         ]))
+
+
+def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec):
+    from transforms.windowed_features import _REQUEST_PART, EventLayout, _JoinGroupsDoFn, feature_groups
+
+    groups = feature_groups(flights_spec)
+    item = EventLayout.of(flights_spec).to_item(request("r1", 30 * MIN_US), (None,) * 5)
+    parts = [("r1", (_REQUEST_PART, item)), ("r1", (_REQUEST_PART, item)),  # the request twice
+             ("r1", (0, (1.0, 10.0, 10.0, 10.0))), ("r1", (1, (20.0,)))]
+    with TestPipeline() as pipeline:
+        joined = (pipeline | beam.Create(parts) | beam.ParDo(_JoinGroupsDoFn(groups)).with_input_types(
+            tuple[str, tuple]) | beam.Map(lambda joined: (joined[0], joined[-1])))
+        assert_that(joined, equal_to([("r1", (1.0, 10.0, 10.0, 10.0, 20.0))]))

@@ -300,14 +300,15 @@ class _JoinGroupsDoFn(beam.DoFn):
     def process(self, element, parts=beam.DoFn.StateParam(PARTS)):
         _, part = element
         parts.add(part)
-        collected = list(parts.read())
+        # By part index: a redelivered message (Pub/Sub is at-least-once) must
+        # not stand in for a group's part that has not arrived yet.
+        collected = dict(parts.read())
         if len(collected) < len(self._groups) + 1:
             return
         parts.clear()
-        request = next(payload for index, payload in collected if index == _REQUEST_PART)
-        for index, answer in collected:
-            if index != _REQUEST_PART:
-                request = fill(request, self._groups[index].slots, answer)
+        request = collected.pop(_REQUEST_PART)
+        for index, answer in collected.items():
+            request = fill(request, self._groups[index].slots, answer)
         yield _stamped(request)
 
 
