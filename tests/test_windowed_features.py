@@ -153,6 +153,8 @@ def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec
     parts = [("r1", (_REQUEST_PART, item)), ("r1", (_REQUEST_PART, item)),  # the request twice
              ("r1", (0, (1.0, 10.0, 10.0, 10.0))), ("r1", (1, (20.0,)))]
     with TestPipeline() as pipeline:
-        joined = (pipeline | beam.Create(parts) | beam.ParDo(_JoinGroupsDoFn(groups)).with_input_types(
-            tuple[str, tuple]) | beam.Map(lambda joined: (joined[0], joined[-1])))
+        joined = (pipeline
+                  | beam.Create(parts).with_output_types(tuple[str, tuple])
+                  | beam.ParDo(_JoinGroupsDoFn(groups))
+                  | beam.Map(lambda joined: (joined[0], joined[-1])))
         assert_that(joined, equal_to([("r1", (1.0, 10.0, 10.0, 10.0, 20.0))]))

@@ -348,7 +348,10 @@ class _StreamingFeatures(beam.PTransform):
 
     def expand(self, items):
         tags = [str(index) for index in range(len(self._groups))]
-        routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_outputs(_JOIN, *tags)
+        # Typed outputs: the stateful steps after them need a deterministic key coder.
+        keyed = tuple[str, tuple]
+        routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_output_types(
+            keyed, **{tag: keyed for tag in (_JOIN, *tags)}).with_outputs(_JOIN, *tags)
         parts = [routed[_JOIN]]
         for index, group in enumerate(self._groups):
             parts.append(
@@ -357,7 +360,7 @@ class _StreamingFeatures(beam.PTransform):
                     group, index, self._lateness_s, self._step_us)).with_input_types(tuple[str, tuple]))
         return (
             parts
-            | "MergeParts" >> beam.Flatten()
+            | "MergeParts" >> beam.Flatten().with_output_types(keyed)
             | "JoinGroups" >> beam.ParDo(_JoinGroupsDoFn(self._groups)).with_input_types(tuple[str, tuple])
         )
 
