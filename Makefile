@@ -17,7 +17,7 @@ DUCKDB_PLATFORM ?= $(if $(filter aarch64 arm64,$(shell uname -m)),linux_arm64,li
 DUCKDB_EXTENSIONS := $(foreach name,icu spatial ducklake,\
 	$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/$(name).duckdb_extension)
 
-.PHONY: venv venv-bq run demo test test-fast bench clean
+.PHONY: venv venv-bq run demo test test-fast bench clean deploy deploy-dry-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,24 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/batch_bench.py
 	$(BIN)/python bench/model_bench.py
 	$(BIN)/python bench/inference_bench.py
+
+# Google Cloud (README, "Deploying to Google Cloud"): templates/deploy.py with these variables; empty ones
+# keep the script's defaults. STEP is all (resources, image, template, run) or one of them, or batch.
+#   make deploy-dry-run PROJECT=my-project BUCKET=my-bucket    every command printed, none run, no credentials
+#   make deploy PROJECT=my-project BUCKET=my-bucket            printed and run
+STEP ?= all
+deploy_flag = $(if $($(1)),--$(2) '$($(1))')
+DEPLOY_FLAGS = $(strip $(call deploy_flag,PROJECT,project) $(call deploy_flag,REGION,region) \
+	$(call deploy_flag,BUCKET,bucket) $(call deploy_flag,REPOSITORY,repository) $(call deploy_flag,TAG,tag) \
+	$(call deploy_flag,TOPIC,topic) $(call deploy_flag,SUBSCRIPTION,subscription) \
+	$(call deploy_flag,DATASET,dataset) $(call deploy_flag,MODEL,model) \
+	$(call deploy_flag,SERVICE_ACCOUNT,service_account) $(call deploy_flag,JOB_NAME,job_name))
+
+deploy-dry-run: $(VENV)/.installed
+	$(BIN)/python templates/deploy.py $(STEP) $(DEPLOY_FLAGS) --dry-run
+
+deploy: $(VENV)/.installed
+	$(BIN)/python templates/deploy.py $(STEP) $(DEPLOY_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(BQ_VENV) output build *.egg-info

@@ -13,8 +13,11 @@ features as a baseline, evaluates both on eval and test, and writes
     <model_dir>/LATEST                         the name of the newest version
     <model_dir>/work/                          checkpoints each epoch, TensorBoard logs
 
-Re-run with the same --model_dir after an interruption and training resumes
-from the last completed epoch. `tensorboard --logdir <model_dir>/work/logs`.
+--model_dir may be local or a gs:// directory: everything under it is written
+through tf.io.gfile (the version directory is exported locally and copied up;
+LATEST is written last, so readers never see a half-copied version). --data_dir
+is read locally. Re-run with the same --model_dir after an interruption and
+training resumes from the last completed epoch. `tensorboard --logdir <model_dir>/work`.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import json
 import logging
 import math
 import os
-import shutil
+import posixpath
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -56,6 +60,40 @@ class Params:
     adapt_examples: int = 100_000
     seed: int = 42
     baseline_model: bool = True  # also train without the windowed features
+
+
+def is_local(path: str | Path) -> bool:
+    """False for URLs such as gs://bucket/dir (or TensorFlow's ram://), which only tf.io.gfile can write."""
+    return "://" not in str(path)
+
+
+def join(path: str | Path, *parts: str) -> str:
+    """A path under `path`: pathlib's for a local one, and for a URL the same
+    without pathlib, which would turn gs://b into gs:/b."""
+    return str(Path(path, *parts)) if is_local(path) else posixpath.join(str(path), *parts)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a small file through tf.io.gfile (local or gs://), creating its directory."""
+    import tensorflow as tf
+
+    parent = os.path.dirname(path) if is_local(path) else posixpath.dirname(path)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    with tf.io.gfile.GFile(path, "w") as out:
+        out.write(text)
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copies a local directory tree to `destination` (local or gs://) through tf.io.gfile."""
+    import tensorflow as tf
+
+    for directory, _, files in tf.io.gfile.walk(source):
+        relative = os.path.relpath(directory, source)
+        target = destination if relative == "." else join(destination, *relative.split(os.sep))
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(directory, name), join(target, name), overwrite=True)
 
 
 def parse_args(argv: Sequence[str]) -> Params:
@@ -90,7 +128,7 @@ def parse_args(argv: Sequence[str]) -> Params:
     if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0 or not hidden:
         parser.error("--epochs and --batch_size must be positive, --learning_rate > 0, --hidden_units non-empty")
     return Params(
-        data_dir=args.data_dir, model_dir=args.model_dir or str(Path(args.data_dir) / "model"),
+        data_dir=args.data_dir, model_dir=args.model_dir or join(args.data_dir, "model"),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, hidden_units=hidden,
         embedding_dim=args.embedding_dim, cross_bins=args.cross_bins, loss=args.loss, patience=args.patience,
         shuffle_buffer=args.shuffle_buffer, adapt_examples=args.adapt_examples, seed=args.seed,
@@ -113,9 +151,10 @@ def labels(data_dir: str, split: str, spec: FeatureSpec) -> np.ndarray:
     return np.concatenate([y.numpy() for _, y in example_dataset(data_dir, split, spec, batch_size=8192)])
 
 
-def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: Path, label_offset: float,
+def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: str | Path, label_offset: float,
         extra_callbacks: Sequence = ()):
-    """Builds and trains one model; resumes from work_dir/backup if a run there was interrupted."""
+    """Builds and trains one model; resumes from work_dir/backup if a run there was interrupted.
+    work_dir may be gs://: Keras writes remote checkpoints and TensorFlow remote logs through tf.io.gfile."""
     import keras
 
     from models.data import example_dataset
@@ -135,9 +174,9 @@ def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: Path, 
                   metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
                            keras.metrics.RootMeanSquaredError(name="rmse")])
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),  # checkpoint each epoch; resume after a crash
+        keras.callbacks.BackupAndRestore(join(work_dir, "backup")),  # checkpoint each epoch; resume after a crash
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True),
-        keras.callbacks.TensorBoard(log_dir=str(work_dir / "logs")),
+        keras.callbacks.TensorBoard(log_dir=join(work_dir, "logs")),
         *extra_callbacks,
     ]
     sizes = split_sizes(params.data_dir)
@@ -168,14 +207,13 @@ def evaluate(model, params: Params, spec: FeatureSpec, inputs: ModelInputs) -> d
     return out
 
 
-def run(params: Params, extra_callbacks: Sequence = ()) -> Path:
-    """Trains, evaluates against the baselines, exports; returns the version directory."""
-    from models.export import export_saved_model
-
+def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
+    """Trains, evaluates against the baselines, exports; returns the version
+    directory (a Path when --model_dir is local, else its URL)."""
     started = time.monotonic()
     spec = training_spec(params.data_dir)
-    model_dir = Path(params.model_dir)
-    work_dir = model_dir / "work"
+    model_dir = params.model_dir.rstrip("/") or "/"
+    work_dir = join(model_dir, "work")
     logging.info("training on %s (spec %s %s)", params.data_dir, spec.name, spec.fingerprint[:12])
 
     train_labels = labels(params.data_dir, "train", spec)
@@ -185,31 +223,44 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> Path:
         metrics["median_of_train"][split] = regression_metrics(labels(params.data_dir, split, spec) - median)
 
     inputs = model_inputs(spec)
-    model, history = fit(params, spec, inputs, work_dir / "model", median, extra_callbacks)
+    model, history = fit(params, spec, inputs, join(work_dir, "model"), median, extra_callbacks)
     metrics["model"] = evaluate(model, params, spec, inputs)
     metrics["epochs_run"] = len(history.history.get("loss", []))
     if params.baseline_model:
         logging.info("training the same model without the windowed features (the baseline)")
         without = model_inputs(spec, use_windowed=False)
-        baseline, _ = fit(params, spec, without, work_dir / "no_windowed", median)
+        baseline, _ = fit(params, spec, without, join(work_dir, "no_windowed"), median)
         metrics["without_windowed_features"] = evaluate(baseline, params, spec, without)
         metrics["windowed_features_gain_mae"] = {
             split: metrics["without_windowed_features"][split]["mae"] - metrics["model"][split]["mae"]
             for split in ("eval", "test")}
 
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    version_dir = model_dir / version
-    export_saved_model(model, spec, inputs, version_dir / "saved_model")
+    version_dir = join(model_dir, version)
+    _export(model, spec, inputs, join(version_dir, "saved_model"))
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
-    (version_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (version_dir / "params.json").write_text(json.dumps(dataclasses.asdict(params), indent=2) + "\n")
-    shutil.copy(Path(params.data_dir) / "spec.json", version_dir / "spec.json")
-    (model_dir / "LATEST").write_text(version + "\n")
+    write_text(join(version_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    write_text(join(version_dir, "params.json"), json.dumps(dataclasses.asdict(params), indent=2) + "\n")
+    write_text(join(version_dir, "spec.json"), (Path(params.data_dir) / "spec.json").read_text())
+    write_text(join(model_dir, "LATEST"), version + "\n")  # last: LATEST never names a partial version
     _print_summary(metrics, version_dir)
-    return version_dir
+    return Path(version_dir) if is_local(version_dir) else version_dir
 
 
-def _print_summary(metrics: dict, version_dir: Path) -> None:
+def _export(model, spec: FeatureSpec, inputs: ModelInputs, saved_model_dir: str) -> None:
+    """The SavedModel at saved_model_dir. export_saved_model writes assets.extra
+    with pathlib, so a remote directory gets a local export copied up."""
+    from models.export import export_saved_model
+
+    if is_local(saved_model_dir):
+        export_saved_model(model, spec, inputs, saved_model_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="saved_model-") as local:
+        export_saved_model(model, spec, inputs, local)
+        copy_tree(local, saved_model_dir)
+
+
+def _print_summary(metrics: dict, version_dir: str | Path) -> None:
     rows = [("median of train", metrics["median_of_train"])]
     if "without_windowed_features" in metrics:
         rows.append(("model without windowed features", metrics["without_windowed_features"]))

