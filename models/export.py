@@ -12,6 +12,7 @@ for files a model carries but does not load).
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 
 import keras
@@ -48,10 +49,10 @@ def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInput
     archive.add_endpoint("serve_features", serve_features)
     archive.add_endpoint("spec_fingerprint", spec_fingerprint)
     archive.write_out(str(path), verbose=False)
-    extra = Path(path) / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    (extra / "spec.json").write_text(json.dumps(
-        {"spec": spec.to_document(), "fingerprint": spec.fingerprint}, indent=2) + "\n")
+    extra = posixpath.join(str(path), "assets.extra")  # through gfile: the export may go to gs://
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(posixpath.join(extra, "spec.json"), "w") as out:
+        out.write(json.dumps({"spec": spec.to_document(), "fingerprint": spec.fingerprint}, indent=2) + "\n")
 
 
 def model_fingerprint(loaded) -> str:

@@ -14,8 +14,7 @@ features as a baseline, evaluates both on eval and test, and writes
     <model_dir>/work/                          checkpoints each epoch, TensorBoard logs
 
 --model_dir may be local or a gs:// directory: everything under it is written
-through tf.io.gfile (the version directory is exported locally and copied up;
-LATEST is written last, so readers never see a half-copied version). --data_dir
+through tf.io.gfile (LATEST last, so readers never see a half-written version). --data_dir
 is read locally. Re-run with the same --model_dir after an interruption and
 training resumes from the last completed epoch. `tensorboard --logdir <model_dir>/work`.
 """
@@ -31,7 +30,6 @@ import math
 import os
 import posixpath
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -82,18 +80,6 @@ def write_text(path: str, text: str) -> None:
         tf.io.gfile.makedirs(parent)
     with tf.io.gfile.GFile(path, "w") as out:
         out.write(text)
-
-
-def copy_tree(source: str, destination: str) -> None:
-    """Copies a local directory tree to `destination` (local or gs://) through tf.io.gfile."""
-    import tensorflow as tf
-
-    for directory, _, files in tf.io.gfile.walk(source):
-        relative = os.path.relpath(directory, source)
-        target = destination if relative == "." else join(destination, *relative.split(os.sep))
-        tf.io.gfile.makedirs(target)
-        for name in files:
-            tf.io.gfile.copy(os.path.join(directory, name), join(target, name), overwrite=True)
 
 
 def parse_args(argv: Sequence[str]) -> Params:
@@ -210,6 +196,8 @@ def evaluate(model, params: Params, spec: FeatureSpec, inputs: ModelInputs) -> d
 def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
     """Trains, evaluates against the baselines, exports; returns the version
     directory (a Path when --model_dir is local, else its URL)."""
+    from models.export import export_saved_model
+
     started = time.monotonic()
     spec = training_spec(params.data_dir)
     model_dir = params.model_dir.rstrip("/") or "/"
@@ -237,7 +225,7 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
 
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     version_dir = join(model_dir, version)
-    _export(model, spec, inputs, join(version_dir, "saved_model"))
+    export_saved_model(model, spec, inputs, join(version_dir, "saved_model"))
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
     write_text(join(version_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     write_text(join(version_dir, "params.json"), json.dumps(dataclasses.asdict(params), indent=2) + "\n")
@@ -245,19 +233,6 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
     write_text(join(model_dir, "LATEST"), version + "\n")  # last: LATEST never names a partial version
     _print_summary(metrics, version_dir)
     return Path(version_dir) if is_local(version_dir) else version_dir
-
-
-def _export(model, spec: FeatureSpec, inputs: ModelInputs, saved_model_dir: str) -> None:
-    """The SavedModel at saved_model_dir. export_saved_model writes assets.extra
-    with pathlib, so a remote directory gets a local export copied up."""
-    from models.export import export_saved_model
-
-    if is_local(saved_model_dir):
-        export_saved_model(model, spec, inputs, saved_model_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="saved_model-") as local:
-        export_saved_model(model, spec, inputs, local)
-        copy_tree(local, saved_model_dir)
 
 
 def _print_summary(metrics: dict, version_dir: str | Path) -> None:
