@@ -36,7 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, StandardOptions
 
-from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
+from beam_app.options import CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow
 from transforms.examples import EncodeExamples, example_columns, is_labeled
 from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.read_files import ReadRecords, matched_files, resolve_input
@@ -49,13 +49,7 @@ from transforms.windowed_features import WindowedFeatures
 class BatchOptions(CommonOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--input", default=None,
-            help="History to read: a path or glob (local or gs://) of CSV files read by the spec's "
-                 "adapter, or NDJSON events. Default: the spec's embedded data set.")
-        parser.add_argument(
-            "--input_format", default="auto", choices=("auto", "csv", "json"),
-            help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+        add_input_arguments(parser, "History to read")
         parser.add_argument(
             "--output", default="./output",
             help="Directory for the TFRecords, dead letters, spec.json and summary.json (default: ./output). "

@@ -37,6 +37,16 @@ def bigquery_client(project: str, endpoint: str | None = None) -> bigquery.Clien
                            client_options=ClientOptions(api_endpoint=endpoint))
 
 
+def table_exists(client: bigquery.Client, table_spec: str) -> bool:
+    from google.api_core.exceptions import NotFound
+
+    try:
+        client.get_table(".".join(parse_table_spec(table_spec)))
+    except NotFound:
+        return False
+    return True
+
+
 def ensure_table(client: bigquery.Client, table_spec: str, schema: Sequence[Mapping[str, Any]]) -> bigquery.Table:
     """Creates the dataset and the table if missing (idempotent). `schema` is
     a list of BigQuery REST field dicts ({name, type, mode, description}).

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-from beam_app.bigquery_client import bigquery_client
+from beam_app.bigquery_client import bigquery_client, table_exists
 from beam_app.local_stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
 
 TOPIC = f"projects/{DEFAULT_PROJECT}/topics/events"
@@ -75,20 +75,15 @@ def streaming_stack(model: str, job_log: Path,
 
 def wait_for_tables(bigquery: BigQueryEmulator, job: subprocess.Popen, job_log: Path, timeout_s: float = 120) -> None:
     """The job creates its tables once it has loaded and checked the model."""
-    from google.api_core.exceptions import NotFound
-
     client = bigquery_client(DEFAULT_PROJECT, bigquery.endpoint)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if job.poll() is not None:
             raise RuntimeError(f"the streaming job exited with {job.returncode}:\n{job_log.read_text()[-3000:]}")
-        try:
-            client.get_table(PREDICTIONS.replace(":", "."))
-            client.get_table(DEAD_LETTERS.replace(":", "."))
+        if table_exists(client, PREDICTIONS) and table_exists(client, DEAD_LETTERS):
             time.sleep(3)  # the pipeline starts its reader just after creating the tables
             return
-        except NotFound:
-            time.sleep(0.5)
+        time.sleep(0.5)
     raise RuntimeError(f"the streaming job did not start within {timeout_s:.0f} s; its log: {job_log}")
 
 

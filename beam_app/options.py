@@ -17,6 +17,17 @@ class CommonOptions(PipelineOptions):
             help="Feature spec: a shipped spec name (flights) or a path to a spec YAML/JSON file.")
 
 
+def add_input_arguments(parser, what: str) -> None:
+    """--input and --input_format, read the same way by every entry point that reads events."""
+    parser.add_argument(
+        "--input", default=None,
+        help=f"{what}: a path or glob (local or gs://) of CSV files read by the spec's adapter, "
+             "or NDJSON events. Default: the spec's embedded data set.")
+    parser.add_argument(
+        "--input_format", default="auto", choices=("auto", "csv", "json"),
+        help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+
+
 def quiet_tensorflow() -> None:
     """TensorFlow's C++ start-up chatter (no GPU here, CPU features): errors only.
     Must run before TensorFlow is imported."""

@@ -49,7 +49,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.cloud import pubsub_v1
 
-from beam_app.options import CommonOptions, configure_logging
+from beam_app.options import CommonOptions, add_input_arguments, configure_logging
 from transforms.events import Event, InvalidRecord, RawRecord, event_to_json, time_us_to_rfc3339
 from transforms.parse import RecordParser
 from transforms.point_in_time import OBSERVATION, REQUEST
@@ -334,13 +334,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m beam_app.publish", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     CommonOptions._add_argparse_args(parser)
-    parser.add_argument(
-        "--input", default=None,
-        help="Events to publish: a path or glob (local or gs://) of CSV files read by the spec's adapter, "
-             "or NDJSON events. Default: the spec's embedded data set.")
-    parser.add_argument(
-        "--input_format", default="auto", choices=("auto", "csv", "json"),
-        help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+    add_input_arguments(parser, "Events to publish")
     parser.add_argument("--topic", required=True, help="projects/PROJECT/topics/TOPIC, or a short name with --project.")
     parser.add_argument("--project", default=None, help="Google Cloud project of a short --topic name.")
     parser.add_argument("--create_topic", action="store_true", help="Create the topic if it does not exist.")

@@ -258,9 +258,7 @@ def key_shards(options: StreamingOptions) -> Optional[int]:
 def _prepare_tables(options: StreamingOptions) -> None:
     """Creates the tables (--create_tables) or checks that they exist, so a
     typo fails at start rather than as endless insert errors."""
-    from google.api_core.exceptions import NotFound
-
-    from beam_app.bigquery_client import bigquery_client, ensure_table, parse_table_spec
+    from beam_app.bigquery_client import bigquery_client, ensure_table, parse_table_spec, table_exists
 
     for table, schema in ((options.predictions_table, PREDICTIONS_SCHEMA),
                           (options.dead_letter_table, DEAD_LETTERS_SCHEMA)):
@@ -269,11 +267,9 @@ def _prepare_tables(options: StreamingOptions) -> None:
         if options.create_tables:
             ensure_table(client, table, schema)
             continue
-        try:
-            client.get_table(".".join(parse_table_spec(table)))
-        except NotFound:
+        if not table_exists(client, table):
             raise UsageError(f"BigQuery table {table} does not exist: run with --create_tables, "
-                             "or create it as the README's deployment section shows") from None
+                             "or create it as the README's deployment section shows")
 
 
 def _table_counts(options: StreamingOptions, since_us: int) -> dict:

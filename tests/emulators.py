@@ -4,10 +4,13 @@ once, on free ports, for every test that asks for it, and stops at the end."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from beam_app.bigquery_client import table_exists
 from beam_app.local_stack import BigQueryEmulator, PubSubEmulator
 
 PROJECT = "test-project"
@@ -34,3 +37,22 @@ def bigquery_emulator() -> Iterator[BigQueryEmulator]:
     """local-bigquery serving project "test-project"; clients reach it through its `.endpoint`."""
     with BigQueryEmulator(PROJECT) as emulator:
         yield emulator
+
+
+def wait_until(condition: Callable[[], Any], deadline_s: float, what: str,
+               check: Callable[[], None] = lambda: None) -> Any:
+    """Polls `condition` each second until it returns something truthy (returned);
+    `check` raises if what is being waited on has failed (a job that died)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        check()
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
+
+
+def tables_exist(client, dataset: str) -> bool:
+    """Both tables of the streaming job in `dataset` of the test project."""
+    return all(table_exists(client, f"{PROJECT}:{dataset}.{table}") for table in ("predictions", "dead_letters"))

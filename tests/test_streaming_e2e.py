@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.emulators import tables_exist, wait_until
 from tests.flights_slice import flights_lines
 
 tf = pytest.importorskip("tensorflow")
@@ -51,18 +52,6 @@ def _rows(client, sql: str) -> list[dict]:
     return [dict(row.items()) for row in client.query(sql).result()]
 
 
-def _poll(condition, deadline_s: float, what: str, failed: list):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if failed:
-            raise failed[0]
-        value = condition()
-        if value is not None:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
-
-
 @pytest.mark.slow
 def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
         pubsub_emulator, bigquery_emulator, trained_model, tmp_path):
@@ -90,10 +79,14 @@ def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
         except BaseException as err:  # noqa: BLE001 - handed to the test thread
             failed.append(err)
 
+    def job_failed():
+        if failed:
+            raise failed[0]
+
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
-    _poll(lambda: True if _tables_exist(client) else None, 60, "the job to create its tables", failed)
+    wait_until(lambda: tables_exist(client, "live"), 60, "the job to create its tables", job_failed)
     published = publish.run(["--topic", topic, "--input", str(source), "--limit", str(EVENTS), "--rebase_to_now",
                              "--rate", "100", "--record", str(recorded)])
     _publish_malformed(topic)
@@ -106,9 +99,9 @@ def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
         rows = _rows(client, "SELECT event_id, COUNT(*) AS n FROM `test-project.live.predictions` GROUP BY event_id")
         return rows if sum(row["n"] for row in rows) >= len(requests) else None
 
-    _poll(all_predicted, 180, f"{len(requests)} predictions", failed)
-    dead = _poll(lambda: (rows := _rows(client, "SELECT * FROM `test-project.live.dead_letters`")) and
-                 len(rows) >= len(MALFORMED) and rows or None, 60, "the dead letters", failed)
+    wait_until(all_predicted, 180, f"{len(requests)} predictions", job_failed)
+    dead = wait_until(lambda: (rows := _rows(client, "SELECT * FROM `test-project.live.dead_letters`")) and
+                 len(rows) >= len(MALFORMED) and rows, 60, "the dead letters", job_failed)
     time.sleep(3)  # anything extra (a duplicate) would arrive now
     stop.set()
     thread.join(60)
@@ -148,13 +141,3 @@ def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
     assert summary["predictions"] == len(requests)
     assert summary["dead_letters"] == {"parse": len(MALFORMED)}
 
-
-def _tables_exist(client) -> bool:
-    from google.api_core.exceptions import NotFound
-
-    try:
-        client.get_table("test-project.live.predictions")
-        client.get_table("test-project.live.dead_letters")
-    except NotFound:
-        return False
-    return True

@@ -15,7 +15,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -322,6 +321,7 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
 
     from beam_app import publish
     from beam_app.bigquery_client import bigquery_client
+    from tests.emulators import tables_exist, wait_until
     from tests.flights_slice import flights_lines
 
     _, version_dir = trained_model
@@ -342,28 +342,21 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
     def predictions() -> int:
         return list(client.query("SELECT COUNT(*) AS n FROM `test-project.template.predictions`").result())[0]["n"]
 
-    def wait_for(condition, deadline_s: float, what: str):
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if job.poll() is not None:
-                raise AssertionError(f"the job exited ({job.returncode}) while waiting for {what}:\n"
-                                     f"{stderr.read_text()[-3000:]}")
-            if condition():
-                return
-            time.sleep(1)
-        raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}:\n{stderr.read_text()[-3000:]}")
+    def job_alive():
+        if job.poll() is not None:
+            raise AssertionError(f"the job exited ({job.returncode}):\n{stderr.read_text()[-3000:]}")
 
     with stdout.open("w") as out, stderr.open("w") as err:
         job = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=err, env=dict(os.environ))
     try:
-        wait_for(lambda: _tables_exist(client), 60, "the job to create its tables")
+        wait_until(lambda: tables_exist(client, "template"), 60, "the job to create its tables", job_alive)
         recorded = tmp_path / "published.ndjson"
         published = publish.run(["--topic", topic, "--input", str(source), "--limit", "40", "--rebase_to_now",
                                  "--rate", "0", "--record", str(recorded)])
         assert published["published"] == 40
         requests = sum(json.loads(line)["role"] == "request" for line in recorded.read_text().splitlines())
         assert requests > 0
-        wait_for(lambda: predictions() >= requests, 90, f"{requests} predictions")
+        wait_until(lambda: predictions() >= requests, 90, f"{requests} predictions", job_alive)
         job.send_signal(signal.SIGINT)
         job.wait(60)
     finally:
@@ -376,13 +369,3 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
     summary = re.search(r"^\s+predictions\s+([\d,]+)\s+-> test-project:template\.predictions$", output, re.MULTILINE)
     assert summary and int(summary.group(1).replace(",", "")) == predictions() == requests, output
 
-
-def _tables_exist(client) -> bool:
-    from google.api_core.exceptions import NotFound
-
-    try:
-        client.get_table("test-project.template.predictions")
-        client.get_table("test-project.template.dead_letters")
-    except NotFound:
-        return False
-    return True
