@@ -17,6 +17,6 @@ setup(
     description="Point-in-time windowed features for training (batch) and serving (streaming) with Apache Beam",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["beam_app", "beam_app.*", "transforms", "transforms.*", "models", "models.*"]),
-    package_data={"transforms": ["specs/*.yaml"]},
+    package_data={"transforms": ["specs/*.yaml"], "beam_app": ["data/*.csv", "data/README.md"]},
     install_requires=REQUIREMENTS,
 )

@@ -1,7 +1,8 @@
 """What the model reads, derived from the feature spec (as written to spec.json):
 the one place that decides how each feature enters the model.
 
-- numeric: float request fields and wide-range ints, normalized;
+- numeric: float request fields and wide-range ints, normalized; an optional
+  one with its presence flag (0 where missing must not read as a real 0);
 - categorical: string request fields, through a vocabulary lookup and an embedding;
 - ordinal: int request fields with a small declared range (hour, month, day of
   week), looked up and embedded, not normalized: under a time split their later
@@ -28,7 +29,7 @@ class ModelInputs:
     categorical: tuple[str, ...]
     ordinal: dict[str, tuple[int, int]]  # name -> (min, max) declared in the spec
     windowed: tuple[str, ...]
-    presence: tuple[str, ...]
+    presence: tuple[str, ...]  # flags of optional numeric request fields and of windowed features
     crosses: tuple[tuple[str, str], ...]
     label: str
 
@@ -53,7 +54,9 @@ def model_inputs(spec: FeatureSpec, use_windowed: bool = True) -> ModelInputs:
         else:
             numeric.append(field.name)
     windowed = tuple(f.name for f in spec.windowed_features) if use_windowed else ()
-    presence = tuple(f"{f.name}_present" for f in spec.windowed_features if f.has_presence) if use_windowed else ()
+    presence = tuple(f"{f.name}_present" for f in spec.request_fields if f.has_presence)
+    if use_windowed:
+        presence += tuple(f"{f.name}_present" for f in spec.windowed_features if f.has_presence)
     crosses = tuple((key, name) for key in spec.entity_keys for name in ordinal)
     return ModelInputs(tuple(numeric), tuple(categorical), ordinal, windowed, presence, crosses, spec.label.name)
 

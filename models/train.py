@@ -4,7 +4,9 @@
 
 reads output/{train,eval}/ and output/spec.json, trains the wide-and-deep
 model (early stopping on eval), trains the same model without the windowed
-features as a baseline, evaluates both on eval and test, and writes
+features as a baseline, evaluates both on eval and test against the median
+of train (and, when the spec names `evaluation.rate_baseline`, against
+label = rate x that field, the rate fitted on train), and writes
 
     <model_dir>/<UTC timestamp>/saved_model/   serving_default: serialized tf.Example -> prediction
     <model_dir>/<UTC timestamp>/metrics.json   MAE and RMSE on eval and test, with the baselines
@@ -130,11 +132,42 @@ def split_sizes(data_dir: str) -> dict[str, int]:
     return summary["examples"]
 
 
-def labels(data_dir: str, split: str, spec: FeatureSpec) -> np.ndarray:
-    """One split's labels (a float per example: small, unlike the features)."""
+def labels(data_dir: str, split: str, spec: FeatureSpec, features: Sequence[str] = ()):
+    """One split's labels (a float per example: small, unlike the features);
+    with `features`, (labels, {name: values}) of those few columns too."""
     from models.data import example_dataset
 
-    return np.concatenate([y.numpy() for _, y in example_dataset(data_dir, split, spec, batch_size=8192)])
+    columns: dict[str, list] = {name: [] for name in features}
+    parts = []
+    for x, y in example_dataset(data_dir, split, spec, batch_size=8192, features=features):
+        parts.append(y.numpy())
+        for name in features:
+            columns[name].append(x[name].numpy())
+    values = np.concatenate(parts)
+    return (values, {name: np.concatenate(chunks) for name, chunks in columns.items()}) if features else values
+
+
+def rate_baseline(params: Params, spec: FeatureSpec, median: float) -> dict:
+    """The rate baseline: label = rate x field (a fare per mile times the
+    distance), rate = sum(label) / sum(field) over the training examples that
+    have the field; the median of train where an example lacks it."""
+    field = spec.rate_baseline
+    flag = f"{field}_present" if next(f for f in spec.request_fields if f.name == field).has_presence else None
+    names = (field, flag) if flag else (field,)
+
+    def read(split):
+        label, columns = labels(params.data_dir, split, spec, names)
+        present = columns[flag] == 1 if flag else np.ones(len(label), dtype=bool)
+        return label, columns[field].astype("float64"), present
+
+    label, values, present = read("train")
+    rate = float(label[present].sum() / values[present].sum())
+    out = {"field": field, "rate": rate, "coverage": {}}
+    for split in ("eval", "test"):
+        label, values, present = read(split)
+        out[split] = regression_metrics(np.where(present, rate * values, median) - label)
+        out["coverage"][split] = float(present.mean())
+    return out
 
 
 def fit(params: Params, spec: FeatureSpec, inputs: ModelInputs, work_dir: str | Path, label_offset: float,
@@ -209,6 +242,8 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
     metrics: dict = {"examples": split_sizes(params.data_dir), "median_of_train": {}}
     for split in ("eval", "test"):
         metrics["median_of_train"][split] = regression_metrics(labels(params.data_dir, split, spec) - median)
+    if spec.rate_baseline:
+        metrics["rate_baseline"] = rate_baseline(params, spec, median)
 
     inputs = model_inputs(spec)
     model, history = fit(params, spec, inputs, join(work_dir, "model"), median, extra_callbacks)
@@ -237,6 +272,9 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
 
 def _print_summary(metrics: dict, version_dir: str | Path) -> None:
     rows = [("median of train", metrics["median_of_train"])]
+    if "rate_baseline" in metrics:
+        baseline = metrics["rate_baseline"]
+        rows.append((f"{baseline['rate']:.2f} x {baseline['field']}", baseline))
     if "without_windowed_features" in metrics:
         rows.append(("model without windowed features", metrics["without_windowed_features"]))
     rows.append(("model", metrics["model"]))

@@ -59,6 +59,17 @@ def flights_batch(tmp_path_factory):
     return {"rows": len(lines) - 1, "good_csv": good, "output": output, "summary": summary}
 
 
+@pytest.fixture(scope="session")
+def taxi_batch(tmp_path_factory):
+    """beam_app.batch run once on the chicago_taxi spec's embedded data (all 15,002 trips): its output and summary."""
+    from beam_app import batch
+
+    output = tmp_path_factory.mktemp("taxi") / "out"
+    summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--spec", "chicago_taxi",
+                         "--output", str(output)])
+    return {"output": output, "summary": summary}
+
+
 # Training parameters small enough for tests: a few seconds on the slice.
 SMALL_TRAINING = dict(epochs=2, batch_size=256, hidden_units=(32, 16), shuffle_buffer=2000, adapt_examples=2000,
                       baseline_model=False)

@@ -82,7 +82,7 @@ def test_history_is_bounded_by_the_longest_window():
     step = 60_000_000  # an observation and a request every minute for 30 days
     for minute in range(30 * 24 * 60):
         history.apply([obs(minute * step, 1.0, f"o{minute}"), req(minute * step + 1, f"r{minute}")])
-        assert len(history.times[None]) <= 3 * 60 + 1
+        assert len(history.times[()]) <= 3 * 60 + 1
 
 
 def test_late_observation_is_counted_and_joins_the_history():
@@ -98,3 +98,28 @@ def test_state_round_trip_keeps_answers():
     first.apply([obs(0, 1.0), obs(10, 5.0), req(20, "r1")])
     restored = KeyHistory.from_state(FEATURES, first.to_state())
     assert restored.apply([req(30)])[0][0][1] == (2.0, 3.0, 5.0, 1.0, 6.0)
+
+
+FARE_PER_MILE_1H = WindowedFeature("fare_per_mile_1h", "area", "ratio", 3600, "fare", "miles")
+
+
+def test_ratio_is_the_ratio_of_sums_over_observations_with_both_fields():
+    assert aggregate("ratio", [(10.0, 2.0), (20.0, 3.0)]) == 6.0  # 30 / 5, not the mean of 5 and 6.67
+    assert aggregate("ratio", []) is None
+    assert aggregate("ratio", [(4.0, 0.0)]) is None  # nothing to divide by: missing, not inf
+    features = (COUNT_1H, FARE_PER_MILE_1H)
+    history = KeyHistory(features)
+    assert history.series == (("fare", "miles"),)
+    # A trip without miles counts as an observation but stays out of the ratio.
+    events = [PendingEvent(0, OBSERVATION, "a", ((10.0, 2.0),)), PendingEvent(1, OBSERVATION, "b", (None,)),
+              PendingEvent(2, OBSERVATION, "c", ((20.0, 3.0),)), req(3, "r"), req(H + 1, "later")]
+    out = {p.event_id: values for p, values in history.apply(events)[0]}
+    assert out == {"r": (3.0, 6.0), "later": (2.0, 20.0 / 3.0)}  # a, at 0, is out of [1, H + 1)
+    restored = KeyHistory.from_state(features, history.to_state())
+    assert restored.features_at(3) == history.features_at(3)
+
+
+def test_features_reading_the_same_fields_share_a_series():
+    ratio_3h = WindowedFeature("fare_per_mile_3h", "area", "ratio", 3 * 3600, "fare", "miles")
+    fare_mean = WindowedFeature("fare_mean_1h", "area", "mean", 3600, "fare")
+    assert KeyHistory((FARE_PER_MILE_1H, ratio_3h, fare_mean, COUNT_1H)).series == (("fare",), ("fare", "miles"))

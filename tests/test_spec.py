@@ -77,7 +77,7 @@ def _broken(flights_spec, edit):
     (lambda d: d["split"].update(eval_start="2014-01-01"), "eval_start must not be after test_start"),
     (lambda d: d["split"].update(test_fraction=0.95), "must leave some training data"),
     (lambda d: d["request"].pop("label"), "request.label"),
-    (lambda d: d["source"].update(csv_adapter="taxi"), "source.csv_adapter: unknown 'taxi'"),
+    (lambda d: d["source"].update(csv_adapter="taxi"), "source.csv_adapter: expected 'package.module:function'"),
     (lambda d: d["windowed_features"][0].update(name="Bad-Name"), r"windowed_features\[0\].name: use lower_snake_case"),
     (lambda d: d["request"]["fields"].update({"Dest2": {"type": "string"}}), "use lower_snake_case"),
 ])

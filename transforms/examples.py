@@ -4,7 +4,9 @@
 holds; the encoder, `spec.json` and the parse spec of readers all come from it:
 
 - `event_id` (bytes)
-- each static request feature (string -> bytes, int -> int64, float -> float32)
+- each static request feature (string -> bytes, int -> int64, float -> float32);
+  an optional number is always there, 0 when missing, with `<name>_present`
+  (int64 0/1); an optional string is left out when missing
 - each windowed feature: `count` as int64, always present; the others float32,
   with `<name>_present` (int64 0/1); an empty window encodes 0 and present = 0
 - the label (float32), absent on live requests
@@ -32,14 +34,17 @@ _FIELD_DTYPE = {"string": "bytes", "int": "int64", "float": "float32"}
 class ExampleColumn(NamedTuple):
     name: str
     dtype: str  # "bytes" | "int64" | "float32"
-    role: str  # "id" | "static" | "windowed" | "presence" | "label"
+    role: str  # "id" | "static" | "static_presence" | "windowed" | "presence" | "label"
     always_present: bool  # False: may be absent from an example (parse with a default)
 
 
 def example_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
     columns = [ExampleColumn("event_id", "bytes", "id", True)]
     for field in spec.request_fields:
-        columns.append(ExampleColumn(field.name, _FIELD_DTYPE[field.type], "static", field.required))
+        columns.append(ExampleColumn(field.name, _FIELD_DTYPE[field.type], "static",
+                                     field.required or field.has_presence))
+        if field.has_presence:
+            columns.append(ExampleColumn(f"{field.name}_present", "int64", "static_presence", True))
     for feature in spec.windowed_features:
         if feature.has_presence:
             columns.append(ExampleColumn(feature.name, "float32", "windowed", True))
@@ -75,6 +80,11 @@ def rows_to_record_batch(spec: FeatureSpec, rows: Sequence[FeatureRow], with_lab
             values = [row.event.event_id for row in rows]
         elif column.role in ("static", "label"):
             values = [row.event.fields.get(column.name) for row in rows]
+            if column.role == "static" and column.always_present:  # a required field, or one with a flag
+                values = [0 if v is None else v for v in values]
+        elif column.role == "static_presence":
+            field = column.name[: -len("_present")]
+            values = [0 if row.event.fields.get(field) is None else 1 for row in rows]
         elif column.role == "presence":
             slot = slots[column.name[: -len("_present")]]
             values = [0 if row.features[slot] is None else 1 for row in rows]

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.adapters import csv_adapter
+from transforms.adapters import load_adapter
 from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json, time_us_to_rfc3339
 from transforms.spec import ROLES, FeatureSpec, FieldSpec
 
@@ -107,7 +107,7 @@ class RecordParser:
 
     def __init__(self, spec: FeatureSpec):
         self._validate = EventValidator(spec)
-        self._adapter = csv_adapter(spec.csv_adapter) if spec.csv_adapter else None
+        self._adapter = load_adapter(spec.csv_adapter) if spec.csv_adapter else None
 
     def __call__(self, record: RawRecord) -> list[Event]:
         if "\ufffd" in record.text:

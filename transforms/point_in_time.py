@@ -8,9 +8,13 @@ other aggregate is None (missing).
 `KeyHistory` holds one key's observations for one group of windowed features
 (those sharing a key field) and answers requests in time order. It keeps
 only what a future window can reach, so its size is bounded by the longest
-window, not by the key's whole history. Means use `math.fsum`, so the result
+window, not by the key's whole history. Sums use `math.fsum`, so the result
 does not depend on the order observations were added: batch and streaming
 give bit-identical values.
+
+An aggregate reads a *series*: the observations where its input fields are
+all present, with their values (one number, or a (numerator, denominator)
+pair for a ratio). Features reading the same fields share a series.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class PendingEvent(NamedTuple):
     time_us: int
     rank: int  # REQUEST or OBSERVATION
     event_id: str
-    values: tuple  # observations: one value (or None) per `KeyHistory.fields`; requests: ()
+    values: tuple  # observations: one value (or None) per `KeyHistory.series`; requests: ()
     payload: object = None
 
     def order(self) -> tuple:
@@ -39,12 +43,16 @@ class PendingEvent(NamedTuple):
         return self.time_us, self.rank, self.event_id
 
 
-def aggregate(function: str, values: Sequence[float]) -> Optional[float]:
-    """One aggregate over the values of a window (already free of missing ones)."""
+def aggregate(function: str, values: Sequence) -> Optional[float]:
+    """One aggregate over the values of a window (already free of missing ones;
+    for a ratio, (numerator, denominator) pairs)."""
     if function == "count":
         return float(len(values))
     if not values:
         return None
+    if function == "ratio":
+        denominator = math.fsum(pair[1] for pair in values)
+        return math.fsum(pair[0] for pair in values) / denominator if denominator else None
     if function == "sum":
         return math.fsum(values)
     if function == "mean":
@@ -56,57 +64,67 @@ def aggregate(function: str, values: Sequence[float]) -> Optional[float]:
     raise ValueError(f"unknown aggregate {function!r}")
 
 
-def history_fields(features: Sequence[WindowedFeature]) -> tuple[str, ...]:
-    """The observation fields a group of features reads, in a fixed order."""
-    return tuple(sorted({f.field for f in features if f.field is not None}))
+def history_series(features: Sequence[WindowedFeature]) -> tuple[tuple[str, ...], ...]:
+    """The series a group of features reads (each a tuple of observation
+    fields), in a fixed order; counts read every observation, `()`."""
+    return tuple(sorted({f.inputs for f in features if f.inputs}))
+
+
+def series_value(fields: tuple, values: tuple) -> object:
+    """An observation's value in a series: its one field, or the tuple of its
+    fields; None (not in the series) when any of them is missing."""
+    if len(fields) == 1:
+        return values[0]
+    return None if any(v is None for v in values) else values
 
 
 class KeyHistory:
-    """Observations of one key, per field, sorted by time; answers requests.
+    """Observations of one key, per series, sorted by time; answers requests.
 
-    `times[None]` holds every observation's time (for count); `times[f]` and
-    `values[f]` hold the observations where field f is present.
+    `times[()]` holds every observation's time (for count); `times[s]` and
+    `values[s]` hold the observations in series s.
     """
 
     def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
         self.features = tuple(features)
-        self.fields = history_fields(features)
+        self.series = history_series(features)
         # Kept: the longest window, plus how far behind a request may still arrive
         # and be answered exactly.
         self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
-        self.times: dict[Optional[str], list[int]] = {None: [], **{f: [] for f in self.fields}}
-        self.values: dict[str, list[float]] = {f: [] for f in self.fields}
+        self.times: dict[tuple, list[int]] = {(): [], **{s: [] for s in self.series}}
+        self.values: dict[tuple, list] = {s: [] for s in self.series}
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
 
     def add_observation(self, time_us: int, values: tuple) -> None:
-        bisect.insort(self.times[None], time_us)
-        for field, value in zip(self.fields, values):
+        bisect.insort(self.times[()], time_us)
+        for series, value in zip(self.series, values):
             if value is not None:
-                times = self.times[field]
+                times = self.times[series]
                 at = bisect.bisect_right(times, time_us)
                 times.insert(at, time_us)
-                self.values[field].insert(at, value)
+                self.values[series].insert(at, value)
 
     def features_at(self, t_us: int) -> tuple[Optional[float], ...]:
         """Every feature of the group for a request at t, in `features` order."""
         out = []
         for feature in self.features:
-            times = self.times[feature.field]
+            series = feature.inputs
+            times = self.times[series]
             lo = bisect.bisect_left(times, t_us - feature.window_s * _US)
             hi = bisect.bisect_left(times, t_us)
-            window = range(lo, hi) if feature.field is None else self.values[feature.field][lo:hi]
+            window = range(lo, hi) if not series else self.values[series][lo:hi]
             out.append(aggregate(feature.aggregate, window))
         return tuple(out)
 
     def evict_before(self, time_us: int) -> None:
         """Forget observations older than any window of a request at or after time_us can reach."""
         cutoff = time_us - self.horizon_us
-        for field, times in self.times.items():
+        for series, times in self.times.items():
             drop = bisect.bisect_left(times, cutoff)
             if drop:
                 del times[:drop]
-                if field is not None:
-                    del self.values[field][:drop]
+                if series:
+                    del self.values[series][:drop]
 
     def apply(self, events: Iterable[PendingEvent]) -> tuple[list[tuple[PendingEvent, tuple]], int, int]:
         """Applies events in processing order (`PendingEvent.order`).
@@ -130,7 +148,7 @@ class KeyHistory:
                 self.processed_through_us = event.time_us
             if event.rank == REQUEST:
                 answers.append((event, self.features_at(event.time_us)))
-                oldest = self.times[None]
+                oldest = self.times[()]
                 if oldest and oldest[0] < self.processed_through_us - self.horizon_us:
                     self.evict_before(self.processed_through_us)  # memory stays bounded within a long run
             else:
@@ -141,16 +159,16 @@ class KeyHistory:
 
     # State round trip: plain lists and ints, so Beam's fast coders carry it.
     def to_state(self) -> tuple:
-        return (self.processed_through_us, self.times[None],
-                tuple(self.times[f] for f in self.fields), tuple(self.values[f] for f in self.fields))
+        return (self.processed_through_us, self.times[()],
+                tuple(self.times[s] for s in self.series), tuple(self.values[s] for s in self.series))
 
     @classmethod
     def from_state(cls, features: Sequence[WindowedFeature], state: Optional[tuple],
                    lateness_s: int = 0) -> "KeyHistory":
         history = cls(features, lateness_s)
         if state is not None:
-            history.processed_through_us, history.times[None], field_times, field_values = state
-            history.times.update(zip(history.fields, (list(t) for t in field_times)))
-            history.values.update(zip(history.fields, (list(v) for v in field_values)))
-            history.times[None] = list(history.times[None])
+            history.processed_through_us, history.times[()], series_times, series_values = state
+            history.times.update(zip(history.series, (list(t) for t in series_times)))
+            history.values.update(zip(history.series, (list(v) for v in series_values)))
+            history.times[()] = list(history.times[()])
         return history

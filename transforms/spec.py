@@ -22,12 +22,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from transforms.adapters import CSV_ADAPTERS
+from transforms.adapters import is_reference
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
 FIELD_TYPES = ("string", "int", "float")
-AGGREGATES = ("count", "sum", "mean", "min", "max")
+AGGREGATES = ("count", "sum", "mean", "min", "max", "ratio")
 ROLES = ("request", "observation")
 SPLIT_METHODS = ("time", "hash")
 SPLITS = ("train", "eval", "test")
@@ -52,21 +52,34 @@ class FieldSpec:
     min: Optional[float] = None
     max: Optional[float] = None
 
+    @property
+    def has_presence(self) -> bool:
+        """An optional number is encoded with a `<name>_present` flag: its 0
+        when missing must not read as a real 0 (strings have no such clash)."""
+        return not self.required and self.type != "string"
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowedFeature:
-    """AGG(field) over the observations of the same key in [t - window_s, t)."""
+    """AGG(field) over the observations of the same key in [t - window_s, t);
+    ratio: sum(field) / sum(per) over those where both are present."""
 
     name: str
     key: str
     aggregate: str
     window_s: int
     field: Optional[str] = None  # None only for count: counts observations
+    per: Optional[str] = None  # the denominator of a ratio
 
     @property
     def has_presence(self) -> bool:
         """Counts are 0 on an empty window; every other aggregate is missing."""
         return self.aggregate != "count"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The observation fields one value of this aggregate reads: () for a count."""
+        return tuple(f for f in (self.field, self.per) if f is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +105,7 @@ class FeatureSpec:
     windowed_features: tuple[WindowedFeature, ...]
     split: SplitSpec
     static_features: tuple[str, ...]  # request fields fed to the model (keys included)
+    rate_baseline: Optional[str] = None  # evaluation: also report label = rate x this request field
 
     def fields(self, role: str) -> tuple[FieldSpec, ...]:
         return self.request_fields if role == "request" else self.observation_fields
@@ -130,12 +144,14 @@ class FeatureSpec:
         document["entity_keys"] = list(self.entity_keys)
         document["windowed_features"] = [
             {k: v for k, v in (("name", w.name), ("key", w.key), ("aggregate", w.aggregate),
-                               ("field", w.field), ("window", f"{w.window_s}s")) if v is not None}
+                               ("field", w.field), ("per", w.per), ("window", f"{w.window_s}s")) if v is not None}
             for w in self.windowed_features]
         split = {"method": self.split.method, "eval_start": iso(self.split.eval_start),
                  "test_start": iso(self.split.test_start), "eval_fraction": self.split.eval_fraction,
                  "test_fraction": self.split.test_fraction}
         document["split"] = {k: v for k, v in split.items() if v is not None}
+        if self.rate_baseline:
+            document["evaluation"] = {"rate_baseline": self.rate_baseline}
         return document
 
     @property
@@ -223,6 +239,7 @@ def spec_from_dict(raw: Any) -> FeatureSpec:
     if not windowed:
         raise SpecError("windowed_features: at least one is needed")
     names = [f.name for f in request_fields] + [label.name, "event_id"]
+    names += [f"{f.name}_present" for f in request_fields if f.has_presence]
     for wf in windowed:
         names += [wf.name] + ([f"{wf.name}_present"] if wf.has_presence else [])
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -230,7 +247,7 @@ def spec_from_dict(raw: Any) -> FeatureSpec:
         raise SpecError(f"names used twice in the encoded example: {duplicated}")
 
     doc.reject_unknown({"name", "description", "source", "event_id", "request", "observation",
-                        "entity_keys", "windowed_features", "split"})
+                        "entity_keys", "windowed_features", "split", "evaluation"})
     request.reject_unknown({"fields", "label"})
     observation.reject_unknown({"fields"})
     id_doc = doc.sub("event_id", optional=True)
@@ -241,8 +258,15 @@ def spec_from_dict(raw: Any) -> FeatureSpec:
         except re.error as err:
             raise SpecError(f"event_id.pattern: not a regular expression: {err}") from None
     csv_adapter = source.get("csv_adapter") if source.raw else None
-    if csv_adapter is not None and csv_adapter not in CSV_ADAPTERS:
-        raise SpecError(f"source.csv_adapter: unknown {csv_adapter!r}; known: {sorted(CSV_ADAPTERS)}")
+    if csv_adapter is not None and not (isinstance(csv_adapter, str) and is_reference(csv_adapter)):
+        raise SpecError(f"source.csv_adapter: expected 'package.module:function' (the function that turns a CSV "
+                        f"row into events), got {csv_adapter!r}")
+    evaluation = doc.sub("evaluation", optional=True)
+    evaluation.reject_unknown({"rate_baseline"})
+    rate_baseline = evaluation.get("rate_baseline")
+    if rate_baseline is not None and (rate_baseline not in req_by_name or req_by_name[rate_baseline].type == "string"):
+        numeric = sorted(n for n, f in req_by_name.items() if f.type != "string")
+        raise SpecError(f"evaluation.rate_baseline: {rate_baseline!r} is not a numeric request field; have {numeric}")
     return FeatureSpec(
         name=name,
         description=str(doc.get("description") or ""),
@@ -256,6 +280,7 @@ def spec_from_dict(raw: Any) -> FeatureSpec:
         windowed_features=windowed,
         split=_split(doc.sub("split", optional=True)),
         static_features=tuple(f.name for f in request_fields),
+        rate_baseline=rate_baseline,
     )
 
 
@@ -335,7 +360,7 @@ def _field(raw: Any, where: str) -> FieldSpec:
 
 def _windowed(raw: Any, where: str, keys: Sequence[str], obs_fields: Mapping[str, FieldSpec]) -> WindowedFeature:
     doc = _Doc(raw, where)
-    doc.reject_unknown({"name", "key", "aggregate", "field", "window"})
+    doc.reject_unknown({"name", "key", "aggregate", "field", "per", "window"})
     name = doc.name()
     key = doc.str("key")
     if key not in keys:
@@ -346,11 +371,14 @@ def _windowed(raw: Any, where: str, keys: Sequence[str], obs_fields: Mapping[str
     field = doc.get("field")
     if field is None and aggregate != "count":
         raise SpecError(f"{where}.field: {aggregate} needs the observation field it aggregates")
-    if field is not None:
-        if field not in obs_fields or obs_fields[field].type == "string":
+    per = doc.get("per")
+    if (per is None) != (aggregate != "ratio"):
+        raise SpecError(f"{where}.per: a ratio needs the field it divides by (per), and only a ratio has one")
+    for role, value in (("field", field), ("per", per)):
+        if value is not None and (value not in obs_fields or obs_fields[value].type == "string"):
             numeric = sorted(n for n, f in obs_fields.items() if f.type != "string")
-            raise SpecError(f"{where}.field: {field!r} is not a numeric observation field; have {numeric}")
-    return WindowedFeature(name=name, key=key, aggregate=aggregate, field=field,
+            raise SpecError(f"{where}.{role}: {value!r} is not a numeric observation field; have {numeric}")
+    return WindowedFeature(name=name, key=key, aggregate=aggregate, field=field, per=per,
                            window_s=parse_duration_s(doc.get("window"), f"{where}.window"))
 
 

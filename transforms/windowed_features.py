@@ -48,7 +48,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.events import Event
-from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent, history_fields
+from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent, history_series, series_value
 from transforms.spec import FeatureSpec, WindowedFeature
 
 _US = 1_000_000
@@ -100,7 +100,7 @@ class FeatureGroup(NamedTuple):
     features: tuple[WindowedFeature, ...]
     slots: tuple[int, ...]  # where each feature's value goes in the spec-ordered tuple
     key_index: tuple[int, int]  # where the key value is in an item's values, per rank
-    value_index: tuple[int, ...]  # where `history_fields(features)` are in an observation's values
+    series_index: tuple[tuple[int, ...], ...]  # where each of `history_series(features)` is in an observation's values
     first: bool  # every stage sees every event, so only the first counts late ones
 
 
@@ -116,7 +116,8 @@ def feature_groups(spec: FeatureSpec) -> tuple[FeatureGroup, ...]:
             features=tuple(features),
             slots=tuple(spec.windowed_features.index(f) for f in features),
             key_index=(layout.index(REQUEST, key), layout.index(OBSERVATION, key)),
-            value_index=tuple(layout.index(OBSERVATION, f) for f in history_fields(features)),
+            series_index=tuple(tuple(layout.index(OBSERVATION, f) for f in series)
+                               for series in history_series(features)),
             first=index == 0)
         for index, (key, features) in enumerate(by_key.items()))
 
@@ -130,7 +131,8 @@ def to_pending(item: tuple, group: FeatureGroup) -> PendingEvent:
     if item[RANK] == REQUEST:
         return PendingEvent(item[TIME], REQUEST, item[ID], (), item)
     values = item[VALUES]
-    return PendingEvent(item[TIME], OBSERVATION, item[ID], tuple(values[i] for i in group.value_index), item)
+    series = tuple(series_value(index, tuple(values[i] for i in index)) for index in group.series_index)
+    return PendingEvent(item[TIME], OBSERVATION, item[ID], series, item)
 
 
 def fill(item: tuple, slots: tuple[int, ...], answer: tuple) -> tuple:
