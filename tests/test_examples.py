@@ -52,3 +52,24 @@ def test_serving_examples_carry_no_label(flights_spec):
     assert "dep_delay" not in example.features.feature
     parsed = tf.io.parse_example([serialized], parse_feature_spec(flights_spec, with_label=False))
     assert parsed["origin_dep_delay_max_1h"].numpy().tolist() == [2.0]
+
+
+def test_an_optional_number_is_0_with_a_flag_when_missing_an_optional_string_is_left_out():
+    from transforms.events import Event
+    from transforms.spec import load_spec
+
+    spec = load_spec("chicago_taxi")
+    fields = {"pickup_community_area": "8", "dropoff_community_area": "32", "trip_start_hour": 9, "trip_start_day": 2,
+              "payment_type": "Cash", "company": "Flash Cab", "centroid_distance_miles": 1.5, "fare": 9.25}
+    missing = dict(fields, dropoff_community_area=None, company=None, centroid_distance_miles=None)
+    rows = [FeatureRow(Event("a", "request", 0, fields), (0.0,) * 6),
+            FeatureRow(Event("b", "request", 0, missing), (0.0,) * 6)]
+    serialized = _encode(spec, rows)
+    parsed = tf.io.parse_example(serialized, parse_feature_spec(spec))
+    assert parsed["centroid_distance_miles"].numpy().tolist() == [1.5, 0.0]
+    assert parsed["centroid_distance_miles_present"].numpy().tolist() == [1, 0]
+    assert parsed["company"].numpy().tolist() == [b"Flash Cab", b""]
+    written = tf.train.Example.FromString(serialized[1]).features.feature
+    # tfx-bsl writes a missing value as an empty list, which readers take as absent.
+    assert not written["company"].bytes_list.value and not written["dropoff_community_area"].bytes_list.value
+    assert list(written["centroid_distance_miles"].float_list.value) == [0.0]

@@ -79,6 +79,14 @@ def _broken(flights_spec, edit):
     (lambda d: d["request"].pop("label"), "request.label"),
     (lambda d: d["source"].update(csv_adapter="taxi"), "source.csv_adapter: expected 'package.module:function'"),
     (lambda d: d["windowed_features"][0].update(name="Bad-Name"), r"windowed_features\[0\].name: use lower_snake_case"),
+    (lambda d: d["windowed_features"][1].update(aggregate="ratio"), r"per: a ratio needs the field it divides by"),
+    (lambda d: d["windowed_features"][1].update(per="dep_delay"), "only a ratio has one"),
+    (lambda d: d["windowed_features"][1].update(aggregate="ratio", per="carrier"),
+     "per: 'carrier' is not a numeric observation field"),
+    (lambda d: d.update(evaluation={"rate_baseline": "carrier"}), "rate_baseline: 'carrier' is not a numeric request"),
+    (lambda d: d.update(evaluation={"rate": "distance"}), r"spec.evaluation: unknown keys \['rate'\]"),
+    (lambda d: (d["request"]["fields"]["distance"].update(required=False),
+                d["request"]["fields"].update(distance_present={"type": "int"})), r"used twice.*distance_present"),
     (lambda d: d["request"]["fields"].update({"Dest2": {"type": "string"}}), "use lower_snake_case"),
 ])
 def test_bad_specs_say_what_is_wrong(flights_spec, edit, message):

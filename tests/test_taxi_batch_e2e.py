@@ -127,3 +127,30 @@ def test_every_example_matches_duckdb(taxi_batch):
     assert all(seen.values()), seen
     for split in SPLITS:
         assert positive[split] == set(COUNTS + OPTIONAL), (split, positive[split])
+
+
+@pytest.mark.slow
+def test_rate_baseline_equals_the_courses_heuristic_computed_from_sql(taxi_batch):
+    from models import train
+
+    spec = load_spec(taxi_batch["output"] / "spec.json")
+    cursor = duckdb.execute(TAXI_FEATURES_SQL, [_csv_path()])
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    train_rows = [row for row in rows if row["split"] == "train"]
+    with_distance = [row for row in train_rows if row["centroid_distance_miles"] is not None]
+    rate = sum(row["fare"] for row in with_distance) / sum(row["centroid_distance_miles"] for row in with_distance)
+    median = float(np.median(np.float32([row["fare"] for row in train_rows])))
+
+    got = train.rate_baseline(train.Params(str(taxi_batch["output"]), ""), spec, median)
+    assert got["field"] == "centroid_distance_miles"
+    assert got["rate"] == pytest.approx(rate, rel=1e-5)
+    for split in ("eval", "test"):
+        part = [row for row in rows if row["split"] == split]
+        errors = np.array([(rate * row["centroid_distance_miles"] if row["centroid_distance_miles"] is not None
+                            else median) - row["fare"] for row in part])
+        assert got[split]["mae"] == pytest.approx(np.abs(errors).mean(), rel=1e-4)
+        assert got[split]["rmse"] == pytest.approx(np.sqrt(np.square(errors).mean()), rel=1e-4)
+        assert got["coverage"][split] == pytest.approx(
+            np.mean([row["centroid_distance_miles"] is not None for row in part]))
+        assert 0.5 < got["coverage"][split] < 1.0  # both cases occur

@@ -6,7 +6,7 @@ holds; the encoder, `spec.json` and the parse spec of readers all come from it:
 - `event_id` (bytes)
 - each static request feature (string -> bytes, int -> int64, float -> float32);
   an optional number is always there, 0 when missing, with `<name>_present`
-  (int64 0/1); an optional string is left out when missing
+  (int64 0/1); an optional string is an empty list when missing (read as b'')
 - each windowed feature: `count` as int64, always present; the others float32,
   with `<name>_present` (int64 0/1); an empty window encodes 0 and present = 0
 - the label (float32), absent on live requests
