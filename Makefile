@@ -52,9 +52,13 @@ $(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/%.duckdb_extens
 
 venv-bq: $(DUCKDB_EXTENSIONS)
 
+# `make run SPEC=chicago_taxi` runs the second use case through the same code, into output/chicago_taxi.
+SPEC ?= flights
+OUTPUT ?= $(if $(filter flights,$(SPEC)),output,output/$(SPEC))
+
 run: $(VENV)/.installed
-	$(BIN)/python -m beam_app.batch $(RUNNER_FLAGS)
-	$(BIN)/python -m models.train --data_dir output
+	$(BIN)/python -m beam_app.batch $(RUNNER_FLAGS) --spec $(SPEC) --output $(OUTPUT)
+	$(BIN)/python -m models.train --data_dir $(OUTPUT)
 
 # The streaming demo on the emulators; trains the model first if `make run` has not.
 demo: $(VENV)/.installed venv-bq

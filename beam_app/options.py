@@ -8,13 +8,16 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.spec import shipped_specs
+
 
 class CommonOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
             "--spec", default="flights",
-            help="Feature spec: a shipped spec name (flights) or a path to a spec YAML/JSON file.")
+            help=f"Feature spec: a shipped spec name ({', '.join(shipped_specs())}; default flights) "
+                 "or a path to a spec YAML/JSON file.")
 
 
 def add_input_arguments(parser, what: str) -> None:

@@ -181,14 +181,18 @@ def parse_utc_date(text: Any, where: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
+def shipped_specs() -> list[str]:
+    """The names of the specs shipped in transforms/specs/."""
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
 def load_spec(name_or_path: str | Path) -> FeatureSpec:
     """A shipped spec by name ('flights') or a spec file by path."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = SPECS_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        shipped = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
-        raise SpecError(f"no spec {str(name_or_path)!r}: give a file path or one of: {shipped}")
+        raise SpecError(f"no spec {str(name_or_path)!r}: give a file path or one of: {', '.join(shipped_specs())}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
