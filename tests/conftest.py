@@ -70,6 +70,22 @@ def taxi_batch(tmp_path_factory):
     return {"output": output, "summary": summary}
 
 
+def read_examples(output, split, feature_spec) -> dict:
+    """A split the batch job wrote: {event_id: {column: value}}, parsed with feature_spec."""
+    import tensorflow as tf
+
+    files = sorted(str(p) for p in (output / split).glob("examples-*.tfrecord.gz"))
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(1024).map(
+        lambda serialized: tf.io.parse_example(serialized, feature_spec))
+    examples = {}
+    for batch_ in dataset:
+        columns = {name: tensor.numpy() for name, tensor in batch_.items()}
+        for i, event_id in enumerate(columns["event_id"]):
+            assert event_id.decode() not in examples, event_id  # event ids are unique
+            examples[event_id.decode()] = {name: values[i] for name, values in columns.items()}
+    return examples
+
+
 # Training parameters small enough for tests: a few seconds on the slice.
 SMALL_TRAINING = dict(epochs=2, batch_size=256, hidden_units=(32, 16), shuffle_buffer=2000, adapt_examples=2000,
                       baseline_model=False)
@@ -81,5 +97,15 @@ def trained_model(flights_batch, tmp_path_factory):
     from models import train
 
     params = train.Params(data_dir=str(flights_batch["output"]), model_dir=str(tmp_path_factory.mktemp("model")),
+                          **SMALL_TRAINING)
+    return params, train.run(params)
+
+
+@pytest.fixture(scope="session")
+def taxi_model(taxi_batch, tmp_path_factory):
+    """A small model trained on the taxi batch output: (train.Params, its version directory)."""
+    from models import train
+
+    params = train.Params(data_dir=str(taxi_batch["output"]), model_dir=str(tmp_path_factory.mktemp("taxi_model")),
                           **SMALL_TRAINING)
     return params, train.run(params)

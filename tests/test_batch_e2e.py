@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from beam_app import batch
-from tests.conftest import BAD_ROWS
+from tests.conftest import BAD_ROWS, read_examples
 from tests.reference_features import FEATURES_SQL
 from tests.flights_slice import slice_events
 from transforms.events import event_to_json
@@ -21,18 +21,6 @@ from transforms.spec import load_spec
 
 tf = pytest.importorskip("tensorflow")
 
-
-
-def _read_examples(output, split, feature_spec):
-    files = sorted(str(p) for p in (output / split).glob("examples-*.tfrecord.gz"))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(1024).map(
-        lambda serialized: tf.io.parse_example(serialized, feature_spec))
-    examples = {}
-    for batch_ in dataset:
-        columns = {name: tensor.numpy() for name, tensor in batch_.items()}
-        for i, event_id in enumerate(columns["event_id"]):
-            examples[event_id.decode()] = {name: values[i] for name, values in columns.items()}
-    return examples
 
 
 @pytest.mark.slow
@@ -54,7 +42,7 @@ def test_every_example_matches_duckdb(flights_batch):
     output = flights_batch["output"]
     spec = load_spec(output / "spec.json")  # the written spec.json is enough to read the data
     feature_spec = parse_feature_spec(spec)
-    examples = {split: _read_examples(output, split, feature_spec) for split in ("train", "eval", "test")}
+    examples = {split: read_examples(output, split, feature_spec) for split in ("train", "eval", "test")}
 
     expected = duckdb.execute(FEATURES_SQL, [str(flights_batch["good_csv"])]).fetchall()
     labeled = [row for row in expected if row[1] is not None]
@@ -95,12 +83,12 @@ def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(flights
     feature_spec = parse_feature_spec(spec)
     from_csv = {}
     for split in ("train", "eval", "test"):
-        from_csv.update(_read_examples(flights_batch["output"], split, feature_spec))
+        from_csv.update(read_examples(flights_batch["output"], split, feature_spec))
     hash_split = dataclasses.replace(spec.split, method="hash")  # the spec's fractions, as the run used
     assert json.loads((output / "spec.json").read_text())["split"]["method"] == "hash"
     from_json = {}
     for split in ("train", "eval", "test"):
-        examples = _read_examples(output, split, feature_spec)
+        examples = read_examples(output, split, feature_spec)
         assert examples, split
         for event_id in examples:
             assert assign_split(hash_split, 0, event_id) == split

@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
+from tests.conftest import read_examples
 from tests.reference_features import TAXI_DEAD_ROWS_SQL, TAXI_FEATURES_SQL
 from transforms.examples import parse_feature_spec
 from transforms.spec import SPLITS, load_spec
@@ -27,19 +28,6 @@ OPTIONAL = ("pickup_fare_per_mile_7d", "pickup_fare_per_mile_30d", "pickup_fare_
 
 def _csv_path() -> str:
     return str(resources.files("beam_app") / "data" / "chicago_taxi.csv")
-
-
-def _read_examples(output, split, feature_spec):
-    files = sorted(str(p) for p in (output / split).glob("examples-*.tfrecord.gz"))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(1024).map(
-        lambda serialized: tf.io.parse_example(serialized, feature_spec))
-    examples = {}
-    for batch_ in dataset:
-        columns = {name: tensor.numpy() for name, tensor in batch_.items()}
-        for i, event_id in enumerate(columns["event_id"]):
-            assert event_id.decode() not in examples, event_id  # event ids are unique
-            examples[event_id.decode()] = {name: values[i] for name, values in columns.items()}
-    return examples
 
 
 def _close(got, expected) -> bool:
@@ -73,7 +61,7 @@ def test_every_example_matches_duckdb(taxi_batch):
     output = taxi_batch["output"]
     spec = load_spec(output / "spec.json")  # the written spec.json is enough to read the data
     feature_spec = parse_feature_spec(spec)
-    examples = {split: _read_examples(output, split, feature_spec) for split in SPLITS}
+    examples = {split: read_examples(output, split, feature_spec) for split in SPLITS}
 
     cursor = duckdb.execute(TAXI_FEATURES_SQL, [_csv_path()])
     names = [d[0] for d in cursor.description]
