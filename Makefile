@@ -77,7 +77,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/inference_bench.py
 
 # Google Cloud (README, "Deploying to Google Cloud"): templates/deploy.py with these variables; empty ones
-# keep the script's defaults. STEP is all (resources, image, template, run) or one of them, or batch.
+# keep the script's defaults. STEP is all (resources, image, template, run) or one of them, or batch; SPEC (the
+# use case, as for `make run`) is passed as --spec: SPEC=chicago_taxi deploys the taxi use case beside flights.
 #   make deploy-dry-run PROJECT=my-project BUCKET=my-bucket    every command printed, none run, no credentials
 #   make deploy PROJECT=my-project BUCKET=my-bucket            printed and run
 STEP ?= all
@@ -86,7 +87,8 @@ DEPLOY_FLAGS = $(strip $(call deploy_flag,PROJECT,project) $(call deploy_flag,RE
 	$(call deploy_flag,BUCKET,bucket) $(call deploy_flag,REPOSITORY,repository) $(call deploy_flag,TAG,tag) \
 	$(call deploy_flag,TOPIC,topic) $(call deploy_flag,SUBSCRIPTION,subscription) \
 	$(call deploy_flag,DATASET,dataset) $(call deploy_flag,MODEL,model) \
-	$(call deploy_flag,SERVICE_ACCOUNT,service_account) $(call deploy_flag,JOB_NAME,job_name))
+	$(call deploy_flag,SERVICE_ACCOUNT,service_account) $(call deploy_flag,JOB_NAME,job_name) \
+	$(call deploy_flag,SPEC,spec))
 
 deploy-dry-run: $(VENV)/.installed
 	$(BIN)/python templates/deploy.py $(STEP) $(DEPLOY_FLAGS) --dry-run

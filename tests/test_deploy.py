@@ -185,12 +185,100 @@ def test_batch_job_on_dataflow_uses_the_image_and_uploaded_flights(dry_run):
     assert commands[0][commands[0].index("--input") + 1] == "gs://history/*.csv"
 
 
+def _batch_flags(commands: list[list[str]]) -> dict[str, str]:
+    """The batch command's flags, each checked to be one the batch job or Beam
+    knows, read back as beam_app.batch.run reads its options."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions, WorkerOptions
+
+    from beam_app.batch import BatchOptions
+
+    argv = next(argv for argv in commands if argv[1:3] == ["-m", "beam_app.batch"])
+    flags = argv[3:]
+    options = BatchOptions(flags)
+    given = dict(zip(flags[::2], flags[1::2]))
+
+    def parsed(name):
+        for view in (BatchOptions, StandardOptions, GoogleCloudOptions, WorkerOptions):
+            try:
+                return getattr(options.view_as(view), name)
+            except AttributeError:
+                continue
+        return f"unknown flag --{name}"
+
+    assert {name: parsed(name.removeprefix("--")) for name in given} == given
+    return given
+
+
+def test_another_spec_deploys_its_data_and_spec_under_its_own_names(dry_run):
+    from transforms.read_files import resolve_input
+    from transforms.spec import load_spec
+
+    _, commands = dry_run("batch", spec="chicago_taxi")
+    upload = _find(commands, "gcloud", "storage", "cp")
+    assert upload[4] == resolve_input(load_spec("chicago_taxi").default_input) and Path(upload[4]).exists()
+    assert upload[5] == "gs://my-bucket/data/chicago_taxi.csv"  # beside flights.csv.zip, not over it
+    given = _batch_flags(commands)
+    assert given["--spec"] == "chicago_taxi"
+    assert given["--input"] == "gs://my-bucket/data/chicago_taxi.csv"
+    assert given["--output"] == "gs://my-bucket/batch/chicago_taxi"  # flights': gs://my-bucket/batch/output
+    assert given["--job_name"] == "windowed-features-chicago-taxi-batch"
+
+    _, commands = dry_run("all", spec="chicago_taxi")
+    _find(commands, "gcloud", "pubsub", "subscriptions", "describe", "windowed-features-chicago-taxi", "--project",
+          "my-project", ">/dev/null", "2>&1", "||", "gcloud", "pubsub", "subscriptions", "create",
+          "windowed-features-chicago-taxi", "--topic", "events-chicago-taxi", "--project", "my-project")
+    argv = _find(commands, "gcloud", "dataflow", "flex-template", "run")
+    assert argv[4] == "windowed-features-chicago-taxi"  # flights' job keeps running beside it
+    assert dict(item.split("=", 1) for item in argv[-1].split(",")) == {
+        "input_subscription": "projects/my-project/subscriptions/windowed-features-chicago-taxi",
+        "model": "gs://my-bucket/model/chicago_taxi",
+        "spec": "chicago_taxi",
+        "predictions_table": "my-project:features.predictions",  # shared: rows carry spec_fingerprint
+        "dead_letter_table": "my-project:features.dead_letters",
+        "id_attribute": "message_key",
+        "sdk_container_image": IMAGE,
+    }
+    # The names given win over the spec's.
+    _, commands = dry_run("run", spec="chicago_taxi", job_name="taxi", subscription="taxi-sub", model="gs://m/taxi")
+    argv = _find(commands, "gcloud", "dataflow", "flex-template", "run")
+    assert argv[4] == "taxi" and "model=gs://m/taxi,spec=chicago_taxi," in argv[-1]
+    assert "input_subscription=projects/my-project/subscriptions/taxi-sub," in argv[-1]
+    _, commands = dry_run("batch", spec="chicago_taxi", batch_input="gs://history/trips.csv")
+    assert not [argv for argv in commands if argv[0] == "gcloud"]  # nothing to upload
+    assert _batch_flags(commands)["--input"] == "gs://history/trips.csv"
+
+
+def test_flights_the_default_spec_passes_no_spec():
+    config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1")
+    assert config.spec == "flights" == deploy.DEFAULT_SPEC
+    assert "spec" not in deploy.run_parameters(config)
+    assert "--spec" not in deploy.batch_commands(config)[-1].argv
+    assert (config.topic, config.subscription, config.job_name) == ("events", "windowed-features", "windowed-features")
+
+
+def test_an_unknown_spec_is_refused_with_the_shipped_ones(capsys):
+    from transforms.spec import shipped_specs
+
+    with pytest.raises(SystemExit) as exit_:
+        deploy.parse_args(["run", "--project", "my-project", "--bucket", "my-bucket", "--spec", "taxi"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--spec 'taxi': expected a shipped spec: " + ", ".join(shipped_specs()) in err
+    assert {"flights", "chicago_taxi"} <= set(shipped_specs())
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["run", "--project", "my-project", "--bucket", "my-bucket", "--spec", "Chicago Taxi"])
+    message = capsys.readouterr().err.split("error: ", 1)[1]
+    assert message.startswith("--spec 'Chicago Taxi': expected a shipped spec")
+    assert "--job_name" not in message  # only the spec: the names made from it are not the problem
+
+
 @pytest.mark.skipif(not METADATA.exists(), reason="templates/streaming/metadata.json not written yet")
-def test_run_parameters_are_declared_in_the_template_metadata_and_match_its_regexes():
+@pytest.mark.parametrize("spec", ["flights", "chicago_taxi"])
+def test_run_parameters_are_declared_in_the_template_metadata_and_match_its_regexes(spec):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     metadata = {p["name"]: p for p in json.loads(METADATA.read_text())["parameters"]}
-    config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1")
+    config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1", spec=spec)
     parameters = deploy.run_parameters(config)
     for name, value in parameters.items():
         if name in deploy.DATAFLOW_PIPELINE_OPTIONS and name not in metadata:
@@ -227,7 +315,8 @@ def test_help_lists_the_steps_and_flags(capsys):
         deploy.parse_args(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for word in ("resources", "image", "template", "run", "batch", "--dry-run", "--service_account", "--model"):
+    for word in ("resources", "image", "template", "run", "batch", "--dry-run", "--service_account", "--model",
+                 "--spec", "chicago_taxi"):
         assert word in text
 
 
@@ -281,10 +370,13 @@ def test_make_targets_pass_the_variables_as_flags():
                               "SERVICE_ACCOUNT=sa@my-project.iam.gserviceaccount.com", "STEP=run"],
                              capture_output=True, text=True, check=True).stdout
     assert ("templates/deploy.py run --project 'my-project' --bucket 'my-bucket' "
-            "--service_account 'sa@my-project.iam.gserviceaccount.com' --dry-run") in printed
+            "--service_account 'sa@my-project.iam.gserviceaccount.com' --spec 'flights' --dry-run") in printed
     printed = subprocess.run([make, "-n", "-C", str(ROOT), "deploy", "PROJECT=p1-project", "BUCKET=b1"],
                              capture_output=True, text=True, check=True).stdout
-    assert "templates/deploy.py all --project 'p1-project' --bucket 'b1'\n" in printed
+    assert "templates/deploy.py all --project 'p1-project' --bucket 'b1' --spec 'flights'\n" in printed
+    printed = subprocess.run([make, "-n", "-C", str(ROOT), "deploy", "PROJECT=p1-project", "BUCKET=b1",
+                              "SPEC=chicago_taxi", "STEP=batch"], capture_output=True, text=True, check=True).stdout
+    assert "templates/deploy.py batch --project 'p1-project' --bucket 'b1' --spec 'chicago_taxi'\n" in printed
 
 
 # ---- against the installed Google Cloud CLI, offline ----
