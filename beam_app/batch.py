@@ -1,8 +1,9 @@
 """Batch branch: event history -> training examples with point-in-time features.
 
 Reads history (the spec's embedded data set by default: the 336,776 NYC
-flights of 2013), computes every windowed feature of the spec with the same
-`WindowedFeatures` transform the streaming job uses, and writes under --output:
+flights of 2013, or with --spec chicago_taxi 15,002 Chicago taxi trips),
+computes every windowed feature of the spec with the same `WindowedFeatures`
+transform the streaming job uses, and writes under --output:
 
     train/ eval/ test/   examples-*.tfrecord.gz  (gzipped tf.train.Example)
     dead_letters/        dead_letters-*.ndjson   (raw record, reason, source)
@@ -12,6 +13,7 @@ flights of 2013), computes every windowed feature of the spec with the same
 Run on the embedded data:
 
     python -m beam_app.batch --runner DirectRunner
+    python -m beam_app.batch --runner DirectRunner --spec chicago_taxi --output output/chicago_taxi
 
 or on your own files (CSV through the spec's adapter, or NDJSON events):
 
