@@ -1,12 +1,17 @@
 """The streaming job end to end on the real emulators: events published to
 Pub/Sub, predictions read back from BigQuery, and parity with the batch
-branch on the very events the publisher wrote."""
+branch on the very events the publisher wrote. One flow (`_stream_and_check`)
+for every use case: the flights spec and the chicago_taxi spec go through
+the same publisher and job, unchanged."""
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Union
 
 import pytest
 
@@ -18,54 +23,125 @@ tf = pytest.importorskip("tensorflow")
 from beam_app import batch, publish, streaming  # noqa: E402
 from beam_app.bigquery_client import bigquery_client  # noqa: E402
 from models.data import split_files  # noqa: E402
-from transforms.spec import SPLITS  # noqa: E402
+from transforms.events import time_us_to_rfc3339  # noqa: E402
+from transforms.spec import SPLITS, load_spec  # noqa: E402
 
 PROJECT = "test-project"
 EVENTS = 400  # about 200 requests: the streaming DirectRunner answers about 7 a second here
+TAXI_EVENTS = 120  # about 60 trips of the embedded data: a short run
 
-# Malformed messages published next to the events, with a piece of the reason each must get.
+
+class Malformed(NamedTuple):
+    """A message published next to the events, with a piece of the reason its dead letter must give.
+    Every one is stamped with the publish time (event_time attribute); `data` may take that time
+    (RFC 3339, whole ms) to put the same event_time in its payload."""
+
+    data: Union[bytes, Callable[[str], bytes]]
+    reason: str
+
+
 MALFORMED = [
-    (b"{not json", {}, "not valid JSON"),
-    (b"\xff\xfe binary", {}, "not valid UTF-8"),
-    (json.dumps({"event_id": "20131130-UA1-EWR", "role": "request", "event_time": "2013-11-30T10:00:00Z",
-                 "carrier": "UA", "origin": "BOS", "dest": "ORD", "hour": 5, "minute": 0, "month": 11,
-                 "day_of_week": 5}).encode(), {}, "origin: unknown value 'BOS'"),
+    Malformed(b"{not json", "not valid JSON"),
+    Malformed(b"\xff\xfe binary", "not valid UTF-8"),
+    Malformed(json.dumps({"event_id": "20131130-UA1-EWR", "role": "request", "event_time": "2013-11-30T10:00:00Z",
+                          "carrier": "UA", "origin": "BOS", "dest": "ORD", "hour": 5, "minute": 0, "month": 11,
+                          "day_of_week": 5}).encode(), "origin: unknown value 'BOS'"),
     # Valid, but stamped (event_time attribute = now) at another time than its payload says.
-    (json.dumps({"event_id": "20131130-UA2-EWR", "role": "request", "event_time": "2013-11-30T10:00:00Z",
-                 "carrier": "UA", "origin": "EWR", "dest": "ORD", "distance": 719.0, "hour": 5, "minute": 0,
-                 "month": 11, "day_of_week": 5}).encode(), {}, "event_time: the payload says 2013-11-30T10:00:00Z"),
+    Malformed(json.dumps({"event_id": "20131130-UA2-EWR", "role": "request", "event_time": "2013-11-30T10:00:00Z",
+                          "carrier": "UA", "origin": "EWR", "dest": "ORD", "distance": 719.0, "hour": 5, "minute": 0,
+                          "month": 11, "day_of_week": 5}).encode(),
+              "event_time: the payload says 2013-11-30T10:00:00Z"),
 ]
 
 
-def _publish_malformed(topic: str) -> None:
-    from google.cloud import pubsub_v1
+def _taxi_event(role: str, fields: dict, id_hash: str) -> Callable[[str], bytes]:
+    """A chicago_taxi event whose payload's event_time is the publish time, so the bad value is the only fault;
+    its id as the spec's pattern wants: the start minute (YYYYMMDDTHHMM), then 10 hex digits."""
+    def data(now: str) -> bytes:
+        event_id = f"{now[:16].replace('-', '').replace(':', '')}-{id_hash}"
+        return json.dumps({"event_id": event_id, "role": role, "event_time": now, **fields}).encode()
+    return data
 
-    from transforms.events import time_us_to_rfc3339
+
+TAXI_MALFORMED = [
+    Malformed(_taxi_event("request", {"pickup_community_area": "8", "dropoff_community_area": "32",
+                                      "trip_start_hour": 9, "trip_start_day": 3, "payment_type": "Cash",
+                                      "company": "Taxi Affiliation Services", "centroid_distance_miles": 1.2,
+                                      "fare": 0.0}, "000000000a"),
+              "fare: 0.0 is below the minimum"),
+    Malformed(_taxi_event("observation", {"pickup_community_area": "8", "fare": 7.25, "trip_miles": 1.1,
+                                          "trip_seconds": 0}, "000000000b"),
+              "trip_seconds: 0 is below the minimum 1"),
+]
+
+
+class Streamed(NamedTuple):
+    """What one run of the flow saw, for the checks particular to a use case."""
+
+    events: list[dict]  # as published (the recorded file)
+    requests: set[str]
+    predictions: dict[str, dict]  # event_id -> predictions row
+    reference: dict[str, float]  # event_id -> the batch branch's example scored by the same SavedModel
+    dead_letters: list[dict]  # parse-stage dead-letter rows
+    published: dict  # publish.run's summary
+    summary: dict  # streaming.run's summary
+
+
+def _publish_malformed(topic: str, malformed: list[Malformed]) -> list[bytes]:
+    """Publishes each message stamped with now (whole ms); returns the bytes sent."""
+    from google.cloud import pubsub_v1
 
     publisher = pubsub_v1.PublisherClient()
     now = time_us_to_rfc3339(int(time.time() * 1000) * 1000)
-    for data, attributes, _ in MALFORMED:
-        publisher.publish(topic, data, event_time=now, **attributes).result()
+    sent = []
+    for message in malformed:
+        data = message.data(now) if callable(message.data) else message.data
+        publisher.publish(topic, data, event_time=now).result()
+        sent.append(data)
+    return sent
 
 
 def _rows(client, sql: str) -> list[dict]:
     return [dict(row.items()) for row in client.query(sql).result()]
 
 
-@pytest.mark.slow
-def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
-        pubsub_emulator, bigquery_emulator, trained_model, tmp_path):
+def _print_latency(rows) -> None:
+    """How long after its event time each prediction was written (shown with the test's output)."""
+    seconds = sorted((row["processing_time"] - row["event_time"]).total_seconds() for row in rows)
+    print(f"{len(seconds)} predictions written {seconds[0]:.1f} s (first) to {seconds[-1]:.1f} s (last) after their "
+          f"event time, median {seconds[len(seconds) // 2]:.1f} s")
+
+
+def _batch_reference(spec: str, recorded: Path, output: Path, version_dir: Path) -> dict[str, float]:
+    """The batch branch on the file the publisher wrote, its examples scored by the same SavedModel."""
+    batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--spec", spec, "--input", str(recorded),
+               "--input_format", "json", "--output", str(output)])
+    serve = tf.saved_model.load(str(version_dir / "saved_model")).signatures["serving_default"]
+    reference = {}
+    for split in SPLITS:
+        for records in tf.data.TFRecordDataset(split_files(str(output), split), compression_type="GZIP").batch(256):
+            ids = tf.io.parse_example(records, {"event_id": tf.io.FixedLenFeature([], tf.string)})["event_id"]
+            values = serve(examples=records)["prediction"].numpy()
+            reference.update((i.decode(), float(v)) for i, v in zip(ids.numpy(), values))
+    return reference
+
+
+def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: list[str], events: int,
+                      malformed: list[Malformed], bigquery_emulator, tmp_path: Path) -> Streamed:
+    """Topic, subscription and tables of their own (`name`: the emulators are shared by the session);
+    the streaming job in a thread; `events` events published with `publish_args` (recorded), then the
+    malformed messages. Checks that every request gets exactly one prediction from this model, equal to
+    the batch branch's on the recorded file where batch has one, and that each malformed message is a
+    parse dead letter with its reason, payload and attributes, all counted in the job's summary."""
     from google.cloud import pubsub_v1
 
-    _, version_dir = trained_model
-    topic = f"projects/{PROJECT}/topics/events"
-    subscription = f"projects/{PROJECT}/subscriptions/streaming-job"
-    publisher = pubsub_v1.PublisherClient()
-    publisher.create_topic(name=topic)
+    topic = f"projects/{PROJECT}/topics/{name}-events"
+    subscription = f"projects/{PROJECT}/subscriptions/{name}-job"
+    dataset = f"{name}_live"
+    predictions_table, dead_letter_table = f"{PROJECT}:{dataset}.predictions", f"{PROJECT}:{dataset}.dead_letters"
+    predictions_sql, dead_letters_sql = (f"`{PROJECT}.{dataset}.{table}`" for table in ("predictions", "dead_letters"))
+    pubsub_v1.PublisherClient().create_topic(name=topic)
     pubsub_v1.SubscriberClient().create_subscription(name=subscription, topic=topic)
-    predictions_table, dead_letter_table = f"{PROJECT}:live.predictions", f"{PROJECT}:live.dead_letters"
-    source = tmp_path / "slice.csv"
-    source.write_text("\n".join(flights_lines(lambda month, day: (month, day) == (11, 30))) + "\n")
     recorded = tmp_path / "published.ndjson"
 
     stop, failed, summary = threading.Event(), [], {}
@@ -73,9 +149,10 @@ def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
     def job():
         try:
             summary.update(streaming.run([
-                "--runner", "DirectRunner", "--input_subscription", subscription, "--model", str(version_dir.parent),
-                "--predictions_table", predictions_table, "--dead_letter_table", dead_letter_table,
-                "--create_tables", "--bigquery_endpoint", bigquery_emulator.endpoint], stop=stop))
+                "--runner", "DirectRunner", "--spec", spec, "--input_subscription", subscription,
+                "--model", str(version_dir.parent), "--predictions_table", predictions_table,
+                "--dead_letter_table", dead_letter_table, "--create_tables",
+                "--bigquery_endpoint", bigquery_emulator.endpoint], stop=stop))
         except BaseException as err:  # noqa: BLE001 - handed to the test thread
             failed.append(err)
 
@@ -85,47 +162,44 @@ def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
 
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
-    wait_until(lambda: tables_exist(client, "live"), 60, "the job to create its tables", job_failed)
-    published = publish.run(["--topic", topic, "--input", str(source), "--limit", str(EVENTS), "--rebase_to_now",
-                             "--rate", "100", "--record", str(recorded)])
-    _publish_malformed(topic)
-    assert published["published"] == EVENTS
+    try:
+        client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
+        wait_until(lambda: tables_exist(client, dataset), 60, "the job to create its tables", job_failed)
+        published = publish.run(["--topic", topic, "--spec", spec, *publish_args, "--limit", str(events),
+                                 "--rebase_to_now", "--rate", "100", "--record", str(recorded)])
+        sent = _publish_malformed(topic, malformed)
+        assert published["published"] == events
 
-    events = [json.loads(line) for line in recorded.read_text().splitlines()]
-    requests = {event["event_id"] for event in events if event["role"] == "request"}
+        published_events = [json.loads(line) for line in recorded.read_text().splitlines()]
+        requests = {event["event_id"] for event in published_events if event["role"] == "request"}
 
-    def all_predicted():
-        rows = _rows(client, "SELECT event_id, COUNT(*) AS n FROM `test-project.live.predictions` GROUP BY event_id")
-        return rows if sum(row["n"] for row in rows) >= len(requests) else None
+        def all_predicted():
+            rows = _rows(client, f"SELECT event_id, COUNT(*) AS n FROM {predictions_sql} GROUP BY event_id")
+            return rows if sum(row["n"] for row in rows) >= len(requests) else None
 
-    wait_until(all_predicted, 180, f"{len(requests)} predictions", job_failed)
-    dead = wait_until(lambda: (rows := _rows(client, "SELECT * FROM `test-project.live.dead_letters`")) and
-                 len(rows) >= len(MALFORMED) and rows, 60, "the dead letters", job_failed)
-    time.sleep(3)  # anything extra (a duplicate) would arrive now
-    stop.set()
-    thread.join(60)
+        # Generous: on a busy machine the first bundle (the model loading, the first pull) can take long.
+        wait_until(all_predicted, 180, f"{len(requests)} predictions", job_failed)
+        dead = wait_until(lambda: (rows := _rows(client, f"SELECT * FROM {dead_letters_sql}")) and
+                          len(rows) >= len(malformed) and rows, 60, "the dead letters", job_failed)
+        time.sleep(3)  # anything extra (a duplicate) would arrive now
+        stop.set()
+        # The batch reference while the job stops (cancelling waits for the DirectRunner's Pub/Sub pull, up to 30 s).
+        reference = _batch_reference(spec, recorded, tmp_path / "batch", version_dir)
+    finally:
+        stop.set()
+        thread.join(60)
     assert not failed and not thread.is_alive()
 
     # Every request got exactly one prediction, and nothing else did.
-    counts = _rows(client, "SELECT event_id, COUNT(*) AS n FROM `test-project.live.predictions` GROUP BY event_id")
+    counts = _rows(client, f"SELECT event_id, COUNT(*) AS n FROM {predictions_sql} GROUP BY event_id")
     assert {row["event_id"] for row in counts} == requests
-    assert all(row["n"] == 1 for row in counts)
-    streamed = {row["event_id"]: row for row in _rows(client, "SELECT * FROM `test-project.live.predictions`")}
+    assert all(row["n"] == 1 for row in counts), [row for row in counts if row["n"] != 1][:5]
+    streamed = {row["event_id"]: row for row in _rows(client, f"SELECT * FROM {predictions_sql}")}
+    _print_latency(streamed.values())
     assert {row["model_version"] for row in streamed.values()} == {version_dir.name}
 
     # Parity: the batch branch on the file the publisher wrote, scored by the same SavedModel.
-    output = tmp_path / "batch"
-    batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--input", str(recorded),
-               "--input_format", "json", "--output", str(output)])
-    serve = tf.saved_model.load(str(version_dir / "saved_model")).signatures["serving_default"]
-    reference = {}
-    for split in SPLITS:
-        for records in tf.data.TFRecordDataset(split_files(str(output), split), compression_type="GZIP").batch(256):
-            ids = tf.io.parse_example(records, {"event_id": tf.io.FixedLenFeature([], tf.string)})["event_id"]
-            values = serve(examples=records)["prediction"].numpy()
-            reference.update((i.decode(), float(v)) for i, v in zip(ids.numpy(), values))
-    assert len(reference) > 100 and set(reference) <= requests  # labeled requests (cancelled flights have none)
+    assert set(reference) <= requests
     mismatched = {event_id: (streamed[event_id]["prediction"], value) for event_id, value in reference.items()
                   if streamed[event_id]["prediction"] != pytest.approx(value, rel=1e-5, abs=1e-5)}
     assert not mismatched, f"{len(mismatched)} of {len(reference)} predictions differ from batch: " \
@@ -133,11 +207,49 @@ def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
 
     # Malformed messages: dead letters with the reason, payload and attributes; counted in the summary.
     parse_letters = sorted((row for row in dead if row["stage"] == "parse"), key=lambda row: row["error"])
-    assert len(parse_letters) == len(MALFORMED)
-    for (data, _, reason) in MALFORMED:
-        (letter,) = [row for row in parse_letters if reason in row["error"]]
+    assert len(parse_letters) == len(malformed)
+    for data, message in zip(sent, malformed):
+        (letter,) = [row for row in parse_letters if message.reason in row["error"]]
         assert letter["payload"] == data.decode("utf-8", errors="replace")
         assert "event_time" in json.loads(letter["attributes"])
     assert summary["predictions"] == len(requests)
-    assert summary["dead_letters"] == {"parse": len(MALFORMED)}
+    assert summary["dead_letters"] == {"parse": len(malformed)}
+    return Streamed(published_events, requests, streamed, reference, parse_letters, published, summary)
 
+
+@pytest.mark.slow
+def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
+        pubsub_emulator, bigquery_emulator, trained_model, tmp_path):
+    _, version_dir = trained_model
+    source = tmp_path / "slice.csv"
+    source.write_text("\n".join(flights_lines(lambda month, day: (month, day) == (11, 30))) + "\n")
+    run = _stream_and_check(name="flights", spec="flights", version_dir=version_dir,
+                            publish_args=["--input", str(source)], events=EVENTS, malformed=MALFORMED,
+                            bigquery_emulator=bigquery_emulator, tmp_path=tmp_path)
+    assert len(run.reference) > 100  # labeled requests (cancelled flights have none)
+
+
+@pytest.mark.slow
+def test_taxi_events_stream_through_the_same_job(pubsub_emulator, bigquery_emulator, taxi_batch, taxi_model,
+                                                tmp_path):
+    """The chicago_taxi spec through the publisher (its embedded data, read by its CSV adapter) and the
+    streaming job, neither changed: the same guarantees as flights, and the taxi spec's own range
+    checks (a zero fare, a zero duration) as dead letters."""
+    _, version_dir = taxi_model
+    run = _stream_and_check(name="taxi", spec="chicago_taxi", version_dir=version_dir, publish_args=[],
+                            events=TAXI_EVENTS, malformed=TAXI_MALFORMED, bigquery_emulator=bigquery_emulator,
+                            tmp_path=tmp_path)
+    spec = load_spec("chicago_taxi")
+    assert run.published["spec"] == run.summary["spec"]["name"] == "chicago_taxi"
+    # The embedded data, through the spec's CSV adapter: the publisher drops the rows batch does.
+    assert [Path(path).name for path in run.published["input"]] == ["chicago_taxi.csv"]
+    assert run.published["dead_letters"] == taxi_batch["summary"]["dead_letters"] > 0
+    # A trip's request comes before its observation, so at least half the events are requests; each
+    # carries its fare: batch labels (so scores) every one.
+    assert len(run.requests) >= TAXI_EVENTS // 2
+    assert set(run.reference) == run.requests
+    assert {row["spec_fingerprint"] for row in run.predictions.values()} == {spec.fingerprint}
+    assert all(math.isfinite(row["prediction"]) for row in run.predictions.values())
+    # The bad values are the only fault: stamped at the time their payload says.
+    for letter in run.dead_letters:
+        assert json.loads(letter["attributes"])["event_time"] == json.loads(letter["payload"])["event_time"]
