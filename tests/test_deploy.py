@@ -153,29 +153,11 @@ def test_image_is_built_by_cloud_build_from_the_root_with_the_template_dockerfil
 
 
 def test_batch_job_on_dataflow_uses_the_image_and_uploaded_flights(dry_run):
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions, WorkerOptions
-
-    from beam_app.batch import BatchOptions
-
     _, commands = dry_run("batch")
     upload = _find(commands, "gcloud", "storage", "cp")
     assert Path(upload[4]).name == "flights.csv.zip" and Path(upload[4]).exists()
     assert upload[5] == "gs://my-bucket/data/flights.csv.zip"
-    argv = next(argv for argv in commands if argv[1:3] == ["-m", "beam_app.batch"])
-    flags = argv[3:]
-    # Every flag is one the batch job or Beam knows, read back as beam_app.batch.run reads its options.
-    options = BatchOptions(flags)
-    given = dict(zip(flags[::2], flags[1::2]))
-
-    def parsed(name):
-        for view in (BatchOptions, StandardOptions, GoogleCloudOptions, WorkerOptions):
-            try:
-                return getattr(options.view_as(view), name)
-            except AttributeError:
-                continue
-        return f"unknown flag --{name}"
-
-    assert {name: parsed(name.removeprefix("--")) for name in given} == given
+    given = _batch_flags(commands)
     assert given["--runner"] == "DataflowRunner" and given["--sdk_container_image"] == IMAGE
     assert given["--input"] == "gs://my-bucket/data/flights.csv.zip"
     assert given["--service_account_email"] == SERVICE_ACCOUNT
