@@ -50,9 +50,6 @@ def aggregate(function: str, values: Sequence) -> Optional[float]:
         return float(len(values))
     if not values:
         return None
-    if function == "ratio":
-        denominator = math.fsum(pair[1] for pair in values)
-        return math.fsum(pair[0] for pair in values) / denominator if denominator else None
     if function == "sum":
         return math.fsum(values)
     if function == "mean":
@@ -61,6 +58,9 @@ def aggregate(function: str, values: Sequence) -> Optional[float]:
         return float(min(values))
     if function == "max":
         return float(max(values))
+    if function == "ratio":
+        denominator = math.fsum(pair[1] for pair in values)
+        return math.fsum(pair[0] for pair in values) / denominator if denominator else None
     raise ValueError(f"unknown aggregate {function!r}")
 
 
@@ -70,61 +70,65 @@ def history_series(features: Sequence[WindowedFeature]) -> tuple[tuple[str, ...]
     return tuple(sorted({f.inputs for f in features if f.inputs}))
 
 
-def series_value(fields: tuple, values: tuple) -> object:
-    """An observation's value in a series: its one field, or the tuple of its
-    fields; None (not in the series) when any of them is missing."""
-    if len(fields) == 1:
-        return values[0]
-    return None if any(v is None for v in values) else values
+def series_value(values: tuple, index: tuple[int, ...]) -> object:
+    """An observation's value in a series, from its values at `index`: the one
+    field, or the tuple of them; None (not in the series) when any is missing."""
+    if len(index) == 1:
+        return values[index[0]]
+    parts = tuple(values[i] for i in index)
+    return None if None in parts else parts
 
 
 class KeyHistory:
     """Observations of one key, per series, sorted by time; answers requests.
 
-    `times[()]` holds every observation's time (for count); `times[s]` and
-    `values[s]` hold the observations in series s.
+    `times[0]` holds every observation's time (for count); `times[i + 1]` and
+    `values[i + 1]` hold the observations in `series[i]`. Lists indexed by
+    position, not dicts keyed by series: a tuple key is hashed at every lookup,
+    and lookups run for every feature of every request.
     """
 
     def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
         self.features = tuple(features)
         self.series = history_series(features)
+        # Per feature, what features_at needs, resolved once: it runs for every request.
+        position = {series: index + 1 for index, series in enumerate(self.series)}
+        self._plan = tuple((position.get(f.inputs, 0), f.window_s * _US, f.aggregate) for f in self.features)
         # Kept: the longest window, plus how far behind a request may still arrive
         # and be answered exactly.
         self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
-        self.times: dict[tuple, list[int]] = {(): [], **{s: [] for s in self.series}}
-        self.values: dict[tuple, list] = {s: [] for s in self.series}
+        self.times: list[list[int]] = [[] for _ in range(len(self.series) + 1)]
+        self.values: list[list] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
 
     def add_observation(self, time_us: int, values: tuple) -> None:
-        bisect.insort(self.times[()], time_us)
-        for series, value in zip(self.series, values):
+        bisect.insort(self.times[0], time_us)
+        for index, value in enumerate(values, start=1):
             if value is not None:
-                times = self.times[series]
+                times = self.times[index]
                 at = bisect.bisect_right(times, time_us)
                 times.insert(at, time_us)
-                self.values[series].insert(at, value)
+                self.values[index].insert(at, value)
 
     def features_at(self, t_us: int) -> tuple[Optional[float], ...]:
         """Every feature of the group for a request at t, in `features` order."""
         out = []
-        for feature in self.features:
-            series = feature.inputs
-            times = self.times[series]
-            lo = bisect.bisect_left(times, t_us - feature.window_s * _US)
+        for index, window_us, function in self._plan:
+            times = self.times[index]
+            lo = bisect.bisect_left(times, t_us - window_us)
             hi = bisect.bisect_left(times, t_us)
-            window = range(lo, hi) if not series else self.values[series][lo:hi]
-            out.append(aggregate(feature.aggregate, window))
+            window = self.values[index][lo:hi] if index else range(lo, hi)
+            out.append(aggregate(function, window))
         return tuple(out)
 
     def evict_before(self, time_us: int) -> None:
         """Forget observations older than any window of a request at or after time_us can reach."""
         cutoff = time_us - self.horizon_us
-        for series, times in self.times.items():
+        for times, values in zip(self.times, self.values):
             drop = bisect.bisect_left(times, cutoff)
             if drop:
                 del times[:drop]
-                if series:
-                    del self.values[series][:drop]
+                del values[:drop]  # a no-op on values[0], always empty
 
     def apply(self, events: Iterable[PendingEvent]) -> tuple[list[tuple[PendingEvent, tuple]], int, int]:
         """Applies events in processing order (`PendingEvent.order`).
@@ -148,7 +152,7 @@ class KeyHistory:
                 self.processed_through_us = event.time_us
             if event.rank == REQUEST:
                 answers.append((event, self.features_at(event.time_us)))
-                oldest = self.times[()]
+                oldest = self.times[0]
                 if oldest and oldest[0] < self.processed_through_us - self.horizon_us:
                     self.evict_before(self.processed_through_us)  # memory stays bounded within a long run
             else:
@@ -159,16 +163,14 @@ class KeyHistory:
 
     # State round trip: plain lists and ints, so Beam's fast coders carry it.
     def to_state(self) -> tuple:
-        return (self.processed_through_us, self.times[()],
-                tuple(self.times[s] for s in self.series), tuple(self.values[s] for s in self.series))
+        return self.processed_through_us, self.times[0], tuple(self.times[1:]), tuple(self.values[1:])
 
     @classmethod
     def from_state(cls, features: Sequence[WindowedFeature], state: Optional[tuple],
                    lateness_s: int = 0) -> "KeyHistory":
         history = cls(features, lateness_s)
         if state is not None:
-            history.processed_through_us, history.times[()], series_times, series_values = state
-            history.times.update(zip(history.series, (list(t) for t in series_times)))
-            history.values.update(zip(history.series, (list(v) for v in series_values)))
-            history.times[()] = list(history.times[()])
+            history.processed_through_us, all_times, series_times, series_values = state
+            history.times = [list(all_times), *(list(t) for t in series_times)]
+            history.values = [[], *(list(v) for v in series_values)]
         return history

@@ -131,8 +131,8 @@ def to_pending(item: tuple, group: FeatureGroup) -> PendingEvent:
     if item[RANK] == REQUEST:
         return PendingEvent(item[TIME], REQUEST, item[ID], (), item)
     values = item[VALUES]
-    series = tuple(series_value(index, tuple(values[i] for i in index)) for index in group.series_index)
-    return PendingEvent(item[TIME], OBSERVATION, item[ID], series, item)
+    return PendingEvent(item[TIME], OBSERVATION, item[ID],
+                        tuple(series_value(values, index) for index in group.series_index), item)
 
 
 def fill(item: tuple, slots: tuple[int, ...], answer: tuple) -> tuple:
