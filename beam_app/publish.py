@@ -7,8 +7,7 @@ observations at equal times, then event_id) and publishes one message per
 event: the data is the event's JSON line, the attributes are `event_time`
 (the streaming job's timestamp attribute, equal to the payload's),
 `event_id`, `role` and `message_key` (`<event_id>/<role>`, unique: an id_label
-for de-duplication). All messages share one ordering key, so the topic gets
-them in that order. Records that do not parse are counted, not published.
+for de-duplication). Records that do not parse are counted, not published.
 
 The DirectRunner's watermark is the wall clock, so replays to it need
 --rebase_to_now: each event's time becomes the moment it is scheduled to be
@@ -68,10 +67,6 @@ _ADMIN_RETRY = Retry(initial=0.25, maximum=2.0, timeout=20.0)
 # Up to 1000 messages per request (the client alone: ~16k msg/s to the emulator here,
 # ~13k with its default 100). 50 ms is the most a message waits for its batch.
 _BATCH_SETTINGS = pubsub_v1.types.BatchSettings(max_messages=1000, max_bytes=1_000_000, max_latency=0.05)
-# Without an ordering key the client commits batches concurrently and the topic may
-# receive a later batch first. One key makes it send them one after another, so the
-# topic gets the events in event-time order (Pub/Sub allows 1 MB/s per key).
-ORDERING_KEY = "replay"
 
 
 class UsageError(ValueError):
@@ -418,9 +413,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
         raise SpecError(f"spec {spec.name!r} has no default input: pass --input")
     files = matched_files(pattern)
     # The topic first: a wrong name or a missing emulator fails before the long load.
-    publisher = pubsub_v1.PublisherClient(
-        batch_settings=_BATCH_SETTINGS,
-        publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
+    publisher = pubsub_v1.PublisherClient(batch_settings=_BATCH_SETTINGS)
     ensure_topic(publisher, args.topic_path, args.create_topic)
     logging.info("loading %d file(s): %s", len(files), pattern)
     loading = time.monotonic()
@@ -431,15 +424,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
     logging.info("%d events read in %.1f s (%d dead letters); publishing %d to %s",
                  len(loaded.events), load_seconds, loaded.dead_letters, len(selection.events), args.topic_path)
 
-    def resume_after_failure(future: Future) -> None:
-        # A failure pauses the key (later messages fail too, each counted) until resumed.
-        if future.exception() is not None:
-            publisher.resume_publish(args.topic_path, ORDERING_KEY)
-
     def send(message: Message) -> Future:
-        future = publisher.publish(args.topic_path, message.data, ordering_key=ORDERING_KEY, **message.attributes)
-        future.add_done_callback(resume_after_failure)
-        return future
+        return publisher.publish(args.topic_path, message.data, **message.attributes)
 
     with FileSystems.create(args.record) if args.record else contextlib.nullcontext() as record:
         planned = schedule(selection.events, args.pacing)
