@@ -54,9 +54,7 @@ def model_inputs(spec: FeatureSpec, use_windowed: bool = True) -> ModelInputs:
         else:
             numeric.append(field.name)
     windowed = tuple(f.name for f in spec.windowed_features) if use_windowed else ()
-    presence = tuple(f"{f.name}_present" for f in spec.request_fields if f.has_presence)
-    if use_windowed:
-        presence += tuple(f"{f.name}_present" for f in spec.windowed_features if f.has_presence)
+    presence = spec.presence_flags(with_windowed=use_windowed)
     crosses = tuple((key, name) for key in spec.entity_keys for name in ordinal)
     return ModelInputs(tuple(numeric), tuple(categorical), ordinal, windowed, presence, crosses, spec.label.name)
 

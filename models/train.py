@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from models.features import ModelInputs, model_inputs, training_spec
-from transforms.spec import FeatureSpec
+from transforms.spec import FeatureSpec, presence_name
 
 ADAPT_SEED = 0  # the preprocessing sample must be the same on a resumed run
 
@@ -152,7 +152,7 @@ def rate_baseline(params: Params, spec: FeatureSpec, median: float) -> dict:
     distance), rate = sum(label) / sum(field) over the training examples that
     have the field; the median of train where an example lacks it."""
     field = spec.rate_baseline
-    flag = f"{field}_present" if next(f for f in spec.request_fields if f.name == field).has_presence else None
+    flag = presence_name(field) if presence_name(field) in spec.presence_flags(with_windowed=False) else None
     names = (field, flag) if flag else (field,)
 
     def read(split):

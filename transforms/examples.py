@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms.spec import FeatureSpec
+from transforms.spec import PRESENCE_SUFFIX, FeatureSpec, presence_name
 from transforms.windowed_features import FeatureRow
 
 _ARROW = {"bytes": pa.binary(), "int64": pa.int64(), "float32": pa.float32()}
@@ -44,11 +44,11 @@ def example_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
         columns.append(ExampleColumn(field.name, _FIELD_DTYPE[field.type], "static",
                                      field.required or field.has_presence))
         if field.has_presence:
-            columns.append(ExampleColumn(f"{field.name}_present", "int64", "static_presence", True))
+            columns.append(ExampleColumn(presence_name(field.name), "int64", "static_presence", True))
     for feature in spec.windowed_features:
         if feature.has_presence:
             columns.append(ExampleColumn(feature.name, "float32", "windowed", True))
-            columns.append(ExampleColumn(f"{feature.name}_present", "int64", "presence", True))
+            columns.append(ExampleColumn(presence_name(feature.name), "int64", "presence", True))
         else:
             columns.append(ExampleColumn(feature.name, "int64", "windowed", True))
     columns.append(ExampleColumn(spec.label.name, "float32", "label", False))
@@ -73,6 +73,7 @@ def rows_to_record_batch(spec: FeatureSpec, rows: Sequence[FeatureRow], with_lab
     """FeatureRows -> a RecordBatch with one list column per example column."""
     arrays, names = [], []
     slots = {f.name: i for i, f in enumerate(spec.windowed_features)}
+    flagged = {f.name for f in spec.request_fields if f.has_presence}
     for column in example_columns(spec):
         if column.role == "label" and not with_label:
             continue
@@ -80,13 +81,13 @@ def rows_to_record_batch(spec: FeatureSpec, rows: Sequence[FeatureRow], with_lab
             values = [row.event.event_id for row in rows]
         elif column.role in ("static", "label"):
             values = [row.event.fields.get(column.name) for row in rows]
-            if column.role == "static" and column.always_present:  # a required field, or one with a flag
+            if column.name in flagged:  # missing: 0 here, 0 in its flag
                 values = [0 if v is None else v for v in values]
         elif column.role == "static_presence":
-            field = column.name[: -len("_present")]
+            field = column.name.removesuffix(PRESENCE_SUFFIX)
             values = [0 if row.event.fields.get(field) is None else 1 for row in rows]
         elif column.role == "presence":
-            slot = slots[column.name[: -len("_present")]]
+            slot = slots[column.name.removesuffix(PRESENCE_SUFFIX)]
             values = [0 if row.features[slot] is None else 1 for row in rows]
         else:
             slot = slots[column.name]

@@ -37,6 +37,15 @@ _DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+PRESENCE_SUFFIX = "_present"
+
+
+def presence_name(name: str) -> str:
+    """The 0/1 flag encoded beside a value that may be missing (an optional
+    number, an aggregate other than count): `<name>_present`."""
+    return name + PRESENCE_SUFFIX
+
+
 class SpecError(ValueError):
     """A spec file is malformed; the message names the file and the field."""
 
@@ -106,6 +115,14 @@ class FeatureSpec:
     split: SplitSpec
     static_features: tuple[str, ...]  # request fields fed to the model (keys included)
     rate_baseline: Optional[str] = None  # evaluation: also report label = rate x this request field
+
+    def presence_flags(self, with_windowed: bool = True) -> tuple[str, ...]:
+        """The presence flags of the encoded example: optional numeric request
+        fields', then (with_windowed) the windowed features'."""
+        flags = tuple(presence_name(f.name) for f in self.request_fields if f.has_presence)
+        if with_windowed:
+            flags += tuple(presence_name(f.name) for f in self.windowed_features if f.has_presence)
+        return flags
 
     def fields(self, role: str) -> tuple[FieldSpec, ...]:
         return self.request_fields if role == "request" else self.observation_fields
@@ -243,9 +260,9 @@ def spec_from_dict(raw: Any) -> FeatureSpec:
     if not windowed:
         raise SpecError("windowed_features: at least one is needed")
     names = [f.name for f in request_fields] + [label.name, "event_id"]
-    names += [f"{f.name}_present" for f in request_fields if f.has_presence]
+    names += [presence_name(f.name) for f in request_fields if f.has_presence]
     for wf in windowed:
-        names += [wf.name] + ([f"{wf.name}_present"] if wf.has_presence else [])
+        names += [wf.name] + ([presence_name(wf.name)] if wf.has_presence else [])
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise SpecError(f"names used twice in the encoded example: {duplicated}")
