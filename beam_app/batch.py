@@ -39,10 +39,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, StandardOptions
 
 from beam_app.options import CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow
+from transforms.deduplicate import STAGE as DUPLICATE_STAGE
+from transforms.deduplicate import DeduplicateEvents
 from transforms.examples import EncodeExamples, example_columns, is_labeled
 from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.read_files import ReadRecords, matched_files, resolve_input
-from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
+from transforms.spec import ROLES, SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
 from transforms.split import SplitExamples
 from transforms.windowed_features import WindowedFeatures
 
@@ -84,14 +86,15 @@ def build(records, spec: FeatureSpec, split: SplitSpec) -> dict:
     """PCollection[RawRecord] -> {"train"|"eval"|"test": PCollection[bytes] of
     serialized tf.Examples, "dead_letters": PCollection[DeadLetter]}. No I/O."""
     parsed = records | "ParseEvents" >> ParseEvents(spec)
+    unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0)
     rows = (
-        parsed["events"]
+        unique["events"]
         | "WindowedFeatures" >> WindowedFeatures(spec)
         | "KeepLabeled" >> beam.ParDo(_KeepLabeled(spec))
     )
     splits = rows | "Split" >> SplitExamples(split)
     outputs = {name: splits[name] | f"Encode{name.title()}" >> EncodeExamples(spec) for name in SPLITS}
-    outputs[DEAD_LETTERS] = parsed[DEAD_LETTERS]
+    outputs[DEAD_LETTERS] = (parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE]) | "MergeDeadLetters" >> beam.Flatten()
     return outputs
 
 
@@ -137,9 +140,13 @@ def summarize(counters: dict[str, int]) -> dict:
     """The counts a user reads, and whether they add up (nothing lost silently)."""
     c = lambda name: counters.get(name, 0)  # noqa: E731
     examples = {name: c(f"split/examples_{name}") for name in SPLITS}
+    duplicates = {role: c(f"duplicates/{role}") for role in ROLES}
+    conflicts = {role: c(f"conflicts/{role}") for role in ROLES}
     summary = {
         "records_read": c("parse/records_read"),
-        "dead_letters": c("parse/dead_letters"),
+        "dead_letters": c("parse/dead_letters") + sum(conflicts.values()),
+        "duplicates": duplicates,
+        "conflicts": conflicts,
         "requests": c("parse/requests"),
         "observations": c("parse/observations"),
         "feature_rows": c("windowed_features/feature_rows"),
@@ -151,7 +158,8 @@ def summarize(counters: dict[str, int]) -> dict:
     checks = {
         "records_read == records parsed + dead_letters":
             c("parse/records_read") == c("parse/records_ok") + c("parse/dead_letters"),
-        "feature_rows == requests": c("windowed_features/feature_rows") == c("parse/requests"),
+        "feature_rows == requests - duplicates - conflicts":
+            c("windowed_features/feature_rows") == c("parse/requests") - duplicates["request"] - conflicts["request"],
         "feature_rows == examples + unlabeled_requests":
             c("windowed_features/feature_rows") == sum(examples.values()) + c("examples/unlabeled_requests"),
         "examples encoded == examples split": c("examples/encoded") == sum(examples.values()),
@@ -254,6 +262,8 @@ def _print_summary(summary: dict, output: str) -> None:
         f"({summary['requests']:,} requests, {summary['observations']:,} observations)",
         f"  examples            {sum(examples.values()):>9,}   "
         + ", ".join(f"{name} {count:,}" for name, count in examples.items()),
+        f"  duplicates          {sum(summary['duplicates'].values()):>9,}   identical copies of an event, dropped "
+        f"(conflicting copies are dead letters: {sum(summary['conflicts'].values()):,})",
         f"  unlabeled requests  {summary['unlabeled_requests']:>9,}   (no outcome, not written)",
         f"  late events         {summary['late_requests'] + summary['late_observations']:>9,}",
         f"  output              {output}/{{train,eval,test}}/ dead_letters/ spec.json summary.json",

@@ -1,8 +1,9 @@
 """Streaming branch: live events from Pub/Sub -> the same windowed features as
 the batch branch -> the trained SavedModel -> predictions in BigQuery.
 
-    Pub/Sub (JSON event, event_time attribute)
-      -> ParseEvents (the batch parser)        -> dead letters
+    Pub/Sub (JSON event, event_time attribute; stamped with the publish time)
+      -> ParseEvents (the batch parser; event time checked, then stamped)   -> dead letters
+      -> DeduplicateEvents (once per (event_id, role); conflicting copies)  -> dead letters
       -> WindowedFeatures(spec) (the batch transform: point-in-time [t - W, t))
       -> EncodeExamples (the batch encoder, no label)
       -> RunInference (SavedModel, serving_default on whole batches) -> dead letters
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -47,7 +49,10 @@ from models.export import SpecMismatch
 from models.inference import SavedModelHandler, load_checked_model, locate_model
 from transforms.events import DeadLetter, RawRecord
 from transforms.examples import EncodeExamples
-from transforms.parse import DEAD_LETTERS, ParseEvents
+from transforms.deduplicate import STAGE as DUPLICATE_STAGE
+from transforms.deduplicate import DeduplicateEvents
+from transforms.event_time import TimeBounds
+from transforms.parse import DEAD_LETTERS, LiveStamp, ParseEvents
 from transforms.spec import FeatureSpec, SpecError, load_spec
 from transforms.windowed_features import WindowedFeatures
 
@@ -67,11 +72,17 @@ class StreamingOptions(CommonOptions):
         parser.add_argument(
             "--event_time_attribute", default="event_time",
             help="Message attribute holding the event time (RFC 3339 or ms since the epoch); it must equal the "
-                 "payload's event_time (default: event_time).")
+                 "payload's event_time. A message without it, or with a value that is not a time or disagrees, is "
+                 "a dead letter (default: event_time).")
+        parser.add_argument(
+            "--max_future_s", type=int, default=300,
+            help="An event more than this many seconds after its publish time (a wrong clock, a typo in the "
+                 "year) is a dead letter instead of waiting for the watermark to reach it (default 300).")
         parser.add_argument(
             "--id_attribute", default=None,
-            help="Message attribute unique per message, for de-duplication of redelivered messages (Dataflow "
-                 "only; the publisher sets message_key). The DirectRunner does not support it.")
+            help="Message attribute unique per message, for de-duplication of redelivered messages at the source "
+                 "(Dataflow only; the publisher sets message_key). The job de-duplicates by (event_id, role) "
+                 "itself in any case; the DirectRunner refuses this flag.")
         parser.add_argument(
             "--model", default=None,
             help="The trained model: the --model_dir of `python -m models.train` (its LATEST version is used), a "
@@ -147,13 +158,17 @@ class _ToDeadLetterRow(beam.DoFn):
 
 def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
           key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
-          clock: Callable[[], float] = time.time) -> dict:
-    """PCollection[PubsubMessage] (stamped with their event time) ->
+          clock: Callable[[], float] = time.time, max_future_s: int = 300,
+          event_time_attribute: str = "event_time") -> dict:
+    """PCollection[PubsubMessage] (stamped with their publish time) ->
     {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O."""
     records = messages | "ToRecords" >> beam.Map(message_to_record)
-    parsed = records | "ParseEvents" >> ParseEvents(spec, check_timestamps=True)
+    live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
+    parsed = records | "ParseEvents" >> ParseEvents(spec, live=live)
+    unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(
+        spec.max_window_s + allowed_lateness_s, key_shards)
     examples = (
-        parsed["events"]
+        unique["events"]
         | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms)
         | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True)
     )
@@ -163,7 +178,8 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
         failed_inference_letters)
     return {
         "predictions": predictions | "ToPredictionRows" >> beam.ParDo(_ToPredictionRow(spec.fingerprint, clock)),
-        "dead_letters": (parsed[DEAD_LETTERS], failed_inferences) | "MergeDeadLetters" >> beam.Flatten(),
+        "dead_letters": ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences)
+                         | "MergeDeadLetters" >> beam.Flatten()),
     }
 
 
@@ -244,6 +260,12 @@ def _check_options(options: StreamingOptions) -> None:
     for flag in ("model", "predictions_table", "dead_letter_table"):
         if not getattr(options, flag):
             raise UsageError(f"--{flag} is required (see --help)")
+    if options.id_attribute and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
+        raise UsageError("--id_attribute works on Dataflow only: the DirectRunner's Pub/Sub reader cannot "
+                         "de-duplicate at the source. Leave it out here; the job still de-duplicates by "
+                         "(event_id, role) itself")
+    if options.max_future_s < 0 or options.allowed_lateness_s < 0:
+        raise UsageError("--max_future_s and --allowed_lateness_s must be 0 or more")
 
 
 def key_shards(options: StreamingOptions) -> Optional[int]:
@@ -272,9 +294,13 @@ def _prepare_tables(options: StreamingOptions) -> None:
                              "or create it as the README's deployment section shows")
 
 
-def _table_counts(options: StreamingOptions, since_us: int) -> dict:
+def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 10) -> dict:
     """Rows written to each table since the job started: the DirectRunner
-    reports no metrics for streaming pipelines, BigQuery does."""
+    reports no metrics for streaming pipelines, BigQuery does. A BigQuery that
+    does not answer fails within `deadline_s` (the client's own retry would
+    wait 600 s)."""
+    from google.api_core.retry import Retry
+
     from beam_app.bigquery_client import bigquery_client, parse_table_spec
     from transforms.events import time_us_to_rfc3339
 
@@ -286,16 +312,46 @@ def _table_counts(options: StreamingOptions, since_us: int) -> dict:
         select = f"{group}, COUNT(*) AS n" if group else "COUNT(*) AS n"
         sql = (f"SELECT {select} FROM `{project}.{dataset}.{table_id}` "
                f"WHERE processing_time >= TIMESTAMP('{since}')" + (f" GROUP BY {group}" if group else ""))
-        rows = list(bigquery_client(project, options.bigquery_endpoint).query(sql).result())
+        client = bigquery_client(project, options.bigquery_endpoint)
+        job = client.query(sql, retry=Retry(deadline=deadline_s), job_retry=None, timeout=deadline_s)
+        rows = list(job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s)))
         counts[name] = {row[group]: row["n"] for row in rows} if group else (rows[0]["n"] if rows else 0)
     return counts
+
+
+def settle(counts: Callable[[], object], quiet_s: float, max_s: float,
+           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Waits until `counts()` has not changed for `quiet_s`, or `max_s` has
+    passed; True when it settled. The streaming DirectRunner cannot be drained:
+    this is how a stop lets the requests the watermark has already passed
+    reach their table before the process goes."""
+    started = clock()
+    last, last_change = counts(), clock()
+    while clock() - started < max_s:
+        if clock() - last_change >= quiet_s:
+            return True
+        sleep(min(0.25, quiet_s))
+        now = counts()
+        if now != last:
+            last, last_change = now, clock()
+    return clock() - last_change >= quiet_s
+
+
+def _cancel_in_background(result, wait_s: float) -> None:
+    """result.cancel() waits for the Pub/Sub reader's blocked pull (up to 30 s):
+    give it `wait_s`, then leave it to the daemon thread. Messages it pulled
+    and did not ack are redelivered to the next job, which de-duplicates."""
+    thread = threading.Thread(target=result.cancel, name="cancel-pipeline", daemon=True)
+    thread.start()
+    thread.join(wait_s)
 
 
 def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,
         clock: Callable[[], float] = time.time) -> dict:
     """Starts the streaming job. On the DirectRunner it runs until --duration_s,
-    Ctrl-C or `stop` is set, and returns the summary; on Dataflow it returns
-    once the job is submitted."""
+    Ctrl-C or `stop` is set, lets what is in flight reach BigQuery (at most
+    2.5 s), and returns the summary: a stop takes a few seconds. On Dataflow
+    it returns once the job is submitted."""
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     options = StreamingOptions(argv)
@@ -315,11 +371,13 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
         test_client = EndpointBigQueryClient(parse_table_spec(options.predictions_table)[0], options.bigquery_endpoint)
 
     pipeline = beam.Pipeline(options=options)
+    # Stamped with the publish time, not timestamp_attribute: see transforms/event_time.py.
     messages = pipeline | "ReadFromPubSub" >> ReadFromPubSub(
         subscription=options.input_subscription, topic=options.input_topic, with_attributes=True,
-        timestamp_attribute=options.event_time_attribute, id_label=options.id_attribute)
+        id_label=options.id_attribute)
     outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
-                    options.release_step_ms, options.inference_batch_size, clock)
+                    options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
+                    options.event_time_attribute)
     write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
     started_us = int(clock() * 1e6)
     result = pipeline.run()
@@ -333,14 +391,17 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
         summary["job_id"] = job_id
         print(f"submitted streaming job {job_id}; it runs until you drain or cancel it", flush=True)
         return summary
+    written = lambda: _table_counts(options, started_us, deadline_s=2)  # noqa: E731
     try:
-        _wait(options.duration_s, started, stop or threading.Event(), lambda: _table_counts(options, started_us))
+        _wait(options.duration_s, started, stop or threading.Event(), written)
+        logging.info("stopping: writing what the watermark has passed")
+        settle(written, quiet_s=1.0, max_s=2.5)
     except KeyboardInterrupt:
-        logging.info("interrupted: stopping the pipeline")
+        logging.info("interrupted again: stopping now")
     finally:
-        result.cancel()
+        _cancel_in_background(result, wait_s=0.5)
     summary["seconds"] = round(time.monotonic() - started, 1)
-    summary.update(_table_counts(options, started_us))
+    summary.update(_table_counts(options, started_us, deadline_s=5))
     _print_summary(summary)
     return summary
 
@@ -354,7 +415,12 @@ def _wait(duration_s: float, started: float, stop: threading.Event, counts: Call
             return
         if time.monotonic() >= next_report:
             next_report += every_s
-            written = counts()
+            try:
+                written = counts()
+            except Exception as err:  # noqa: BLE001 - a progress line must not stop the job
+                logging.warning("running %.0f s; could not count the rows written: %s", time.monotonic() - started,
+                                err)
+                continue
             logging.info("running %.0f s: %d predictions, dead letters %s", time.monotonic() - started,
                          written["predictions"], written["dead_letters"] or 0)
 
@@ -378,8 +444,19 @@ def main() -> None:
                    "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner), "
                "--project, --region, --temp_location, ...")
         return
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # a second Ctrl-C: do not wait for the tables
+            raise KeyboardInterrupt
+        logging.info("%s: stopping (again to stop at once)", signal.Signals(signum).name)
+        stop.set()
+
+    # Ctrl-C and SIGTERM (docker stop, a supervisor) stop the DirectRunner job the same way.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     try:
-        run(sys.argv[1:])
+        run(sys.argv[1:], stop=stop)
     except (UsageError, SpecError, SpecMismatch, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     # The DirectRunner's Pub/Sub reader may sit in a 30 s pull that nobody

@@ -120,23 +120,3 @@ def test_parse_events_routes_and_counts(flights_spec):
     assert counters["requests"] == 2 and counters["observations"] == 1
 
 
-def test_stamped_records_must_agree_with_their_payload_to_the_millisecond(flights_spec):
-    """Pub/Sub stamps a message with its event_time attribute (ms precision on Dataflow)."""
-    (request, _) = parse_record(flights_spec, csv_record(ROW))
-    text = event_to_json(request)
-    stamped = [
-        (RawRecord("pubsub:1", text, "json", attributes={"event_time": "a"}), request.time_us + 999),  # same ms
-        (RawRecord("pubsub:2", text, "json", attributes={"event_time": "b"}), request.time_us + 60_000_000),
-    ]
-    with TestPipeline() as pipeline:
-        parsed = (pipeline
-                  | beam.Create(stamped)
-                  | beam.MapTuple(lambda record, time_us: beam.window.TimestampedValue(record, time_us / 1e6))
-                  | ParseEvents(flights_spec, check_timestamps=True))
-        assert_that(parsed["events"] | beam.Map(lambda e: e.event_id), equal_to([request.event_id]), label="ok")
-        assert_that(parsed[DEAD_LETTERS] | beam.Map(lambda d: (d.source, d.attributes, d.raw == text, d.reason)),
-                    equal_to([("pubsub:2", {"event_time": "b"}, True,
-                               "event_time: the payload says 2013-01-01T09:15:00Z but the message is stamped "
-                               "2013-01-01T09:16:00Z (its event_time attribute, or its publish time when the "
-                               "attribute is missing): publish with the event_time attribute equal to the "
-                               "payload's")]), label="dead")

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import pytest
 
@@ -29,15 +29,23 @@ from transforms.spec import SPLITS, load_spec  # noqa: E402
 PROJECT = "test-project"
 EVENTS = 400  # about 200 requests: the streaming DirectRunner answers about 7 a second here
 TAXI_EVENTS = 120  # about 60 trips of the embedded data: a short run
+DUPLICATES = 20  # events published a second time
 
 
 class Malformed(NamedTuple):
-    """A message published next to the events, with a piece of the reason its dead letter must give.
-    Every one is stamped with the publish time (event_time attribute); `data` may take that time
-    (RFC 3339, whole ms) to put the same event_time in its payload."""
+    """A message published before the events, with a piece of the reason its dead letter must give.
+    It is stamped with the publish time (event_time attribute) unless `attributes` says otherwise;
+    `data` and `attributes` may take that time (RFC 3339, whole ms) to put it in the payload."""
 
     data: Union[bytes, Callable[[str], bytes]]
     reason: str
+    attributes: Optional[Callable[[str], dict]] = None
+
+
+def _flights_request(event_time: str, event_id: str = "20131130-UA3-EWR") -> bytes:
+    return json.dumps({"event_id": event_id, "role": "request", "event_time": event_time, "carrier": "UA",
+                       "origin": "EWR", "dest": "ORD", "distance": 719.0, "hour": 5, "minute": 0, "month": 11,
+                       "day_of_week": 5}).encode()
 
 
 MALFORMED = [
@@ -51,6 +59,14 @@ MALFORMED = [
                           "carrier": "UA", "origin": "EWR", "dest": "ORD", "distance": 719.0, "hour": 5, "minute": 0,
                           "month": 11, "day_of_week": 5}).encode(),
               "event_time: the payload says 2013-11-30T10:00:00Z"),
+    # Poison for the source's own timestamp parsing: each used to stall the job, or be held forever.
+    Malformed(_flights_request, "attribute event_time='not-a-time' is neither RFC 3339",
+              lambda now: {"event_time": "not-a-time"}),
+    Malformed(_flights_request, "the message has no 'event_time' attribute", lambda now: {}),
+    Malformed(lambda now: _flights_request("9999-12-31T23:59:59Z"), "more than --max_future_s 300",
+              lambda now: {"event_time": "9999-12-31T23:59:59Z"}),
+    Malformed(lambda now: _flights_request("1970-01-01T00:00:00Z"), "more than --allowed_lateness_s 3600",
+              lambda now: {"event_time": "1970-01-01T00:00:00Z"}),
 ]
 
 
@@ -87,8 +103,8 @@ class Streamed(NamedTuple):
     summary: dict  # streaming.run's summary
 
 
-def _publish_malformed(topic: str, malformed: list[Malformed]) -> list[bytes]:
-    """Publishes each message stamped with now (whole ms); returns the bytes sent."""
+def _publish_malformed(topic: str, malformed: list[Malformed]) -> list[tuple[bytes, dict]]:
+    """Publishes each message stamped with now (whole ms); returns the bytes and attributes sent."""
     from google.cloud import pubsub_v1
 
     publisher = pubsub_v1.PublisherClient()
@@ -96,9 +112,28 @@ def _publish_malformed(topic: str, malformed: list[Malformed]) -> list[bytes]:
     sent = []
     for message in malformed:
         data = message.data(now) if callable(message.data) else message.data
-        publisher.publish(topic, data, event_time=now).result()
-        sent.append(data)
+        attributes = message.attributes(now) if message.attributes else {"event_time": now}
+        publisher.publish(topic, data, **attributes).result()
+        sent.append((data, attributes))
     return sent
+
+
+def _republish(topic: str, events: list[dict]) -> None:
+    """Publishes events again, as the publisher did (a producer's retry, a redelivery)."""
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    for event in events:
+        publisher.publish(topic, json.dumps(event, separators=(",", ":")).encode(), event_time=event["event_time"],
+                          event_id=event["event_id"], role=event["role"],
+                          message_key=f"{event['event_id']}/{event['role']}").result()
+
+
+def _conflicting_copy(events: list[dict]) -> dict:
+    """A published observation with its first numeric field changed: same identity, other content."""
+    observation = next(event for event in events if event["role"] == "observation")
+    name = next(key for key, value in observation.items() if isinstance(value, (int, float)))
+    return {**observation, name: observation[name] + 1}
 
 
 def _rows(client, sql: str) -> list[dict]:
@@ -129,10 +164,12 @@ def _batch_reference(spec: str, recorded: Path, output: Path, version_dir: Path)
 def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: list[str], events: int,
                       malformed: list[Malformed], bigquery_emulator, tmp_path: Path) -> Streamed:
     """Topic, subscription and tables of their own (`name`: the emulators are shared by the session);
-    the streaming job in a thread; `events` events published with `publish_args` (recorded), then the
-    malformed messages. Checks that every request gets exactly one prediction from this model, equal to
-    the batch branch's on the recorded file where batch has one, and that each malformed message is a
-    parse dead letter with its reason, payload and attributes, all counted in the job's summary."""
+    the streaming job in a thread; the malformed messages, then `events` events published with
+    `publish_args` (recorded), then DUPLICATES of them again and one conflicting copy. Checks that every
+    request gets exactly one prediction from this model, equal to the batch branch's on the recorded file
+    where batch has one; that each malformed message is a parse dead letter with its reason, payload and
+    attributes, and the conflict a duplicate dead letter naming both versions, all counted in the job's
+    summary; and that every message is accounted for."""
     from google.cloud import pubsub_v1
 
     topic = f"projects/{PROJECT}/topics/{name}-events"
@@ -165,13 +202,19 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
     try:
         client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
         wait_until(lambda: tables_exist(client, dataset), 60, "the job to create its tables", job_failed)
+        # Poison first: the events after it must still be predicted.
+        sent = _publish_malformed(topic, malformed)
         published = publish.run(["--topic", topic, "--spec", spec, *publish_args, "--limit", str(events),
                                  "--rebase_to_now", "--rate", "100", "--record", str(recorded)])
-        sent = _publish_malformed(topic, malformed)
         assert published["published"] == events
-
         published_events = [json.loads(line) for line in recorded.read_text().splitlines()]
         requests = {event["event_id"] for event in published_events if event["role"] == "request"}
+        observations = len(published_events) - len(requests)
+        # At least once: the first events again (their predictions may be written already), and one conflict.
+        copies = published_events[:DUPLICATES]
+        conflict = _conflicting_copy(published_events)
+        _republish(topic, copies + [conflict])
+        messages = len(malformed) + events + len(copies) + 1
 
         def all_predicted():
             rows = _rows(client, f"SELECT event_id, COUNT(*) AS n FROM {predictions_sql} GROUP BY event_id")
@@ -180,17 +223,17 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         # Generous: on a busy machine the first bundle (the model loading, the first pull) can take long.
         wait_until(all_predicted, 180, f"{len(requests)} predictions", job_failed)
         dead = wait_until(lambda: (rows := _rows(client, f"SELECT * FROM {dead_letters_sql}")) and
-                          len(rows) >= len(malformed) and rows, 60, "the dead letters", job_failed)
+                          len(rows) >= len(malformed) + 1 and rows, 60, "the dead letters", job_failed)
         time.sleep(3)  # anything extra (a duplicate) would arrive now
         stop.set()
-        # The batch reference while the job stops (cancelling waits for the DirectRunner's Pub/Sub pull, up to 30 s).
+        # The batch reference while the job stops.
         reference = _batch_reference(spec, recorded, tmp_path / "batch", version_dir)
     finally:
         stop.set()
         thread.join(60)
     assert not failed and not thread.is_alive()
 
-    # Every request got exactly one prediction, and nothing else did.
+    # Every request got exactly one prediction, and nothing else did: the copies changed nothing.
     counts = _rows(client, f"SELECT event_id, COUNT(*) AS n FROM {predictions_sql} GROUP BY event_id")
     assert {row["event_id"] for row in counts} == requests
     assert all(row["n"] == 1 for row in counts), [row for row in counts if row["n"] != 1][:5]
@@ -205,15 +248,23 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
     assert not mismatched, f"{len(mismatched)} of {len(reference)} predictions differ from batch: " \
                            f"{list(mismatched.items())[:5]}"
 
+    # The conflicting copy: a dead letter naming both versions.
+    (conflict_letter,) = [row for row in dead if row["stage"] == "duplicate"]
+    assert conflict_letter["source"] == f"event:{conflict['event_id']}/observation"
+    assert json.loads(conflict_letter["payload"]) == conflict
+    assert "(kept) vs" in conflict_letter["error"] and "(this copy)" in conflict_letter["error"]
+
+    # Every message accounted for: predictions + observations + dead letters + duplicates = messages.
+    assert len(streamed) + observations + len(dead) + len(copies) == messages
     # Malformed messages: dead letters with the reason, payload and attributes; counted in the summary.
     parse_letters = sorted((row for row in dead if row["stage"] == "parse"), key=lambda row: row["error"])
     assert len(parse_letters) == len(malformed)
-    for data, message in zip(sent, malformed):
+    for (data, attributes), message in zip(sent, malformed):
         (letter,) = [row for row in parse_letters if message.reason in row["error"]]
         assert letter["payload"] == data.decode("utf-8", errors="replace")
-        assert "event_time" in json.loads(letter["attributes"])
+        assert json.loads(letter["attributes"]) == attributes
     assert summary["predictions"] == len(requests)
-    assert summary["dead_letters"] == {"parse": len(malformed)}
+    assert summary["dead_letters"] == {"parse": len(malformed), "duplicate": 1}
     return Streamed(published_events, requests, streamed, reference, parse_letters, published, summary)
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import csv
 import math
 import re
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Timestamp
 
 from transforms.adapters import load_adapter
-from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json, time_us_to_rfc3339
+
+from transforms.event_time import TimeBounds, check_event_time
+from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json
 from transforms.spec import ROLES, FeatureSpec, FieldSpec
 
 DEAD_LETTERS = "dead_letters"
@@ -131,18 +134,6 @@ class RecordParser:
         return [self._validate(event) for event in events]
 
 
-def check_event_time(event: Event, element_time_us: int) -> None:
-    """A source that stamps elements itself (Pub/Sub's event_time attribute)
-    must agree with the payload's event_time, to the millisecond (Dataflow
-    keeps Pub/Sub timestamps at ms precision): features are computed from the
-    payload, windows and watermarks from the stamp."""
-    if event.time_us // 1000 != element_time_us // 1000:
-        raise InvalidRecord(
-            f"event_time: the payload says {time_us_to_rfc3339(event.time_us)} but the message is stamped "
-            f"{time_us_to_rfc3339(element_time_us)} (its event_time attribute, or its publish time when the "
-            "attribute is missing): publish with the event_time attribute equal to the payload's")
-
-
 def validate_event(spec: FeatureSpec, event: Event) -> Event:
     """One event checked against the spec (tests and one-offs; jobs keep an EventValidator)."""
     return EventValidator(spec)(event)
@@ -153,12 +144,36 @@ def parse_record(spec: FeatureSpec, record: RawRecord) -> list[Event]:
     return RecordParser(spec)(record)
 
 
-class _ParseDoFn(beam.DoFn):
-    """RawRecord -> Event (main) | DeadLetter (tagged), counted."""
+class LiveStamp(NamedTuple):
+    """How live records carry their event time: the attribute that holds it,
+    and how far from the publish time (the element's timestamp) it may be."""
 
-    def __init__(self, spec: FeatureSpec, check_timestamps: bool):
+    attribute: str
+    bounds: TimeBounds
+
+
+def parse_or_dead_letter(parse: RecordParser, record: RawRecord, publish_time_us: int,
+                         live: Optional[LiveStamp]) -> tuple[list[Event], Optional[DeadLetter]]:
+    """One record -> (its events, None) or ([], its dead letter): never raises.
+    live: the record came from a live source at `publish_time_us`; its events'
+    times are checked against their attribute and that time."""
+    try:
+        events = parse(record)
+        if live is not None:
+            for event in events:
+                check_event_time(event, record.attributes, live.attribute, publish_time_us, live.bounds)
+    except (InvalidRecord, ValueError) as err:
+        return [], DeadLetter(record.source, record.text, str(err), "parse", record.attributes)
+    return events, None
+
+
+class _ParseDoFn(beam.DoFn):
+    """RawRecord -> Event (main) | DeadLetter (tagged), counted. With a
+    LiveStamp, each event leaves stamped with its checked event time."""
+
+    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp]):
         self._spec = spec
-        self._check_timestamps = check_timestamps
+        self._live = live
         self._records = Metrics.counter("parse", "records_read")
         self._ok = Metrics.counter("parse", "records_ok")
         self._dead = Metrics.counter("parse", "dead_letters")
@@ -169,20 +184,15 @@ class _ParseDoFn(beam.DoFn):
 
     def process(self, record: RawRecord, timestamp=beam.DoFn.TimestampParam):
         self._records.inc()
-        try:
-            events = self._parse(record)
-            if self._check_timestamps:
-                for event in events:
-                    check_event_time(event, timestamp.micros)
-        except (InvalidRecord, ValueError) as err:
+        events, dead = parse_or_dead_letter(self._parse, record, timestamp.micros, self._live)
+        if dead is not None:
             self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                record.source, record.text, str(err), "parse", record.attributes))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead)
             return
         self._ok.inc()
         for event in events:
             self._by_role[event.role].inc()
-            yield event
+            yield event if self._live is None else beam.window.TimestampedValue(event, Timestamp(micros=event.time_us))
 
 
 class ParseEvents(beam.PTransform):
@@ -190,17 +200,20 @@ class ParseEvents(beam.PTransform):
     "dead_letters": PCollection[DeadLetter]}.
 
     Identical in batch and streaming: the parser knows nothing of where the
-    records came from. Element timestamps pass through untouched.
+    records came from. Element timestamps pass through untouched, except:
 
-    check_timestamps: the source stamped each record with its event time
-    (Pub/Sub); a payload whose event_time disagrees is a dead letter."""
+    live: records stamped with their publish time (Pub/Sub, read without
+    `timestamp_attribute`: see transforms/event_time.py for why). Each
+    event's time is checked against its attribute and the publish time,
+    and the event leaves stamped with it; a record that fails is a dead
+    letter, and the job goes on."""
 
-    def __init__(self, spec: FeatureSpec, check_timestamps: bool = False, label: Optional[str] = None):
+    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp] = None, label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
-        self._check_timestamps = check_timestamps
+        self._live = live
 
     def expand(self, records):
-        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._check_timestamps)).with_outputs(
+        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}

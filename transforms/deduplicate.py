@@ -1,0 +1,232 @@
+"""At most once per event: one rule for batch and streaming.
+
+An event is identified by (role, event_id). Inputs are at least once (Pub/Sub
+redelivers, producers retry, history files overlap), so:
+
+- an identical copy (same identity, same event time and fields) of an event
+  already accepted is a **duplicate**: counted (`duplicates/<role>`) and
+  dropped; it changes nothing;
+- a copy with the same identity and other content is a **conflict**: a dead
+  letter (stage `duplicate`) whose reason names both versions, counted
+  (`conflicts/<role>`); the first accepted copy stays.
+
+"First" is arrival order in streaming. In batch, where there is no arrival
+order, the copies of an identity are offered in the order of their canonical
+JSON, so the kept one does not depend on how the input was split or read.
+
+`IdLedger` is the pure engine; `DeduplicateEvents` the Beam wrapper. The
+ledger forgets an identity `horizon_s` after its event time (the longest
+window plus the allowed lateness: when the feature history forgets the
+event), so its state is bounded by the traffic of one horizon. A copy that
+comes after that is beyond the allowed lateness, which the live parser
+already refuses for requests (transforms/event_time.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.events import DeadLetter, Event, event_from_json, event_to_json, time_us_to_rfc3339
+from transforms.spec import ROLES
+from transforms.windowed_features import state_key
+
+_US = 1_000_000
+STAGE = "duplicate"  # the dead-letter stage of conflicting copies
+
+NEW, DUPLICATE, CONFLICT = "new", "duplicate", "conflict"
+
+
+def identity(event: Event) -> str:
+    """(role, event_id) as one string: the publisher's `message_key` has the same form."""
+    return f"{event.event_id}/{event.role}"
+
+
+def describe_conflict(kept: Event, copy: Event) -> str:
+    """The dead-letter reason for `copy`: which event, and what differs from the kept version."""
+    differences = []
+    if kept.time_us != copy.time_us:
+        differences.append(f"event_time {time_us_to_rfc3339(kept.time_us)} (kept) vs "
+                           f"{time_us_to_rfc3339(copy.time_us)} (this copy)")
+    for name in sorted(set(kept.fields) | set(copy.fields)):
+        if kept.fields.get(name) != copy.fields.get(name):
+            differences.append(f"{name} {kept.fields.get(name)!r} (kept) vs {copy.fields.get(name)!r} (this copy)")
+    return (f"conflicting duplicate: {copy.role} {copy.event_id} was already accepted with other content "
+            f"({'; '.join(differences)}); kept: {event_to_json(kept)}")
+
+
+class IdLedger:
+    """The identities accepted within the horizon, each with its content."""
+
+    def __init__(self, horizon_us: int, entries: Optional[dict] = None):
+        self.horizon_us = horizon_us
+        self.entries: dict[str, tuple[str, int]] = dict(entries or {})  # identity -> (canonical JSON, forget at)
+
+    def admit(self, event: Event) -> tuple[str, Optional[str]]:
+        """(NEW, None), (DUPLICATE, None) or (CONFLICT, reason); NEW events are remembered."""
+        key = identity(event)
+        content = event_to_json(event)
+        seen = self.entries.get(key)
+        if seen is None:
+            self.entries[key] = (content, event.time_us + self.horizon_us)
+            return NEW, None
+        if seen[0] == content:
+            return DUPLICATE, None
+        return CONFLICT, describe_conflict(event_from_json_typed(seen[0], event), event)
+
+    def forget_through(self, time_us: int) -> None:
+        """Forget every identity whose event is older than the horizon at `time_us`."""
+        self.entries = {key: entry for key, entry in self.entries.items() if entry[1] > time_us}
+
+    def next_forget_us(self) -> Optional[int]:
+        return min((entry[1] for entry in self.entries.values()), default=None)
+
+
+def event_from_json_typed(text: str, like: Event) -> Event:
+    """The kept copy back from its canonical JSON, for the conflict's reason
+    (fields the JSON left out because they were None come back as None)."""
+    event = event_from_json(text)
+    return Event(event.event_id, event.role, event.time_us, {name: event.fields.get(name) for name in like.fields}
+                 | event.fields)
+
+
+def resolve_copies(copies: Iterable[Event], horizon_us: int = 0) -> tuple[Event, int, list[tuple[Event, str]]]:
+    """Every copy of one identity (batch) -> (the kept event, identical
+    duplicates, [(conflicting copy, reason)]): offered in canonical order."""
+    ledger = IdLedger(horizon_us)
+    kept, duplicates, conflicts = None, 0, []
+    for copy in sorted(copies, key=event_to_json):
+        verdict, reason = ledger.admit(copy)
+        if verdict == NEW:
+            kept = copy
+        elif verdict == DUPLICATE:
+            duplicates += 1
+        else:
+            conflicts.append((copy, reason))
+    return kept, duplicates, conflicts
+
+
+def conflict_letter(copy: Event, reason: str) -> DeadLetter:
+    return DeadLetter(f"event:{identity(copy)}", event_to_json(copy), reason, STAGE)
+
+
+class _Counters:
+    """The dedup counters, one place for their names."""
+
+    def __init__(self):
+        self.duplicates = {role: Metrics.counter("duplicates", role) for role in ROLES}
+        self.conflicts = {role: Metrics.counter("conflicts", role) for role in ROLES}
+
+
+class _ResolveBatch(beam.DoFn):
+    """(identity, [Event]) -> the kept Event | DeadLetter (tagged) per conflicting copy."""
+
+    def setup(self):
+        self._counters = _Counters()
+
+    def process(self, keyed):
+        _, copies = keyed
+        kept, duplicates, conflicts = resolve_copies(copies)
+        self._counters.duplicates[kept.role].inc(duplicates)
+        self._counters.conflicts[kept.role].inc(len(conflicts))
+        for copy, reason in conflicts:
+            yield beam.pvalue.TaggedOutput(STAGE, conflict_letter(copy, reason))
+        yield kept
+
+
+class _DeduplicateLive(beam.DoFn):
+    """(state key, Event) -> Event | DeadLetter (tagged), judged on arrival.
+
+    Not buffered until the watermark passes, as the feature stages are: the
+    DirectRunner does not hold a step's output watermark for its pending
+    timers, so events released by a timer reach the next stateful step
+    behind its watermark, out of order (measured: 95 of 213 requests of a
+    replay lost observations). Judged on arrival, an event leaves with the
+    bundle it came in. A timer forgets identities past the horizon, so a
+    ledger never outlives its events."""
+
+    LEDGER = ReadModifyWriteStateSpec("ledger", FastPrimitivesCoder())
+    FORGET_AT = ReadModifyWriteStateSpec("forget_at", VarIntCoder())
+    FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
+
+    def __init__(self, horizon_us: int):
+        self._horizon_us = horizon_us
+
+    def setup(self):
+        self._counters = _Counters()
+
+    def process(self, element, ledger_state=beam.DoFn.StateParam(LEDGER),
+                forget_at=beam.DoFn.StateParam(FORGET_AT), forget=beam.DoFn.TimerParam(FORGET)):
+        _, event = element
+        ledger = IdLedger(self._horizon_us, ledger_state.read())
+        verdict, reason = ledger.admit(event)
+        if verdict == NEW:
+            ledger_state.write(ledger.entries)
+            pending = forget_at.read()
+            due = event.time_us + self._horizon_us
+            if pending is None or due < pending:
+                forget.set(Timestamp(micros=due))
+                forget_at.write(due)
+            yield event
+        elif verdict == DUPLICATE:
+            self._counters.duplicates[event.role].inc()
+        else:
+            self._counters.conflicts[event.role].inc()
+            yield beam.pvalue.TaggedOutput(STAGE, conflict_letter(event, reason))
+
+    @on_timer(FORGET)
+    def on_forget(self, fired_at=beam.DoFn.TimestampParam, ledger_state=beam.DoFn.StateParam(LEDGER),
+                  forget_at=beam.DoFn.StateParam(FORGET_AT), forget=beam.DoFn.TimerParam(FORGET)):
+        ledger = IdLedger(self._horizon_us, ledger_state.read())
+        ledger.forget_through(fired_at.micros)
+        due = ledger.next_forget_us()
+        if due is None:
+            ledger_state.clear()
+            forget_at.clear()
+            return
+        ledger_state.write(ledger.entries)
+        forget.set(Timestamp(micros=due))
+        forget_at.write(due)
+
+
+class DeduplicateEvents(beam.PTransform):
+    """PCollection[Event] -> {"events": PCollection[Event], each identity once,
+    "duplicate": PCollection[DeadLetter] of conflicting copies}.
+
+    horizon_s: how long (event time) an identity is remembered: the longest
+    window plus the allowed lateness. Unbounded input only:
+    key_shards: None keeps a ledger per identity (Dataflow: a few bytes of
+    state per key); N hashes identities into N ledgers, each read and
+    written per event, so an event costs O(identities in the horizon / N)
+    (the DirectRunner, where every key is a bundle of its own)."""
+
+    def __init__(self, horizon_s: int, key_shards: Optional[int] = None, label: Optional[str] = None):
+        super().__init__(label)
+        self._horizon_us = horizon_s * _US
+        self._shards = key_shards
+
+    def expand(self, events):
+        if events.is_bounded:
+            outputs = (
+                events
+                | "ByIdentity" >> beam.Map(lambda event: (identity(event), event)).with_output_types(
+                    tuple[str, Any])
+                | "GroupCopies" >> beam.GroupByKey()
+                | "Resolve" >> beam.ParDo(_ResolveBatch()).with_outputs(STAGE, main="events")
+            )
+        else:
+            shards = self._shards
+            outputs = (
+                events
+                | "ByIdentity" >> beam.Map(lambda event: (state_key(identity(event), shards), event)).with_output_types(
+                    tuple[str, Any])
+                | "Judge" >> beam.ParDo(_DeduplicateLive(self._horizon_us)).with_outputs(
+                    STAGE, main="events")
+            )
+        return {"events": outputs.events, STAGE: outputs[STAGE]}
