@@ -9,10 +9,14 @@ event: the data is the event's JSON line, the attributes are `event_time`
 `event_id`, `role` and `message_key` (`<event_id>/<role>`, unique: an id_label
 for de-duplication). Records that do not parse are counted, not published.
 
-The DirectRunner's watermark is the wall clock, so replays to it need
---rebase_to_now: each event's time becomes the moment it is scheduled to be
-published (whole milliseconds, as Pub/Sub timestamps are kept), order intact.
-Without it event times are kept, for historical replay on Dataflow.
+The streaming job judges an event's time against its publish time (its
+watermark follows publish times, on the DirectRunner and on Dataflow alike),
+so replays to it need --rebase_to_now: each event's time becomes the moment
+it is scheduled to be published (whole milliseconds, as Pub/Sub timestamps
+are kept), order intact. Without it event times are kept: the job then takes
+the observations as late history and refuses the requests as beyond its
+allowed lateness (dead letters), which is what a live job should do with
+them. Score history with the batch branch instead.
 
 --record writes exactly what was published, one JSON line per message in
 publish order; the batch job on that file is the reference streaming must
@@ -23,9 +27,10 @@ Replay a day to the emulator (PUBSUB_EMULATOR_HOST=127.0.0.1:8085), as fast as p
     python -m beam_app.publish --topic projects/local/topics/flights --create_topic \\
         --start_time 2013-06-01 --limit 2000 --rate 0 --rebase_to_now --record sent.ndjson
 
-Replay the whole year to real Pub/Sub, an hour of flights per second:
+Replay a month to real Pub/Sub, an hour of flights per second, as if live:
 
-    python -m beam_app.publish --project my-project --topic flights --speedup 3600
+    python -m beam_app.publish --project my-project --topic flights --start_time 2013-06-01 \
+        --speedup 3600 --rebase_to_now
 """
 
 from __future__ import annotations

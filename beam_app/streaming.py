@@ -47,8 +47,9 @@ from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_lette
                              failed_row_letter, is_dead_letter_row, prediction_row, table_schema)
 from models.export import SpecMismatch
 from models.inference import SavedModelHandler, load_checked_model, locate_model
-from transforms.events import DeadLetter, RawRecord
+from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
 from transforms.examples import EncodeExamples
+from transforms.bootstrap import RecentObservations
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.event_time import TimeBounds
@@ -99,6 +100,15 @@ class StreamingOptions(CommonOptions):
         parser.add_argument(
             "--bigquery_endpoint", default=None,
             help="BigQuery API endpoint, e.g. http://127.0.0.1:9050 for the local emulator. Default: Google's.")
+        parser.add_argument(
+            "--bootstrap_input", default=None,
+            help="Warm start: history files (a path or glob, local or gs://: CSV through the spec's adapter, or "
+                 "NDJSON events such as the publisher's --record) whose observations of the last max(window) plus "
+                 "--allowed_lateness_s are loaded into the feature state before any request is answered, so the "
+                 "first requests after a (re)start see full windows.")
+        parser.add_argument(
+            "--bootstrap_format", default="auto", choices=("auto", "csv", "json"),
+            help="How to read --bootstrap_input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
         parser.add_argument(
             "--allowed_lateness_s", type=int, default=3600,
             help="How far behind the watermark a request may arrive and still get exact features (default 3600).")
@@ -159,13 +169,17 @@ class _ToDeadLetterRow(beam.DoFn):
 def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
           key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
           clock: Callable[[], float] = time.time, max_future_s: int = 300,
-          event_time_attribute: str = "event_time") -> dict:
+          event_time_attribute: str = "event_time", history=None) -> dict:
     """PCollection[PubsubMessage] (stamped with their publish time) ->
-    {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O."""
+    {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O.
+    history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap)."""
     records = messages | "ToRecords" >> beam.Map(message_to_record)
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
     parsed = records | "ParseEvents" >> ParseEvents(spec, live=live)
-    unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(
+    events = parsed["events"]
+    if history is not None:
+        events = (events, history) | "WithHistory" >> beam.Flatten()
+    unique = events | "DeduplicateEvents" >> DeduplicateEvents(
         spec.max_window_s + allowed_lateness_s, key_shards)
     examples = (
         unique["events"]
@@ -264,6 +278,13 @@ def _check_options(options: StreamingOptions) -> None:
         raise UsageError("--id_attribute works on Dataflow only: the DirectRunner's Pub/Sub reader cannot "
                          "de-duplicate at the source. Leave it out here; the job still de-duplicates by "
                          "(event_id, role) itself")
+    if options.bootstrap_input:
+        from transforms.read_files import matched_files
+
+        try:
+            matched_files(options.bootstrap_input)
+        except FileNotFoundError:
+            raise UsageError(f"--bootstrap_input {options.bootstrap_input!r} matches no file") from None
     if options.max_future_s < 0 or options.allowed_lateness_s < 0:
         raise UsageError("--max_future_s and --allowed_lateness_s must be 0 or more")
 
@@ -302,7 +323,6 @@ def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 
     from google.api_core.retry import Retry
 
     from beam_app.bigquery_client import bigquery_client, parse_table_spec
-    from transforms.events import time_us_to_rfc3339
 
     since = time_us_to_rfc3339(since_us)
     counts = {}
@@ -375,9 +395,16 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     messages = pipeline | "ReadFromPubSub" >> ReadFromPubSub(
         subscription=options.input_subscription, topic=options.input_topic, with_attributes=True,
         id_label=options.id_attribute)
+    history = None
+    if options.bootstrap_input:
+        since_us = int(clock() * 1e6) - (spec.max_window_s + options.allowed_lateness_s) * 1_000_000
+        history = pipeline | "Bootstrap" >> RecentObservations(spec, options.bootstrap_input, since_us,
+                                                               options.bootstrap_format)
+        logging.info("warm start: observations since %s from %s", time_us_to_rfc3339(since_us),
+                     options.bootstrap_input)
     outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
                     options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
-                    options.event_time_attribute)
+                    options.event_time_attribute, history)
     write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
     started_us = int(clock() * 1e6)
     result = pipeline.run()

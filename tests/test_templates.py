@@ -103,6 +103,7 @@ def test_required_options_are_declared_required_and_the_input_as_one_of_two(para
     full = {"input_subscription": "projects/my-project/subscriptions/events-job",
             "model": "gs://my-bucket/models/delay", "predictions_table": "my-project:features.predictions",
             "dead_letter_table": "my-project:features.dead_letters"}
+    full["bootstrap_input"] = str(REPO / "transforms" / "specs" / "flights.yaml")  # checked: it must match a file
     for name, action in _job_options().items():
         if name not in full and name != "input_topic" and action.nargs != 0:
             full[name] = str(action.default) if action.default is not None else "1"
@@ -170,6 +171,11 @@ CASES = {
     "id_attribute": (["message_key", "id", "unique-id"], ATTRIBUTE_BAD),
     "allowed_lateness_s": (["0", "60", "3600", "86400"], ["-1", "1h", "3600s", "1.5", "", " 60", "1e3", "060"]),
     "max_future_s": (["0", "300", "86400"], ["-1", "5m", "300s", "1.5", "", "0300"]),
+    "bootstrap_input": (["gs://my-bucket/history/*.ndjson", "gs://my-bucket/archive/2013-*.csv.gz",
+                         "gs://my.bucket/events.json"],
+                        ["history/*.ndjson", "/data/history.csv", "gs://my-bucket", "gs://my-bucket/",
+                         "gs://my-bucket/my history.csv", ""]),
+    "bootstrap_format": (["auto", "csv", "json"], ["ndjson", "JSON", ""]),
     "key_shards": (["0", "1", "16"], ["-1", "two", "1.0", "", "+4"]),
     "release_step_ms": (["0", "250", "1000"], ["1s", "-1000", "1_000", ""]),
     "inference_batch_size": (["1", "1024", "4096"], ["0", "-5", "1e3", "1024.0", "", "01"]),
