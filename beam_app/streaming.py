@@ -46,7 +46,8 @@ from beam_app.options import CommonOptions, configure_logging, print_help, quiet
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
                              failed_row_letter, is_dead_letter_row, prediction_row, table_schema)
 from models.export import SpecMismatch
-from models.inference import SavedModelHandler, load_checked_model, locate_model
+from models.inference import SavedModelHandler, WatchLatest, load_checked_model, locate_model, version_of
+from models.model_updates import WatchLatestModel
 from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
 from transforms.examples import EncodeExamples
 from transforms.bootstrap import RecentObservations
@@ -88,6 +89,11 @@ class StreamingOptions(CommonOptions):
             "--model", default=None,
             help="The trained model: the --model_dir of `python -m models.train` (its LATEST version is used), a "
                  "version directory in it, or a saved_model directory; local or gs://.")
+        parser.add_argument(
+            "--model_poll_s", type=float, default=60,
+            help="How often to read the model directory's LATEST: a new version trained on the same spec takes "
+                 "over without a restart, one of another spec is refused (a dead letter) and the serving model "
+                 "stays (default 60; 0: keep the version found at start). Only when --model is a model directory.")
         parser.add_argument(
             "--predictions_table", default=None,
             help="BigQuery table for predictions: <project>:<dataset>.<table> (or <project>.<dataset>.<table>).")
@@ -169,10 +175,11 @@ class _ToDeadLetterRow(beam.DoFn):
 def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
           key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
           clock: Callable[[], float] = time.time, max_future_s: int = 300,
-          event_time_attribute: str = "event_time", history=None) -> dict:
+          event_time_attribute: str = "event_time", history=None, watch: Optional[WatchLatest] = None) -> dict:
     """PCollection[PubsubMessage] (stamped with their publish time) ->
     {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O.
-    history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap)."""
+    history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap).
+    watch: the model directory to follow (its LATEST): newer versions of the same spec take over."""
     records = messages | "ToRecords" >> beam.Map(message_to_record)
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
     parsed = records | "ParseEvents" >> ParseEvents(spec, live=live)
@@ -186,13 +193,16 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
         | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms)
         | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True)
     )
-    handler = KeyedModelHandler(SavedModelHandler(model_path, spec, max_batch_size=inference_batch_size))
+    handler = KeyedModelHandler(SavedModelHandler(model_path, spec, max_batch_size=inference_batch_size,
+                                                  watch=watch))
     predictions, failed = examples | "RunInference" >> RunInference(handler).with_exception_handling()
+    refused_models = [messages | "WatchModel" >> WatchLatestModel(
+        watch.model_dir, spec, version_of(model_path), watch.poll_s, watch.clock)] if watch else []
     failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
         failed_inference_letters)
     return {
         "predictions": predictions | "ToPredictionRows" >> beam.ParDo(_ToPredictionRow(spec.fingerprint, clock)),
-        "dead_letters": ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences)
+        "dead_letters": ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences, *refused_models)
                          | "MergeDeadLetters" >> beam.Flatten()),
     }
 
@@ -326,16 +336,17 @@ def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 
 
     since = time_us_to_rfc3339(since_us)
     counts = {}
-    for name, table, group in (("predictions", options.predictions_table, None),
+    for name, table, group in (("predictions", options.predictions_table, "model_version"),
                                ("dead_letters", options.dead_letter_table, "stage")):
         project, dataset, table_id = parse_table_spec(table)
-        select = f"{group}, COUNT(*) AS n" if group else "COUNT(*) AS n"
-        sql = (f"SELECT {select} FROM `{project}.{dataset}.{table_id}` "
-               f"WHERE processing_time >= TIMESTAMP('{since}')" + (f" GROUP BY {group}" if group else ""))
+        sql = (f"SELECT {group}, COUNT(*) AS n FROM `{project}.{dataset}.{table_id}` "
+               f"WHERE processing_time >= TIMESTAMP('{since}') GROUP BY {group}")
         client = bigquery_client(project, options.bigquery_endpoint)
         job = client.query(sql, retry=Retry(deadline=deadline_s), job_retry=None, timeout=deadline_s)
-        rows = list(job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s)))
-        counts[name] = {row[group]: row["n"] for row in rows} if group else (rows[0]["n"] if rows else 0)
+        counts[name] = {row[group]: row["n"] for row in job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s))}
+    # Predictions: the total, and per model version (a running job may switch).
+    counts["predictions_by_version"] = counts["predictions"]
+    counts["predictions"] = sum(counts["predictions_by_version"].values())
     return counts
 
 
@@ -380,7 +391,8 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     _check_options(options)
     started = time.monotonic()
     spec = load_spec(options.spec)
-    # Pin one version for the whole job (LATEST may move), and refuse a model of another spec now.
+    # Start with the version LATEST names now, and refuse a model of another spec now; later versions
+    # are checked and swapped in by WatchLatestModel.
     location = locate_model(options.model)
     load_checked_model(location.saved_model, spec)
     _prepare_tables(options)
@@ -402,9 +414,11 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
                                                                options.bootstrap_format)
         logging.info("warm start: observations since %s from %s", time_us_to_rfc3339(since_us),
                      options.bootstrap_input)
+    watch = WatchLatest(options.model, options.model_poll_s, clock) if (
+        options.model_poll_s and location.from_latest) else None
     outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
                     options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
-                    options.event_time_attribute, history)
+                    options.event_time_attribute, history, watch)
     write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
     started_us = int(clock() * 1e6)
     result = pipeline.run()
@@ -453,12 +467,14 @@ def _wait(duration_s: float, started: float, stop: threading.Event, counts: Call
 
 
 def _print_summary(summary: dict) -> None:
-    dead = summary["dead_letters"]
+    dead, by_version = summary["dead_letters"], summary.get("predictions_by_version", {})
     print("\n".join([
         f"streaming job stopped after {summary['seconds']} s",
         f"  model               {summary['model_version']}  ({summary['model']})",
         f"  spec                {summary['spec']['name']} {summary['spec']['fingerprint'][:12]}",
-        f"  predictions         {summary['predictions']:>9,}   -> {summary['predictions_table']}",
+        f"  predictions         {summary['predictions']:>9,}   -> {summary['predictions_table']}"
+        + (f"  (by model version: {', '.join(f'{v} {n:,}' for v, n in sorted(by_version.items()))})"
+           if len(by_version) > 1 else ""),
         f"  dead letters        {sum(dead.values()):>9,}   -> {summary['dead_letter_table']}"
         + (f"  ({', '.join(f'{stage} {n:,}' for stage, n in sorted(dead.items()))})" if dead else ""),
     ]), flush=True)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-from typing import Any, NamedTuple, Optional, Sequence
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
@@ -26,6 +27,13 @@ from transforms.spec import FeatureSpec
 class ModelLocation(NamedTuple):
     saved_model: str  # the directory holding saved_model.pb
     version: str  # the training run's version (its directory name)
+    from_latest: bool = False  # found through a model directory's LATEST (which may move on)
+
+
+def version_of(saved_model: str) -> str:
+    """The version a SavedModel directory belongs to: `<model_dir>/<version>/saved_model`."""
+    parent, name = posixpath.split(saved_model.rstrip("/"))
+    return posixpath.basename(parent) if name == "saved_model" else name
 
 
 def locate_model(path: str) -> ModelLocation:
@@ -36,16 +44,14 @@ def locate_model(path: str) -> ModelLocation:
     path = path.rstrip("/")
     exists = tf.io.gfile.exists
     if exists(posixpath.join(path, "saved_model.pb")):
-        parent, name = posixpath.split(path)
-        version = posixpath.basename(parent) if name == "saved_model" else name
-        return ModelLocation(path, version)
+        return ModelLocation(path, version_of(path))
     if exists(posixpath.join(path, "saved_model", "saved_model.pb")):
         return ModelLocation(posixpath.join(path, "saved_model"), posixpath.basename(path))
     latest = posixpath.join(path, "LATEST")
     if exists(latest):
         with tf.io.gfile.GFile(latest) as f:
             version = f.read().strip()
-        return locate_model(posixpath.join(path, version))
+        return locate_model(posixpath.join(path, version))._replace(from_latest=True)
     raise FileNotFoundError(
         f"no SavedModel at {path}: give the model directory of `python -m models.train` (it holds LATEST), "
         "one of its version directories, or a saved_model directory")
@@ -72,24 +78,42 @@ def load_checked_model(path: str, spec: FeatureSpec) -> LoadedModel:
     return LoadedModel(loaded, loaded.signatures["serving_default"], location.version)
 
 
-class SavedModelHandler(ModelHandler[bytes, float, LoadedModel]):
+class WatchLatest(NamedTuple):
+    """Serve newer versions of a model directory as LATEST names them (models/model_updates.py)."""
+
+    model_dir: str
+    poll_s: float
+    clock: Callable[[], float] = time.time  # injectable: tests drive the polls
+
+
+class SavedModelHandler(ModelHandler[bytes, float, Any]):
     """bytes (a serialized tf.Example without label) -> PredictionResult(example,
     prediction as float, model version). Wrap it in `KeyedModelHandler` to
-    carry each example's key through."""
+    carry each example's key through.
+
+    watch: the model directory whose LATEST may move on while the job runs:
+    each batch is predicted by the newest accepted version (ServingModel)."""
 
     def __init__(self, model_path: str, spec: FeatureSpec, min_batch_size: int = 1, max_batch_size: int = 1024,
-                 max_batch_duration_secs: Optional[int] = None):
+                 max_batch_duration_secs: Optional[int] = None, watch: Optional[WatchLatest] = None):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                          max_batch_duration_secs=max_batch_duration_secs)
         self._model_path = model_path
         self._spec = spec
+        self._watch = watch
 
-    def load_model(self) -> LoadedModel:
-        return load_checked_model(self._model_path, self._spec)
+    def load_model(self):
+        loaded = load_checked_model(self._model_path, self._spec)
+        if self._watch is None:
+            return loaded
+        from models.model_updates import ModelCheck, ServingModel
 
-    def run_inference(self, batch: Sequence[bytes], model: LoadedModel,
+        return ServingModel(ModelCheck(self._watch.model_dir, self._spec), loaded, self._watch.poll_s,
+                            self._watch.clock)
+
+    def run_inference(self, batch: Sequence[bytes], model,
                       inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:
-        return predict(batch, model)
+        return predict(batch, model if isinstance(model, LoadedModel) else model.model())
 
     def get_num_bytes(self, batch: Sequence[bytes]) -> int:
         return sum(len(example) for example in batch)

@@ -32,13 +32,13 @@ def _test_examples(data_dir: str, count: int) -> list[bytes]:
 
 def test_locate_model_from_model_dir_version_dir_or_saved_model(trained_model, tmp_path):
     _, version_dir = trained_model
-    expected = (str(version_dir / "saved_model"), version_dir.name)
-    assert locate_model(str(version_dir.parent)) == expected  # through LATEST
+    expected = (str(version_dir / "saved_model"), version_dir.name, False)
+    assert locate_model(str(version_dir.parent)) == expected[:2] + (True,)  # through LATEST: it may move on
     assert locate_model(str(version_dir)) == expected
     assert locate_model(str(version_dir / "saved_model") + "/") == expected
     standalone = tmp_path / "exported"
     shutil.copytree(version_dir / "saved_model", standalone)
-    assert locate_model(str(standalone)) == (str(standalone), "exported")
+    assert locate_model(str(standalone)) == (str(standalone), "exported", False)
     with pytest.raises(FileNotFoundError, match="model directory of `python -m models.train`"):
         locate_model(str(tmp_path / "nothing"))
 

@@ -176,6 +176,7 @@ CASES = {
                         ["history/*.ndjson", "/data/history.csv", "gs://my-bucket", "gs://my-bucket/",
                          "gs://my-bucket/my history.csv", ""]),
     "bootstrap_format": (["auto", "csv", "json"], ["ndjson", "JSON", ""]),
+    "model_poll_s": (["0", "60", "60.0", "0.5", "3600"], ["-1", "1m", "", "060", ".5", "1e3"]),
     "key_shards": (["0", "1", "16"], ["-1", "two", "1.0", "", "+4"]),
     "release_step_ms": (["0", "250", "1000"], ["1s", "-1000", "1_000", ""]),
     "inference_batch_size": (["1", "1024", "4096"], ["0", "-5", "1e3", "1024.0", "", "01"]),
