@@ -186,6 +186,20 @@ def _heartbeat(started: float, every_s: float):
         done.set()
 
 
+def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec, split: SplitSpec, input_pattern: str,
+              output: str) -> None:
+    """Every step of the job, as run() runs it (the offline Dataflow translation
+    test builds it the same way): the read, `build` and the writes."""
+    outputs = build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, options.input_format), spec, split)
+    for name in SPLITS:
+        outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
+            FileSystems.join(output, name, "examples"), file_name_suffix=".tfrecord.gz")
+    (outputs[DEAD_LETTERS]
+     | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
+     | "WriteDeadLetters" >> beam.io.WriteToText(
+         FileSystems.join(output, "dead_letters", "dead_letters"), file_name_suffix=".ndjson"))
+
+
 def _clear_previous_outputs(output: str) -> None:
     """Old shards would mix with new ones: remove this job's earlier outputs (only those)."""
     patterns = [FileSystems.join(output, d, "*") for d in (*SPLITS, "dead_letters")]
@@ -219,14 +233,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     logging.info("spec %s (%s), %d input file(s): %s", spec.name, spec.fingerprint[:12], len(files), input_pattern)
 
     pipeline = beam.Pipeline(options=options)
-    outputs = build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, options.input_format), spec, split)
-    for name in SPLITS:
-        outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
-            FileSystems.join(output, name, "examples"), file_name_suffix=".tfrecord.gz")
-    (outputs[DEAD_LETTERS]
-     | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
-     | "WriteDeadLetters" >> beam.io.WriteToText(
-         FileSystems.join(output, "dead_letters", "dead_letters"), file_name_suffix=".ndjson"))
+    construct(pipeline, options, spec, split, input_pattern, output)
     with _heartbeat(started, every_s=15):
         result = pipeline.run()
         result.wait_until_finish()

@@ -46,7 +46,8 @@ from beam_app.options import CommonOptions, configure_logging, print_help, quiet
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
                              failed_row_letter, is_dead_letter_row, prediction_row, table_schema)
 from models.export import SpecMismatch
-from models.inference import SavedModelHandler, WatchLatest, load_checked_model, locate_model, version_of
+from models.inference import (ModelLocation, SavedModelHandler, WatchLatest, load_checked_model, locate_model,
+                              version_of)
 from models.model_updates import WatchLatestModel
 from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
 from transforms.examples import EncodeExamples
@@ -377,6 +378,30 @@ def _cancel_in_background(result, wait_s: float) -> None:
     thread.join(wait_s)
 
 
+def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureSpec, location: ModelLocation,
+              clock: Callable[[], float] = time.time, test_client=None) -> None:
+    """Every step of the job, as run() submits it (the offline Dataflow
+    translation test builds it the same way): the Pub/Sub read, the warm
+    start, the model watch, `build` and the writes. Reads nothing itself."""
+    # Stamped with the publish time, not timestamp_attribute: see transforms/event_time.py.
+    messages = pipeline | "ReadFromPubSub" >> ReadFromPubSub(
+        subscription=options.input_subscription, topic=options.input_topic, with_attributes=True,
+        id_label=options.id_attribute)
+    history = None
+    if options.bootstrap_input:
+        since_us = int(clock() * 1e6) - (spec.max_window_s + options.allowed_lateness_s) * 1_000_000
+        history = pipeline | "Bootstrap" >> RecentObservations(spec, options.bootstrap_input, since_us,
+                                                               options.bootstrap_format)
+        logging.info("warm start: observations since %s from %s", time_us_to_rfc3339(since_us),
+                     options.bootstrap_input)
+    watch = WatchLatest(options.model, options.model_poll_s, clock) if (
+        options.model_poll_s and location.from_latest) else None
+    outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
+                    options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
+                    options.event_time_attribute, history, watch)
+    write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
+
+
 def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,
         clock: Callable[[], float] = time.time) -> dict:
     """Starts the streaming job. On the DirectRunner it runs until --duration_s,
@@ -403,23 +428,7 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
         test_client = EndpointBigQueryClient(parse_table_spec(options.predictions_table)[0], options.bigquery_endpoint)
 
     pipeline = beam.Pipeline(options=options)
-    # Stamped with the publish time, not timestamp_attribute: see transforms/event_time.py.
-    messages = pipeline | "ReadFromPubSub" >> ReadFromPubSub(
-        subscription=options.input_subscription, topic=options.input_topic, with_attributes=True,
-        id_label=options.id_attribute)
-    history = None
-    if options.bootstrap_input:
-        since_us = int(clock() * 1e6) - (spec.max_window_s + options.allowed_lateness_s) * 1_000_000
-        history = pipeline | "Bootstrap" >> RecentObservations(spec, options.bootstrap_input, since_us,
-                                                               options.bootstrap_format)
-        logging.info("warm start: observations since %s from %s", time_us_to_rfc3339(since_us),
-                     options.bootstrap_input)
-    watch = WatchLatest(options.model, options.model_poll_s, clock) if (
-        options.model_poll_s and location.from_latest) else None
-    outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
-                    options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
-                    options.event_time_attribute, history, watch)
-    write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
+    construct(pipeline, options, spec, location, clock, test_client)
     started_us = int(clock() * 1e6)
     result = pipeline.run()
     summary = {"spec": {"name": spec.name, "fingerprint": spec.fingerprint}, "model": location.saved_model,

@@ -46,9 +46,20 @@ def test_counts_that_add_up_pass():
     assert summary["examples"] == {"train": 6, "eval": 1, "test": 1}
 
 
+def test_copies_of_an_event_are_accounted_for():
+    """Two copies of a request (one identical, one conflicting) and one of an observation: one row per request."""
+    summary = summarize(_counters(**{"parse/requests": 11, "parse/observations": 9, "duplicates/request": 1,
+                                     "conflicts/request": 1, "duplicates/observation": 1}))
+    assert all(summary["checks"].values())
+    assert summary["duplicates"] == {"request": 1, "observation": 1} and summary["conflicts"]["request"] == 1
+    assert summary["dead_letters"] == 2  # one parse dead letter, one conflict
+
+
 @pytest.mark.parametrize("changes,failed", [
     ({"parse/dead_letters": 0}, "records_read == records parsed + dead_letters"),
-    ({"windowed_features/feature_rows": 8}, "feature_rows == requests"),
+    ({"windowed_features/feature_rows": 8}, "feature_rows == requests - duplicates - conflicts"),
+    # A request dropped as a duplicate that was not one: the rows no longer add up.
+    ({"duplicates/request": 1}, "feature_rows == requests - duplicates - conflicts"),
     ({"split/examples_train": 5, "examples/encoded": 7}, "feature_rows == examples + unlabeled_requests"),
     ({"examples/encoded": 7}, "examples encoded == examples split"),
 ])

@@ -25,10 +25,10 @@ How the job is obtained with no network and no credentials (Beam 2.77):
   `pipelineUrl` option (with `pipelineProtoHash`). Step names and coders are
   read from that staged file, the exact bytes Dataflow would get.
 
-The pipelines are built from the entry points' public pieces (`build`,
-`write_outputs`) and the reads and writes their `run()` adds; `run()` itself
-cannot be dry-run: the streaming one loads the model and checks the BigQuery
-tables first, the batch one reads job metrics after running.
+The pipelines are built by the entry points' own `construct` (every step
+their `run()` submits); `run()` itself cannot be dry-run: the streaming one
+loads the model and checks the BigQuery tables first, the batch one reads job
+metrics after running.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from typing import Callable
 import apache_beam as beam
 import pytest
 from apache_beam import coders
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.gcp.pubsub import ReadFromPubSub
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions
 from apache_beam.portability import common_urns, python_urns
 from apache_beam.portability.api import beam_runner_api_pb2
@@ -51,9 +49,9 @@ from apache_beam.runners.dataflow.internal import apiclient
 from apache_beam.runners.pipeline_context import PipelineContext
 
 from beam_app import batch, streaming
-from transforms.parse import DEAD_LETTERS
-from transforms.read_files import ReadRecords, matched_files, resolve_input
-from transforms.spec import SPLITS, load_spec
+from models.inference import ModelLocation
+from transforms.read_files import matched_files, resolve_input
+from transforms.spec import load_spec
 
 PROJECT = "test-project"
 BUCKET = "gs://test-bucket"
@@ -166,41 +164,31 @@ def pickling_key_coders(pipeline: beam_runner_api_pb2.Pipeline) -> dict[str, lis
 # ---- the two jobs, as their run() builds them ----
 
 def build_streaming(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
-    """streaming.run()'s pipeline: Pub/Sub -> build -> write_outputs. The
+    """streaming.run()'s pipeline, warm start and model watch included. The
     model is not read at construction (SavedModelHandler loads on the
     workers), so any path will do."""
     job = options.view_as(streaming.StreamingOptions)
-    messages = pipeline | "ReadFromPubSub" >> ReadFromPubSub(
-        subscription=job.input_subscription, with_attributes=True, id_label=job.id_attribute)
-    outputs = streaming.build(messages, load_spec(job.spec), job.model, key_shards=streaming.key_shards(job))
-    streaming.write_outputs(outputs, job.predictions_table, job.dead_letter_table)
+    location = ModelLocation(f"{job.model}/1/saved_model", "1", from_latest=True)  # found through LATEST
+    streaming.construct(pipeline, job, load_spec(job.spec), location, clock=lambda: 1_764_583_200.0)
 
 
 STREAMING_ARGS = [
     "--streaming", "--enable_streaming_engine",  # run() sets streaming; deploy.py runs with Streaming Engine
     f"--input_subscription=projects/{PROJECT}/subscriptions/events-job", "--id_attribute=message_key",
-    f"--model={BUCKET}/models/delay/1/saved_model",
+    f"--model={BUCKET}/models/delay", f"--bootstrap_input={BUCKET}/history/*.ndjson",
     f"--predictions_table={PROJECT}:features.predictions", f"--dead_letter_table={PROJECT}:features.dead_letters",
 ]
 
 
 def build_batch(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
-    """batch.run()'s pipeline: ReadRecords -> build -> TFRecords and dead
-    letters. run() matches --input at construction (matched_files): offline
-    that needs a local input, here the spec's embedded data set."""
+    """batch.run()'s pipeline. run() matches --input at construction
+    (matched_files): offline that needs a local input, here the spec's
+    embedded data set."""
     job = options.view_as(batch.BatchOptions)
     spec = load_spec(job.spec)
     input_pattern = resolve_input(job.input or spec.default_input)
     assert matched_files(input_pattern)
-    outputs = batch.build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, job.input_format), spec,
-                          batch.split_from_options(spec, job))
-    for name in SPLITS:
-        outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
-            FileSystems.join(job.output, name, "examples"), file_name_suffix=".tfrecord.gz")
-    (outputs[DEAD_LETTERS]
-     | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
-     | "WriteDeadLetters" >> beam.io.WriteToText(
-         FileSystems.join(job.output, "dead_letters", "dead_letters"), file_name_suffix=".ndjson"))
+    batch.construct(pipeline, job, spec, batch.split_from_options(spec, job), input_pattern, job.output)
 
 
 BATCH_ARGS = [f"--output={BUCKET}/features/batch"]
