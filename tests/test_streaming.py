@@ -33,6 +33,43 @@ def test_options_say_what_is_missing():
     assert streaming.key_shards(streaming.StreamingOptions(["--runner", "DirectRunner", "--key_shards", "0"])) is None
 
 
+FULL = ["--input_topic", "projects/p/topics/t", "--model", "m", "--predictions_table", "p:d.p",
+        "--dead_letter_table", "p:d.t"]
+
+
+def test_id_attribute_and_a_missing_bootstrap_are_refused_at_start_with_what_to_do(tmp_path):
+    with pytest.raises(streaming.UsageError, match="--id_attribute works on Dataflow only: .* Leave it out here"):
+        streaming._check_options(streaming.StreamingOptions([*FULL, "--id_attribute", "message_key"]))
+    streaming._check_options(streaming.StreamingOptions([*FULL, "--id_attribute", "message_key",
+                                                         "--runner", "DataflowRunner"]))
+    with pytest.raises(streaming.UsageError, match="--bootstrap_input .* matches no file"):
+        streaming._check_options(streaming.StreamingOptions([*FULL, "--bootstrap_input", str(tmp_path / "*.ndjson")]))
+
+
+class _Clock:
+    """A clock that moves only when the code under test sleeps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_a_stop_waits_until_the_tables_stop_changing_and_no_longer_than_its_limit():
+    clock = _Clock()
+    rows = iter([1, 2, 3, 3, 3, 3, 3, 3, 3, 3])  # one more row each poll, then none
+    assert streaming.settle(lambda: next(rows), quiet_s=1.0, max_s=2.5, clock=clock, sleep=clock.sleep)
+    assert clock.now == pytest.approx(1.5)  # the last change at 0.5 s, then 1 s of quiet
+    clock = _Clock()
+    growing = iter(range(100))  # a job that never settles
+    assert not streaming.settle(lambda: next(growing), quiet_s=1.0, max_s=2.5, clock=clock, sleep=clock.sleep)
+    assert clock.now == pytest.approx(2.5)
+
+
 @pytest.mark.slow
 def test_a_model_trained_on_another_spec_refuses_to_start(trained_model, flights_spec, tmp_path):
     _, version_dir = trained_model

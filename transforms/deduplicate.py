@@ -78,7 +78,8 @@ class IdLedger:
             return NEW, None
         if seen[0] == content:
             return DUPLICATE, None
-        return CONFLICT, describe_conflict(event_from_json_typed(seen[0], event), event)
+        # The kept copy back from its canonical JSON (which leaves out missing fields: .get gives None for both).
+        return CONFLICT, describe_conflict(event_from_json(seen[0]), event)
 
     def forget_through(self, time_us: int) -> None:
         """Forget every identity whose event is older than the horizon at `time_us`."""
@@ -86,14 +87,6 @@ class IdLedger:
 
     def next_forget_us(self) -> Optional[int]:
         return min((entry[1] for entry in self.entries.values()), default=None)
-
-
-def event_from_json_typed(text: str, like: Event) -> Event:
-    """The kept copy back from its canonical JSON, for the conflict's reason
-    (fields the JSON left out because they were None come back as None)."""
-    event = event_from_json(text)
-    return Event(event.event_id, event.role, event.time_us, {name: event.fields.get(name) for name in like.fields}
-                 | event.fields)
 
 
 def resolve_copies(copies: Iterable[Event], horizon_us: int = 0) -> tuple[Event, int, list[tuple[Event, str]]]:
