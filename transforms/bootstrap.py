@@ -26,13 +26,12 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.events import Event, InvalidRecord, RawRecord
 from transforms.parse import RecordParser
-from transforms.read_files import read_chunks
+from transforms.read_files import ReadChunks
 from transforms.spec import FeatureSpec
 
 
@@ -98,8 +97,6 @@ class RecentObservations(beam.PTransform):
     def expand(self, pbegin):
         return (
             pbegin
-            | "Match" >> fileio.MatchFiles(self._pattern)
-            | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format)
+            | "Chunks" >> ReadChunks(self._pattern, self._input_format)
             | "KeepRecent" >> beam.ParDo(_KeepRecent(self._spec, self._since_us))
         )

@@ -95,8 +95,9 @@ def matched_files(pattern: str) -> list[str]:
     return sorted(m.path for m in matches)
 
 
-class ReadRecords(beam.PTransform):
-    """A path or glob -> PCollection[RawRecord], one per line (CSV header excluded)."""
+class ReadChunks(beam.PTransform):
+    """A path or glob -> PCollection[list[RawRecord]]: each file's lines in
+    chunks (`read_chunks`), the unit a worker parses."""
 
     def __init__(self, pattern: str, input_format: str = "auto", label: Optional[str] = None):
         super().__init__(label)
@@ -109,6 +110,21 @@ class ReadRecords(beam.PTransform):
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
             | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format)
+        )
+
+
+class ReadRecords(beam.PTransform):
+    """A path or glob -> PCollection[RawRecord], one per line (CSV header excluded)."""
+
+    def __init__(self, pattern: str, input_format: str = "auto", label: Optional[str] = None):
+        super().__init__(label)
+        self._pattern = pattern
+        self._input_format = input_format
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Chunks" >> ReadChunks(self._pattern, self._input_format)
             # A file is read by one worker; spread chunks of its lines so parsing
             # runs on all of them (chunks, not lines: far less to shuffle).
             | "Spread" >> beam.Reshuffle()
