@@ -477,5 +477,5 @@ def test_training_writes_every_file_of_a_remote_model_dir_through_gfile(flights_
     assert tf.io.gfile.glob(f"{model_dir}/work/model/logs/*/events.out.tfevents.*")  # TensorBoard
     # What the streaming job does with --model gs://...: find LATEST's version and load it.
     location = locate_model(model_dir)
-    assert location == (f"{version_dir}/saved_model", version)
+    assert location == (f"{version_dir}/saved_model", version, True)  # through LATEST
     assert load_checked_model(model_dir, spec).version == version
