@@ -21,6 +21,8 @@ Needs a trained model (`make run`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import signal
 import statistics
@@ -64,8 +66,9 @@ def faults(model: str, events: int, work: Path) -> None:
             data = payload if isinstance(payload, bytes) else _request(payload or now)
             publisher.publish(TOPIC, data, **attributes(now)).result()
         record = work / "published.ndjson"
-        publish.run(["--topic", TOPIC, "--start_time", "2013-12-02T11:00:00Z", "--limit", str(events),
-                     "--rate", "50", "--rebase_to_now", "--record", str(record)])
+        with contextlib.redirect_stdout(io.StringIO()):  # the publisher's own summary
+            publish.run(["--topic", TOPIC, "--start_time", "2013-12-02T11:00:00Z", "--limit", str(events),
+                         "--rate", "50", "--rebase_to_now", "--record", str(record)])
         sent = [json.loads(line) for line in record.read_text().splitlines()]
         twice = sent[: events // 2]
         for event in twice:
@@ -105,8 +108,9 @@ def stops(model: str, count: int, work: Path) -> None:
         signum = (signal.SIGINT, signal.SIGTERM)[index % 2]
         log = work / f"stop_{index}.log"
         with streaming_stack(model, log) as stack:
-            publish.run(["--topic", TOPIC, "--start_time", "2013-12-02T11:00:00Z", "--limit", "20",
-                         "--rate", "0", "--rebase_to_now", "--record", str(work / "stop.ndjson")])
+            with contextlib.redirect_stdout(io.StringIO()):
+                publish.run(["--topic", TOPIC, "--start_time", "2013-12-02T11:00:00Z", "--limit", "20",
+                             "--rate", "0", "--rebase_to_now", "--record", str(work / "stop.ndjson")])
             requests = sum('"role":"request"' in line for line in (work / "stop.ndjson").read_text().splitlines())
             wait_for_predictions(stack.bigquery, stack.job, requests, timeout_s=120, progress=False)
             started = time.monotonic()
@@ -125,6 +129,9 @@ def stops(model: str, count: int, work: Path) -> None:
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "output" / "model"))
     parser.add_argument("--events", type=int, default=200)
