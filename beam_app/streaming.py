@@ -344,7 +344,8 @@ def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 
                f"WHERE processing_time >= TIMESTAMP('{since}') GROUP BY {group}")
         client = bigquery_client(project, options.bigquery_endpoint)
         job = client.query(sql, retry=Retry(deadline=deadline_s), job_retry=None, timeout=deadline_s)
-        counts[name] = {row[group]: row["n"] for row in job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s))}
+        rows = job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s))
+        counts[name] = {row[group]: row["n"] for row in rows}
     # Predictions: the total, and per model version (a running job may switch).
     counts["predictions_by_version"] = counts["predictions"]
     counts["predictions"] = sum(counts["predictions_by_version"].values())
@@ -372,7 +373,9 @@ def settle(counts: Callable[[], object], quiet_s: float, max_s: float,
 def _cancel_in_background(result, wait_s: float) -> None:
     """result.cancel() waits for the Pub/Sub reader's blocked pull (up to 30 s):
     give it `wait_s`, then leave it to the daemon thread. Messages it pulled
-    and did not ack are redelivered to the next job, which de-duplicates."""
+    and did not ack are redelivered to the next job (at least once): its
+    de-duplication starts empty, so a request among them is answered again
+    there; the stop's settle keeps that to what was still in flight."""
     thread = threading.Thread(target=result.cancel, name="cancel-pipeline", daemon=True)
     thread.start()
     thread.join(wait_s)
