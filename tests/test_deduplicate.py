@@ -110,6 +110,21 @@ def test_streaming_path_keeps_the_first_copy_even_when_a_copy_comes_late(key_sha
                     label="conflicts")
 
 
+def test_streaming_ledger_forgets_an_identity_once_the_watermark_passes_its_horizon():
+    """A copy within the horizon is a duplicate; once the watermark has passed the event's time plus the
+    horizon, the ledger has forgotten it (its state is gone), and a copy then is a new event: bounded state."""
+    stream = (TestStream()
+              .add_elements(_stamped([observation("o1", 0, 5.0)]))
+              .advance_watermark_to(Timestamp(micros=30 * MIN_US))
+              .add_elements(_stamped([observation("o1", 0, 5.0)]))  # within the 1 h horizon: a duplicate
+              .advance_watermark_to(Timestamp(micros=2 * HOUR_US))
+              .add_elements(_stamped([observation("o1", 0, 5.0)]))  # past it: forgotten
+              .advance_watermark_to_infinity())
+    with TestPipeline(options=_streaming_options()) as pipeline:
+        out = pipeline | stream | DeduplicateEvents(3600, key_shards=1)
+        assert_that(out["events"] | beam.Map(lambda e: e.event_id), equal_to(["o1", "o1"]))
+
+
 def _features(rows):
     return rows | beam.Map(lambda row: (row.event.event_id, row.features))
 
