@@ -10,18 +10,28 @@ writes. One call per batch is what makes it fast: about 10x a per-row call.
 A model path may name the SavedModel itself, a training run's version
 directory (`<model_dir>/<version>/`), or the model directory, whose LATEST
 file names the newest version. Local paths and gs:// both work.
+
+Given a model directory to watch (`WatchLatest`), the handler serves a
+`ServingModel`: LATEST is read at most every poll_s, and a new version
+serves from the next batch once `ModelCheck` has loaded it and checked its
+spec (models/model_updates.py: why in the handler, not a side input).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import posixpath
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from transforms.events import DeadLetter
 from transforms.spec import FeatureSpec
+
+MODEL_STAGE = "model"  # the dead-letter stage of a refused model version
 
 
 class ModelLocation(NamedTuple):
@@ -78,6 +88,82 @@ def load_checked_model(path: str, spec: FeatureSpec) -> LoadedModel:
     return LoadedModel(loaded, loaded.signatures["serving_default"], location.version)
 
 
+def read_latest(model_dir: str) -> Optional[str]:
+    """The version LATEST names, or None when there is none (yet)."""
+    import tensorflow as tf
+
+    path = posixpath.join(model_dir, "LATEST")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as latest:
+        return latest.read().strip() or None
+
+
+class ModelCheck:
+    """Whether LATEST names a new version, and whether that version may serve.
+    `load` (injectable for tests) loads a version directory and raises
+    SpecMismatch when it was trained on another spec."""
+
+    def __init__(self, model_dir: str, spec: FeatureSpec, load: Optional[Callable] = None):
+        self.model_dir = model_dir.rstrip("/")
+        self._spec = spec
+        self._load = load or self._load_checked
+
+    def _load_checked(self, path: str):
+        return load_checked_model(path, self._spec)
+
+    def judge(self, version: Optional[str], seen: Optional[str]) -> tuple[object, Optional[DeadLetter]]:
+        """(the loaded model, None) for a new version that may serve, (None, its
+        dead letter) for a refused one, (None, None) when nothing is new."""
+        from models.export import SpecMismatch
+
+        if version is None or version == seen:
+            return None, None
+        where = posixpath.join(self.model_dir, version)
+        try:
+            return self._load(where), None
+        except (SpecMismatch, OSError, ValueError) as err:
+            return None, DeadLetter(f"model:{where}", version, f"model version {version} refused, the serving model "
+                                    f"keeps serving: {err}", MODEL_STAGE)
+
+
+class ServingModel:
+    """The model a worker serves with, swapped for a newer accepted version of
+    LATEST at most every `poll_s`; shared by RunInference's threads."""
+
+    def __init__(self, check: ModelCheck, current, poll_s: float, clock: Callable[[], float]):
+        self._check = check
+        self.current = current  # a models.inference.LoadedModel
+        self._poll_s = poll_s
+        self._clock = clock
+        self._seen = current.version  # refused versions are remembered too: loaded once
+        self._next_poll_s = clock() + poll_s
+        self._lock = threading.Lock()
+
+    def model(self):
+        """The model for the next batch."""
+        if self._clock() < self._next_poll_s or not self._lock.acquire(blocking=False):
+            return self.current  # another thread is polling: serve on with what there is
+        try:
+            self._next_poll_s = self._clock() + self._poll_s
+            try:
+                version = read_latest(self._check.model_dir)
+            except OSError as err:  # a storage hiccup: the next poll tries again
+                logging.warning("could not read %s/LATEST: %s", self._check.model_dir, err)
+                return self.current
+            loaded, dead = self._check.judge(version, self._seen)
+            if version is not None:
+                self._seen = version
+            if dead is not None:
+                logging.error("%s", dead.reason)
+            elif loaded is not None:
+                logging.info("model version %s serves from now on (was %s)", loaded.version, self.current.version)
+                self.current = loaded
+            return self.current
+        finally:
+            self._lock.release()
+
+
 class WatchLatest(NamedTuple):
     """Serve newer versions of a model directory as LATEST names them (models/model_updates.py)."""
 
@@ -106,8 +192,6 @@ class SavedModelHandler(ModelHandler[bytes, float, Any]):
         loaded = load_checked_model(self._model_path, self._spec)
         if self._watch is None:
             return loaded
-        from models.model_updates import ModelCheck, ServingModel
-
         return ServingModel(ModelCheck(self._watch.model_dir, self._spec), loaded, self._watch.poll_s,
                             self._watch.clock)
 

@@ -11,12 +11,13 @@ seen before is loaded once and its spec fingerprint checked:
   (`model_updates/refused`) and a dead letter (stage `model`); the model that
   was serving keeps serving.
 
-Two pieces do this. `ServingModel` is what `SavedModelHandler.load_model`
-returns when the job watches a model directory: each inference call asks it
-for the model to use, and it swaps when LATEST names a new version that
-passes the check (the decision is `ModelCheck.judge`). `WatchLatestModel` is
-a small branch of the job that makes the same decision once per version, on
-one key, so that a refused version is one dead letter, not one per worker.
+Two pieces do this. `ServingModel` (models/inference.py) is what
+`SavedModelHandler.load_model` returns when the job watches a model
+directory: each inference call asks it for the model to use, and it swaps
+when LATEST names a new version that passes the check (the decision is
+`ModelCheck.judge`). `WatchLatestModel`, here, is a small branch of the job
+that makes the same decision once per version, on one key, so that a refused
+version is one dead letter, not one per worker.
 
 Why not Beam's model-update side input (`RunInference(model_metadata_pcoll=...)`,
 fed by `WatchFilePattern` or `PeriodicImpulse`): on the streaming DirectRunner a
@@ -30,9 +31,6 @@ tested here on the emulators.
 
 from __future__ import annotations
 
-import logging
-import posixpath
-import threading
 from typing import Callable, Optional
 
 import apache_beam as beam
@@ -40,88 +38,8 @@ from apache_beam.coders import StrUtf8Coder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from transforms.events import DeadLetter
+from models.inference import ModelCheck, read_latest
 from transforms.spec import FeatureSpec
-
-STAGE = "model"  # the dead-letter stage of a refused model
-
-
-def read_latest(model_dir: str) -> Optional[str]:
-    """The version LATEST names, or None when there is none (yet)."""
-    import tensorflow as tf
-
-    path = posixpath.join(model_dir, "LATEST")
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as latest:
-        return latest.read().strip() or None
-
-
-class ModelCheck:
-    """Whether LATEST names a new version, and whether that version may serve.
-    `load` (injectable for tests) loads a version directory and raises
-    SpecMismatch when it was trained on another spec."""
-
-    def __init__(self, model_dir: str, spec: FeatureSpec, load: Optional[Callable] = None):
-        self.model_dir = model_dir.rstrip("/")
-        self._spec = spec
-        self._load = load or self._load_checked
-
-    def _load_checked(self, path: str):
-        from models.inference import load_checked_model
-
-        return load_checked_model(path, self._spec)
-
-    def judge(self, version: Optional[str], seen: Optional[str]) -> tuple[object, Optional[DeadLetter]]:
-        """(the loaded model, None) for a new version that may serve, (None, its
-        dead letter) for a refused one, (None, None) when nothing is new."""
-        from models.export import SpecMismatch
-
-        if version is None or version == seen:
-            return None, None
-        where = posixpath.join(self.model_dir, version)
-        try:
-            return self._load(where), None
-        except (SpecMismatch, OSError, ValueError) as err:
-            return None, DeadLetter(f"model:{where}", version, f"model version {version} refused, the serving model "
-                                    f"keeps serving: {err}", STAGE)
-
-
-class ServingModel:
-    """The model a worker serves with, swapped for a newer accepted version of
-    LATEST at most every `poll_s`; shared by RunInference's threads."""
-
-    def __init__(self, check: ModelCheck, current, poll_s: float, clock: Callable[[], float]):
-        self._check = check
-        self.current = current  # a models.inference.LoadedModel
-        self._poll_s = poll_s
-        self._clock = clock
-        self._seen = current.version  # refused versions are remembered too: loaded once
-        self._next_poll_s = clock() + poll_s
-        self._lock = threading.Lock()
-
-    def model(self):
-        """The model for the next batch."""
-        if self._clock() < self._next_poll_s or not self._lock.acquire(blocking=False):
-            return self.current  # another thread is polling: serve on with what there is
-        try:
-            self._next_poll_s = self._clock() + self._poll_s
-            try:
-                version = read_latest(self._check.model_dir)
-            except OSError as err:  # a storage hiccup: the next poll tries again
-                logging.warning("could not read %s/LATEST: %s", self._check.model_dir, err)
-                return self.current
-            loaded, dead = self._check.judge(version, self._seen)
-            if version is not None:
-                self._seen = version
-            if dead is not None:
-                logging.error("%s", dead.reason)
-            elif loaded is not None:
-                logging.info("model version %s serves from now on (was %s)", loaded.version, self.current.version)
-                self.current = loaded
-            return self.current
-        finally:
-            self._lock.release()
 
 
 class _Tick(beam.DoFn):
