@@ -4,6 +4,7 @@ once, on free ports, for every test that asks for it, and stops at the end."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,3 +57,32 @@ def wait_until(condition: Callable[[], Any], deadline_s: float, what: str,
 def tables_exist(client, dataset: str) -> bool:
     """Both tables of the streaming job in `dataset` of the test project."""
     return all(table_exists(client, f"{PROJECT}:{dataset}.{table}") for table in ("predictions", "dead_letters"))
+
+
+class StreamingJob:
+    """beam_app.streaming.run(argv) in a thread of the test process: `check()`
+    raises what the job raised (a dead job must not look alive), `stop()` asks
+    it to stop and waits for it (its own stop is bounded: a few seconds)."""
+
+    def __init__(self, argv: list[str]):
+        self.stop_event, self.failed, self.summary = threading.Event(), [], {}
+        self.thread = threading.Thread(target=self._run, args=(argv,), daemon=True)
+        self.thread.start()
+
+    def _run(self, argv: list[str]) -> None:
+        from beam_app import streaming
+
+        try:
+            self.summary.update(streaming.run(argv, stop=self.stop_event))
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            self.failed.append(err)
+
+    def check(self) -> None:
+        if self.failed:
+            raise self.failed[0]
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(60)
+        self.check()
+        assert not self.thread.is_alive()

@@ -16,11 +16,10 @@ import time
 import pytest
 
 from tests.conftest import SMALL_TRAINING
-from tests.emulators import tables_exist, wait_until
+from tests.emulators import StreamingJob, tables_exist, wait_until
 from tests.flights_slice import flights_lines, slice_events
 from transforms.events import event_to_json, rfc3339_to_time_us
 from transforms.spec import load_spec
-from tests.test_restart_e2e import _Job
 
 tf = pytest.importorskip("tensorflow")
 
@@ -73,7 +72,7 @@ def test_a_new_version_takes_over_without_restart_and_one_of_another_spec_is_ref
         rows = _rows(client, f"SELECT event_id, model_version FROM {predictions_sql}")
         return {row["event_id"]: row["model_version"] for row in rows if row["event_id"] in requests}
 
-    job = _Job(["--runner", "DirectRunner", "--input_subscription", subscription, "--model", str(model_dir),
+    job = StreamingJob(["--runner", "DirectRunner", "--input_subscription", subscription, "--model", str(model_dir),
                 "--model_poll_s", "1", "--predictions_table", f"{PROJECT}:swap.predictions",
                 "--dead_letter_table", f"{PROJECT}:swap.dead_letters", "--create_tables",
                 "--bigquery_endpoint", bigquery_emulator.endpoint])

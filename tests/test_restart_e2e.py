@@ -12,47 +12,21 @@ themselves are compared bit for bit by the TestStream tests)."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.emulators import tables_exist, wait_until
+from tests.emulators import StreamingJob, tables_exist, wait_until
 from tests.flights_slice import flights_lines
 
 tf = pytest.importorskip("tensorflow")
 
-from beam_app import publish, streaming  # noqa: E402
+from beam_app import publish  # noqa: E402
 from beam_app.bigquery_client import bigquery_client  # noqa: E402
 from tests.test_streaming_e2e import _batch_reference, _rows  # noqa: E402
 
 PROJECT = "test-project"
 PART = 160  # events per part: about 80 requests
-
-
-class _Job:
-    """beam_app.streaming.run in a thread, stopped with `stop()`."""
-
-    def __init__(self, argv: list[str]):
-        self.stop_event, self.failed, self.summary = threading.Event(), [], {}
-        self.thread = threading.Thread(target=self._run, args=(argv,), daemon=True)
-        self.thread.start()
-
-    def _run(self, argv):
-        try:
-            self.summary.update(streaming.run(argv, stop=self.stop_event))
-        except BaseException as err:  # noqa: BLE001 - handed to the test thread
-            self.failed.append(err)
-
-    def check(self):
-        if self.failed:
-            raise self.failed[0]
-
-    def stop(self):
-        self.stop_event.set()
-        self.thread.join(60)
-        self.check()
-        assert not self.thread.is_alive()
 
 
 def _subscribe(topic: str, name: str) -> str:
@@ -96,7 +70,7 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
     jobs = {}
     for name, extra in (("cold", []), ("warm", ["--bootstrap_input", str(tmp_path / "before.ndjson")])):
-        jobs[name] = _Job([
+        jobs[name] = StreamingJob([
             "--runner", "DirectRunner", "--input_subscription", _subscribe(topic, f"restart-{name}"),
             "--model", str(version_dir.parent), "--predictions_table", f"{PROJECT}:restart_{name}.predictions",
             "--dead_letter_table", f"{PROJECT}:restart_{name}.dead_letters", "--create_tables",

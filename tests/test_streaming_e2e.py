@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 import pytest
 
-from tests.emulators import tables_exist, wait_until
+from tests.emulators import StreamingJob, tables_exist, wait_until
 from tests.flights_slice import flights_lines
 
 tf = pytest.importorskip("tensorflow")
 
-from beam_app import batch, publish, streaming  # noqa: E402
+from beam_app import batch, publish  # noqa: E402
 from beam_app.bigquery_client import bigquery_client  # noqa: E402
 from models.data import split_files  # noqa: E402
 from transforms.events import time_us_to_rfc3339  # noqa: E402
@@ -181,24 +180,12 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
     pubsub_v1.SubscriberClient().create_subscription(name=subscription, topic=topic)
     recorded = tmp_path / "published.ndjson"
 
-    stop, failed, summary = threading.Event(), [], {}
-
-    def job():
-        try:
-            summary.update(streaming.run([
-                "--runner", "DirectRunner", "--spec", spec, "--input_subscription", subscription,
-                "--model", str(version_dir.parent), "--predictions_table", predictions_table,
-                "--dead_letter_table", dead_letter_table, "--create_tables",
-                "--bigquery_endpoint", bigquery_emulator.endpoint], stop=stop))
-        except BaseException as err:  # noqa: BLE001 - handed to the test thread
-            failed.append(err)
-
-    def job_failed():
-        if failed:
-            raise failed[0]
-
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
+    job = StreamingJob([
+        "--runner", "DirectRunner", "--spec", spec, "--input_subscription", subscription,
+        "--model", str(version_dir.parent), "--predictions_table", predictions_table,
+        "--dead_letter_table", dead_letter_table, "--create_tables",
+        "--bigquery_endpoint", bigquery_emulator.endpoint])
+    job_failed = job.check
     try:
         client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
         wait_until(lambda: tables_exist(client, dataset), 60, "the job to create its tables", job_failed)
@@ -225,13 +212,12 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         dead = wait_until(lambda: (rows := _rows(client, f"SELECT * FROM {dead_letters_sql}")) and
                           len(rows) >= len(malformed) + 1 and rows, 60, "the dead letters", job_failed)
         time.sleep(3)  # anything extra (a duplicate) would arrive now
-        stop.set()
+        job.stop_event.set()
         # The batch reference while the job stops.
         reference = _batch_reference(spec, recorded, tmp_path / "batch", version_dir)
     finally:
-        stop.set()
-        thread.join(60)
-    assert not failed and not thread.is_alive()
+        job.stop()
+    summary = job.summary
 
     # Every request got exactly one prediction, and nothing else did: the copies changed nothing.
     counts = _rows(client, f"SELECT event_id, COUNT(*) AS n FROM {predictions_sql} GROUP BY event_id")

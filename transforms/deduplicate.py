@@ -89,10 +89,10 @@ class IdLedger:
         return min((entry[1] for entry in self.entries.values()), default=None)
 
 
-def resolve_copies(copies: Iterable[Event], horizon_us: int = 0) -> tuple[Event, int, list[tuple[Event, str]]]:
+def resolve_copies(copies: Iterable[Event]) -> tuple[Event, int, list[tuple[Event, str]]]:
     """Every copy of one identity (batch) -> (the kept event, identical
     duplicates, [(conflicting copy, reason)]): offered in canonical order."""
-    ledger = IdLedger(horizon_us)
+    ledger = IdLedger(horizon_us=0)  # one identity, all at once: nothing to forget
     kept, duplicates, conflicts = None, 0, []
     for copy in sorted(copies, key=event_to_json):
         verdict, reason = ledger.admit(copy)

@@ -113,18 +113,12 @@ class ReadChunks(beam.PTransform):
         )
 
 
-class ReadRecords(beam.PTransform):
+class ReadRecords(ReadChunks):
     """A path or glob -> PCollection[RawRecord], one per line (CSV header excluded)."""
-
-    def __init__(self, pattern: str, input_format: str = "auto", label: Optional[str] = None):
-        super().__init__(label)
-        self._pattern = pattern
-        self._input_format = input_format
 
     def expand(self, pbegin):
         return (
-            pbegin
-            | "Chunks" >> ReadChunks(self._pattern, self._input_format)
+            super().expand(pbegin)
             # A file is read by one worker; spread chunks of its lines so parsing
             # runs on all of them (chunks, not lines: far less to shuffle).
             | "Spread" >> beam.Reshuffle()
