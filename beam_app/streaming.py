@@ -44,7 +44,7 @@ from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
-                             failed_row_letter, is_dead_letter_row, prediction_row, table_schema)
+                             failed_row_letter, prediction_row, row_table, table_schema)
 from models.export import SpecMismatch
 from models.inference import (ModelLocation, SavedModelHandler, WatchLatest, load_checked_model, locate_model,
                               version_of)
@@ -231,7 +231,7 @@ class _Destinations:
         self._dead_letters_ref = parse_table_spec(dead_letter_table)
 
     def table(self, row: dict) -> str:
-        return self._dead_letters if is_dead_letter_row(row) else self._predictions
+        return self._dead_letters if row_table(row) == "dead_letters" else self._predictions
 
     def schema(self, destination) -> dict:
         from beam_app.bigquery_client import parse_table_spec
@@ -262,7 +262,7 @@ def write_outputs(outputs: dict, predictions_table: str, dead_letter_table: str,
     refused = _write_rows((outputs["predictions"], dead_letter_rows) | "AllRows" >> beam.Flatten(), "WriteRows",
                           destinations.table, destinations.schema, test_client)
     refused_predictions, refused_dead_letters = refused | "SplitRefused" >> beam.Partition(
-        lambda failed, _: int(is_dead_letter_row(failed[1])), 2)
+        lambda failed, _: int(row_table(failed[1]) == "dead_letters"), 2)
     refused_rows = (
         refused_predictions
         | "RefusedPredictions" >> beam.MapTuple(failed_row_letter)

@@ -127,6 +127,47 @@ def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
     return parse
 
 
+def decode_example(spec: FeatureSpec, serialized: bytes, with_label: bool = False) -> dict:
+    """A serialized tf.Example -> {column: value} for every example column but
+    the id (and the label unless with_label): str, int, or float (the float32
+    the model reads, exactly), None where the example leaves it out. The
+    served-features log is this, for the very bytes the model scored."""
+    from tensorflow.core.example import example_pb2  # the protobuf alone, not the TensorFlow runtime
+
+    example = example_pb2.Example.FromString(serialized)
+    features = example.features.feature
+    decoded = {}
+    for column in example_columns(spec):
+        if column.role == "id" or (column.role == "label" and not with_label):
+            continue
+        feature = features.get(column.name)
+        values = None
+        if feature is not None:
+            values = (feature.bytes_list.value if column.dtype == "bytes" else
+                      feature.int64_list.value if column.dtype == "int64" else feature.float_list.value)
+        if not values:
+            decoded[column.name] = None
+        elif column.dtype == "bytes":
+            decoded[column.name] = values[0].decode()
+        else:
+            decoded[column.name] = values[0] if column.dtype == "int64" else float(values[0])
+    return decoded
+
+
+def row_values(spec: FeatureSpec, row: FeatureRow) -> dict:
+    """A FeatureRow -> what `decode_example` gives for its encoded example,
+    through the same encoding (float32 included): what batch would serve."""
+    batch = rows_to_record_batch(spec, [row], with_label=False)
+    values = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        if name == "event_id":
+            continue
+        cell = column[0].as_py()
+        value = cell[0] if cell else None
+        values[name] = value.decode() if isinstance(value, bytes) else value
+    return values
+
+
 class RequestKey(NamedTuple):
     """What a keyed example carries along (through RunInference) to its prediction."""
 
