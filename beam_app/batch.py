@@ -8,6 +8,8 @@ transform the streaming job uses, and writes under --output:
     train/ eval/ test/   examples-*.tfrecord.gz  (gzipped tf.train.Example)
     dead_letters/        dead_letters-*.ndjson   (raw record, reason, source)
     spec.json            the spec, its fingerprint and the example layout
+    stats.json           per split and example column: counts, missing, moments, quantiles,
+                         histogram, top values (transforms/feature_stats.py; --no_stats skips it)
     summary.json         the counts and timings printed at the end
 
 Run on the embedded data:
@@ -41,7 +43,8 @@ from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, St
 from beam_app.options import CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
-from transforms.examples import EncodeExamples, example_columns, is_labeled
+from transforms.examples import EncodeRecordBatches, RecordBatches, example_columns, is_labeled
+from transforms.feature_stats import FeatureStatistics, statistics_document
 from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.read_files import ReadRecords, matched_files, resolve_input
 from transforms.spec import ROLES, SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
@@ -66,6 +69,9 @@ class BatchOptions(CommonOptions):
         parser.add_argument("--test_start", default=None, help="Time split: first test day, e.g. 2013-12-01.")
         parser.add_argument("--eval_fraction", type=float, default=None, help="Hash split: share of eval.")
         parser.add_argument("--test_fraction", type=float, default=None, help="Hash split: share of test.")
+        parser.add_argument(
+            "--no_stats", action="store_true", default=False,
+            help="Do not compute the training statistics (stats.json); for measuring what they cost.")
 
 
 class _KeepLabeled(beam.DoFn):
@@ -82,9 +88,14 @@ class _KeepLabeled(beam.DoFn):
             self._unlabeled.inc()
 
 
-def build(records, spec: FeatureSpec, split: SplitSpec) -> dict:
+STATS = "stats"
+
+
+def build(records, spec: FeatureSpec, split: SplitSpec, with_stats: bool = True) -> dict:
     """PCollection[RawRecord] -> {"train"|"eval"|"test": PCollection[bytes] of
-    serialized tf.Examples, "dead_letters": PCollection[DeadLetter]}. No I/O."""
+    serialized tf.Examples, "dead_letters": PCollection[DeadLetter]} and, with
+    stats, "stats": PCollection[dict], one element: the stats.json document,
+    computed from the same RecordBatches the examples are encoded from. No I/O."""
     parsed = records | "ParseEvents" >> ParseEvents(spec)
     unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0)
     rows = (
@@ -93,8 +104,18 @@ def build(records, spec: FeatureSpec, split: SplitSpec) -> dict:
         | "KeepLabeled" >> beam.ParDo(_KeepLabeled(spec))
     )
     splits = rows | "Split" >> SplitExamples(split)
-    outputs = {name: splits[name] | f"Encode{name.title()}" >> EncodeExamples(spec) for name in SPLITS}
+    batches = {name: splits[name] | f"RecordBatches{name.title()}" >> RecordBatches(spec) for name in SPLITS}
+    outputs = {name: batches[name] | f"Encode{name.title()}" >> EncodeRecordBatches() for name in SPLITS}
     outputs[DEAD_LETTERS] = (parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE]) | "MergeDeadLetters" >> beam.Flatten()
+    if with_stats:
+        per_split = {name: batches[name] | f"Stats{name.title()}" >> FeatureStatistics(spec) for name in SPLITS}
+        outputs[STATS] = (
+            records.pipeline
+            | "StatsOnce" >> beam.Create([None])
+            | "StatsDocument" >> beam.Map(
+                lambda _, *entries: statistics_document(spec, dict(zip(SPLITS, entries))),
+                *(beam.pvalue.AsSingleton(per_split[name]) for name in SPLITS))
+        )
     return outputs
 
 
@@ -190,7 +211,8 @@ def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec,
               output: str) -> None:
     """Every step of the job, as run() runs it (the offline Dataflow translation
     test builds it the same way): the read, `build` and the writes."""
-    outputs = build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, options.input_format), spec, split)
+    outputs = build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, options.input_format), spec, split,
+                    with_stats=not options.no_stats)
     for name in SPLITS:
         outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
             FileSystems.join(output, name, "examples"), file_name_suffix=".tfrecord.gz")
@@ -198,12 +220,15 @@ def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec,
      | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
      | "WriteDeadLetters" >> beam.io.WriteToText(
          FileSystems.join(output, "dead_letters", "dead_letters"), file_name_suffix=".ndjson"))
+    if STATS in outputs:
+        # One small document: written whole by the one element (WriteToText would shuffle it under a pickled key).
+        outputs[STATS] | "WriteStats" >> beam.Map(_write_json_element, FileSystems.join(output, "stats.json"))
 
 
 def _clear_previous_outputs(output: str) -> None:
     """Old shards would mix with new ones: remove this job's earlier outputs (only those)."""
     patterns = [FileSystems.join(output, d, "*") for d in (*SPLITS, "dead_letters")]
-    patterns += [FileSystems.join(output, f) for f in ("spec.json", "summary.json")]
+    patterns += [FileSystems.join(output, f) for f in ("spec.json", "summary.json", "stats.json")]
     stale = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
     if stale:
         FileSystems.delete(stale)
@@ -212,6 +237,11 @@ def _clear_previous_outputs(output: str) -> None:
 def _write_json(path: str, body: dict) -> None:
     with FileSystems.create(path) as out:
         out.write((json.dumps(body, indent=2) + "\n").encode())
+
+
+def _write_json_element(body: dict, path: str) -> str:
+    _write_json(path, body)
+    return path
 
 
 def run(argv: Optional[list[str]] = None) -> dict:
@@ -256,11 +286,11 @@ def run(argv: Optional[list[str]] = None) -> dict:
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     _write_json(FileSystems.join(output, "summary.json"), summary)
-    _print_summary(summary, output)
+    _print_summary(summary, output, with_stats=not options.no_stats)
     return summary
 
 
-def _print_summary(summary: dict, output: str) -> None:
+def _print_summary(summary: dict, output: str, with_stats: bool = True) -> None:
     examples = summary["examples"]
     lines = [
         f"batch job finished in {summary['seconds']} s",
@@ -273,7 +303,8 @@ def _print_summary(summary: dict, output: str) -> None:
         f"(conflicting copies are dead letters: {sum(summary['conflicts'].values()):,})",
         f"  unlabeled requests  {summary['unlabeled_requests']:>9,}   (no outcome, not written)",
         f"  late events         {summary['late_requests'] + summary['late_observations']:>9,}",
-        f"  output              {output}/{{train,eval,test}}/ dead_letters/ spec.json summary.json",
+        f"  output              {output}/{{train,eval,test}}/ dead_letters/ spec.json summary.json"
+        + (" stats.json" if with_stats else ""),
     ]
     failed = [name for name, ok in summary["checks"].items() if not ok]
     lines.append("  counts add up       yes" if not failed else f"  COUNTS DO NOT ADD UP: {failed}")

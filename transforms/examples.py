@@ -12,7 +12,11 @@ holds; the encoder, `spec.json` and the parse spec of readers all come from it:
 - the label (float32), absent on live requests
 
 Encoding goes through Arrow RecordBatches and tfx-bsl's C++ encoder: building
-protos in Python costs about 10x more.
+protos in Python costs about 10x more. The batch job applies the two halves
+itself, `RecordBatches` (FeatureRow -> pa.RecordBatch) then
+`EncodeRecordBatches` (-> bytes), so that `transforms/feature_stats.py`
+describes the very batches that are encoded; `EncodeExamples` is the two in
+one (keyed, for streaming, it encodes from the rows, which carry the key).
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ class RequestKey(NamedTuple):
 
 
 class _EncodeBatchDoFn(beam.DoFn):
+    """list[FeatureRow] -> their serialized tf.Examples, keyed by RequestKey
+    when keyed (the rows carry the key; a RecordBatch does not)."""
+
     def __init__(self, spec: FeatureSpec, with_label: bool, keyed: bool):
         self._spec = spec
         self._with_label = with_label
@@ -195,12 +202,62 @@ class _EncodeBatchDoFn(beam.DoFn):
         return [(RequestKey(row.event.event_id, row.event.time_us), example) for row, example in zip(rows, serialized)]
 
 
+class _EncodeRecordBatchDoFn(beam.DoFn):
+    """pa.RecordBatch -> its serialized tf.Examples, one per row."""
+
+    def __init__(self):
+        self._encoded = Metrics.counter("examples", "encoded")
+
+    def setup(self):
+        from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
+
+        self._encoder = RecordBatchToExamplesEncoder()
+
+    def process(self, batch: pa.RecordBatch) -> Iterable[bytes]:
+        serialized = self._encoder.encode(batch)
+        self._encoded.inc(len(serialized))
+        return serialized
+
+
+class RecordBatches(beam.PTransform):
+    """PCollection[FeatureRow] -> PCollection[pa.RecordBatch]: the rows in
+    batches (`rows_to_record_batch`, every example column as a list column),
+    what `EncodeRecordBatches` encodes and `FeatureStatistics` describes.
+    The batch size adapts to the runner, up to max_batch_size rows."""
+
+    def __init__(self, spec: FeatureSpec, with_label: bool = True, max_batch_size: int = 4096,
+                 label: Optional[str] = None):
+        super().__init__(label)
+        self._spec = spec
+        self._with_label = with_label
+        self._max_batch_size = max_batch_size
+
+    def expand(self, rows):
+        spec, with_label = self._spec, self._with_label
+        return (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
+            | "ToRecordBatch" >> beam.Map(lambda batch: rows_to_record_batch(spec, batch, with_label)
+                                          ).with_output_types(pa.RecordBatch)
+        )
+
+
+class EncodeRecordBatches(beam.PTransform):
+    """PCollection[pa.RecordBatch] -> PCollection[bytes] (serialized
+    tf.train.Example, one per row), with tfx-bsl's C++ encoder."""
+
+    def expand(self, batches):
+        return batches | "Encode" >> beam.ParDo(_EncodeRecordBatchDoFn()).with_output_types(bytes)
+
+
 class EncodeExamples(beam.PTransform):
     """PCollection[FeatureRow] -> PCollection[bytes] (serialized tf.train.Example),
     or with keyed=True PCollection[(RequestKey, bytes)].
 
     Batches rows for the C++ encoder; the batch size adapts to the runner
-    (in streaming, a batch never waits beyond the bundle)."""
+    (in streaming, a batch never waits beyond the bundle). Unkeyed, it is
+    `RecordBatches` then `EncodeRecordBatches` (the batch job applies the two
+    itself, to describe the same batches in stats.json)."""
 
     def __init__(self, spec: FeatureSpec, with_label: bool = True, keyed: bool = False, max_batch_size: int = 4096,
                  label: Optional[str] = None):
@@ -211,9 +268,15 @@ class EncodeExamples(beam.PTransform):
         self._max_batch_size = max_batch_size
 
     def expand(self, rows):
+        if not self._keyed:
+            return (
+                rows
+                | "RecordBatches" >> RecordBatches(self._spec, self._with_label, self._max_batch_size)
+                | "Encode" >> EncodeRecordBatches()
+            )
         return (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
             | "Encode" >> beam.ParDo(_EncodeBatchDoFn(self._spec, self._with_label, self._keyed)).with_output_types(
-                tuple[RequestKey, bytes] if self._keyed else bytes)
+                tuple[RequestKey, bytes])
         )
