@@ -9,6 +9,9 @@ the batch branch -> the trained SavedModel -> predictions in BigQuery.
       -> RunInference (SavedModel, serving_default on whole batches) -> dead letters
       -> WriteToBigQuery predictions (streaming inserts) -> refused rows: dead letters
     dead letters -> WriteToBigQuery dead-letter table (payload, attributes, error, time)
+    optional: the features each prediction was made from (--served_features_table, a sample by
+    --served_features_rate) and every accepted event (--events_table): the evidence that
+    `python -m beam_app.consistency` and `python -m beam_app.drift` check.
 
 It refuses to start when the model was trained on another spec than --spec.
 Requests get their prediction once the watermark passes their event time.
@@ -43,15 +46,17 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
-from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
-                             failed_row_letter, prediction_row, row_table, table_schema)
+from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
+                             event_row, events_schema, failed_inference_letters, failed_row_letter, in_served_sample,
+                             prediction_row, row_table, served_features_row, served_features_schema, table_schema)
 from models.export import SpecMismatch
 from models.inference import (ModelLocation, SavedModelHandler, WatchLatest, load_checked_model, locate_model,
                               version_of)
 from models.model_updates import WatchLatestModel
 from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
-from transforms.examples import EncodeExamples
+from transforms.examples import EncodeExamples, decode_example
 from transforms.bootstrap import RecentObservations
+from transforms.deduplicate import ARRIVED
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.event_time import TimeBounds
@@ -102,8 +107,24 @@ class StreamingOptions(CommonOptions):
             "--dead_letter_table", default=None,
             help="BigQuery table for dead letters (rejected messages, failed inferences, refused rows).")
         parser.add_argument(
+            "--served_features_table", default=None,
+            help="BigQuery table for the features each prediction was made from, decoded from the very "
+                 "tf.Example the model scored: one column per feature and presence flag (the schema comes from "
+                 "the spec), with event_id, event_time, model_version, spec_fingerprint, processing_time and "
+                 "job_start_time. `python -m beam_app.consistency` recomputes them; `python -m beam_app.drift` "
+                 "compares them with the training statistics. Default: not logged.")
+        parser.add_argument(
+            "--served_features_rate", type=float, default=1.0,
+            help="Share of requests whose features are logged, chosen by a hash of event_id: the same requests "
+                 "in every run, and the consistency job knows which must be there (default 1.0: all).")
+        parser.add_argument(
+            "--events_table", default=None,
+            help="BigQuery table archiving every event the job accepted (requests and observations, the first "
+                 "copy of each; not the warm-start history) with its fields and arrival time: history for the "
+                 "next training and for the consistency job. Default: not archived.")
+        parser.add_argument(
             "--create_tables", action="store_true",
-            help="Create the dataset and both tables if missing (otherwise they must exist).")
+            help="Create the dataset and the tables if missing (otherwise they must exist).")
         parser.add_argument(
             "--bigquery_endpoint", default=None,
             help="BigQuery API endpoint, e.g. http://127.0.0.1:9050 for the local emulator. Default: Google's.")
@@ -145,18 +166,46 @@ def message_to_record(message: PubsubMessage) -> RawRecord:
     return RawRecord(f"pubsub:{message.message_id}", text, "json", attributes=dict(message.attributes or {}))
 
 
-class _ToPredictionRow(beam.DoFn):
-    """(RequestKey, PredictionResult) -> a predictions table row."""
+SERVED = "served_features"
 
-    def __init__(self, spec_fingerprint: str, clock: Callable[[], float]):
-        self._fingerprint = spec_fingerprint
+
+class _ToPredictionRow(beam.DoFn):
+    """(RequestKey, PredictionResult) -> a predictions table row, and (tagged
+    SERVED) for the requests in the sample, the example it was made from,
+    decoded: what the model received, not what we think we sent it."""
+
+    def __init__(self, spec: FeatureSpec, clock: Callable[[], float], served_rate: Optional[float] = None,
+                 job_started_us: int = 0):
+        self._spec = spec
         self._clock = clock  # injectable: tests pin processing_time
+        self._served_rate = served_rate
+        self._job_started_us = job_started_us
         self._rows = Metrics.counter("predictions", "rows")
+        self._served = Metrics.counter("predictions", "served_features_rows")
 
     def process(self, keyed):
         key, result = keyed
         self._rows.inc()
-        yield prediction_row(key, result.inference, result.model_id, self._fingerprint, int(self._clock() * 1e6))
+        now_us = int(self._clock() * 1e6)
+        yield prediction_row(key, result.inference, result.model_id, self._spec.fingerprint, now_us)
+        if self._served_rate is not None and in_served_sample(key.event_id, self._served_rate):
+            self._served.inc()
+            yield beam.pvalue.TaggedOutput(SERVED, served_features_row(
+                key, decode_example(self._spec, result.example), result.model_id, self._spec.fingerprint, now_us,
+                self._job_started_us))
+
+
+class _ToEventRow(beam.DoFn):
+    """An accepted Event -> an events table row, stamped with its arrival (wall clock)."""
+
+    def __init__(self, spec: FeatureSpec, clock: Callable[[], float]):
+        self._names = tuple(event_fields(spec))
+        self._clock = clock
+        self._rows = Metrics.counter("events", "archived")
+
+    def process(self, event):
+        self._rows.inc()
+        yield event_row(event, self._names, int(self._clock() * 1e6))
 
 
 class _ToDeadLetterRow(beam.DoFn):
@@ -176,17 +225,19 @@ class _ToDeadLetterRow(beam.DoFn):
 def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
           key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
           clock: Callable[[], float] = time.time, max_future_s: int = 300,
-          event_time_attribute: str = "event_time", history=None, watch: Optional[WatchLatest] = None) -> dict:
+          event_time_attribute: str = "event_time", history=None, watch: Optional[WatchLatest] = None,
+          served_rate: Optional[float] = None, archive_events: bool = False, job_started_us: int = 0) -> dict:
     """PCollection[PubsubMessage] (stamped with their publish time) ->
     {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O.
     history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap).
-    watch: the model directory to follow (its LATEST): newer versions of the same spec take over."""
+    watch: the model directory to follow (its LATEST): newer versions of the same spec take over.
+    served_rate: also "served_features", rows of the features a sample of the predictions were made
+    from (job_started_us: when this job started, in each row); archive_events: also "events", a row
+    per accepted live event."""
     records = messages | "ToRecords" >> beam.Map(message_to_record)
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
     parsed = records | "ParseEvents" >> ParseEvents(spec, live=live)
-    events = parsed["events"]
-    if history is not None:
-        events = (events, history) | "WithHistory" >> beam.Flatten()
+    events = parsed["events"] if history is None else (parsed["events"], history)
     unique = events | "DeduplicateEvents" >> DeduplicateEvents(
         spec.max_window_s + allowed_lateness_s, key_shards)
     examples = (
@@ -201,11 +252,18 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
         watch.model_dir, spec, version_of(model_path), watch.poll_s, watch.clock)] if watch else []
     failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
         failed_inference_letters)
-    return {
-        "predictions": predictions | "ToPredictionRows" >> beam.ParDo(_ToPredictionRow(spec.fingerprint, clock)),
+    rows = predictions | "ToPredictionRows" >> beam.ParDo(
+        _ToPredictionRow(spec, clock, served_rate, job_started_us)).with_outputs(SERVED, main="predictions")
+    outputs = {
+        "predictions": rows.predictions,
         "dead_letters": ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences, *refused_models)
                          | "MergeDeadLetters" >> beam.Flatten()),
     }
+    if served_rate is not None:
+        outputs[SERVED] = rows[SERVED]
+    if archive_events:
+        outputs["events"] = unique[ARRIVED] | "ToEventRows" >> beam.ParDo(_ToEventRow(spec, clock))
+    return outputs
 
 
 def _write_rows(rows, label: str, table, schema, test_client) -> beam.PCollection:
@@ -220,24 +278,23 @@ def _write_rows(rows, label: str, table, schema, test_client) -> beam.PCollectio
 
 
 class _Destinations:
-    """Which table a row goes to, and that table's schema (WriteToBigQuery's
-    dynamic destinations: a plain object, so it pickles)."""
+    """Which table a row goes to (`row_table`), and that table's schema
+    (WriteToBigQuery's dynamic destinations: a plain object, so it pickles).
+    tables: {"predictions"|"dead_letters"|"served_features"|"events": (table spec, schema fields)}."""
 
-    def __init__(self, predictions_table: str, dead_letter_table: str):
+    def __init__(self, tables: dict[str, tuple[str, tuple]]):
         from beam_app.bigquery_client import parse_table_spec
 
-        self._predictions = predictions_table
-        self._dead_letters = dead_letter_table
-        self._dead_letters_ref = parse_table_spec(dead_letter_table)
+        self._tables = {name: table for name, (table, _) in tables.items()}
+        self._schemas = {parse_table_spec(table): table_schema(schema) for table, schema in tables.values()}
 
     def table(self, row: dict) -> str:
-        return self._dead_letters if row_table(row) == "dead_letters" else self._predictions
+        return self._tables[row_table(row)]
 
     def schema(self, destination) -> dict:
         from beam_app.bigquery_client import parse_table_spec
 
-        is_dead = parse_table_spec(str(destination)) == self._dead_letters_ref
-        return table_schema(DEAD_LETTERS_SCHEMA if is_dead else PREDICTIONS_SCHEMA)
+        return self._schemas[parse_table_spec(str(destination))]
 
 
 class _LogUnwritable(beam.DoFn):
@@ -252,14 +309,16 @@ class _LogUnwritable(beam.DoFn):
         logging.error("dead letter refused by BigQuery (%s): %s; errors: %s", *failed)
 
 
-def write_outputs(outputs: dict, predictions_table: str, dead_letter_table: str, test_client=None,
+def write_outputs(outputs: dict, tables: dict[str, tuple[str, tuple]], test_client=None,
                   clock: Callable[[], float] = time.time) -> None:
-    """Predictions and dead letters to their tables through one WriteToBigQuery
-    (each of its steps costs the DirectRunner per bundle, even an empty one);
-    prediction rows BigQuery refuses become dead letters, written by a second."""
-    destinations = _Destinations(predictions_table, dead_letter_table)
+    """Every row to its table (`job_tables`) through one WriteToBigQuery (each
+    of its steps costs the DirectRunner per bundle, even an empty one); rows
+    BigQuery refuses become dead letters, written by a second."""
+    destinations = _Destinations(tables)
+    dead_letter_table = tables["dead_letters"][0]
     dead_letter_rows = outputs["dead_letters"] | "ToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
-    refused = _write_rows((outputs["predictions"], dead_letter_rows) | "AllRows" >> beam.Flatten(), "WriteRows",
+    rows = [outputs[name] for name in ("predictions", SERVED, "events") if name in outputs]
+    refused = _write_rows((*rows, dead_letter_rows) | "AllRows" >> beam.Flatten(), "WriteRows",
                           destinations.table, destinations.schema, test_client)
     refused_predictions, refused_dead_letters = refused | "SplitRefused" >> beam.Partition(
         lambda failed, _: int(row_table(failed[1]) == "dead_letters"), 2)
@@ -298,6 +357,13 @@ def _check_options(options: StreamingOptions) -> None:
             raise UsageError(f"--bootstrap_input {options.bootstrap_input!r} matches no file") from None
     if options.max_future_s < 0 or options.allowed_lateness_s < 0:
         raise UsageError("--max_future_s and --allowed_lateness_s must be 0 or more")
+    if not 0 < options.served_features_rate <= 1:
+        raise UsageError(f"--served_features_rate is a share of requests, above 0 and at most 1: got "
+                         f"{options.served_features_rate}")
+    named = [table for table in (options.predictions_table, options.dead_letter_table,
+                                 options.served_features_table, options.events_table) if table]
+    if len(set(named)) != len(named):
+        raise UsageError("each table flag needs a table of its own: " + ", ".join(named))
 
 
 def key_shards(options: StreamingOptions) -> Optional[int]:
@@ -309,13 +375,23 @@ def key_shards(options: StreamingOptions) -> Optional[int]:
     return 1 if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS else None
 
 
-def _prepare_tables(options: StreamingOptions) -> None:
+def job_tables(options: StreamingOptions, spec: FeatureSpec) -> dict[str, tuple[str, tuple]]:
+    """The tables this job writes: {name: (table spec, schema fields)}."""
+    tables = {"predictions": (options.predictions_table, PREDICTIONS_SCHEMA),
+              "dead_letters": (options.dead_letter_table, DEAD_LETTERS_SCHEMA)}
+    if options.served_features_table:
+        tables[SERVED] = (options.served_features_table, served_features_schema(spec))
+    if options.events_table:
+        tables["events"] = (options.events_table, events_schema(spec))
+    return tables
+
+
+def _prepare_tables(options: StreamingOptions, spec: FeatureSpec) -> None:
     """Creates the tables (--create_tables) or checks that they exist, so a
     typo fails at start rather than as endless insert errors."""
     from beam_app.bigquery_client import bigquery_client, ensure_table, parse_table_spec, table_exists
 
-    for table, schema in ((options.predictions_table, PREDICTIONS_SCHEMA),
-                          (options.dead_letter_table, DEAD_LETTERS_SCHEMA)):
+    for table, schema in job_tables(options, spec).values():
         project, _, _ = parse_table_spec(table)
         client = bigquery_client(project, options.bigquery_endpoint)
         if options.create_tables:
@@ -337,8 +413,11 @@ def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 
 
     since = time_us_to_rfc3339(since_us)
     counts = {}
-    for name, table, group in (("predictions", options.predictions_table, "model_version"),
-                               ("dead_letters", options.dead_letter_table, "stage")):
+    counted = [("predictions", options.predictions_table, "model_version"),
+               ("dead_letters", options.dead_letter_table, "stage")]
+    counted += [(name, table, group) for name, table, group in (
+        (SERVED, options.served_features_table, "model_version"), ("events", options.events_table, "role")) if table]
+    for name, table, group in counted:
         project, dataset, table_id = parse_table_spec(table)
         sql = (f"SELECT {group}, COUNT(*) AS n FROM `{project}.{dataset}.{table_id}` "
                f"WHERE processing_time >= TIMESTAMP('{since}') GROUP BY {group}")
@@ -346,6 +425,8 @@ def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 
         job = client.query(sql, retry=Retry(deadline=deadline_s), job_retry=None, timeout=deadline_s)
         rows = job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s))
         counts[name] = {row[group]: row["n"] for row in rows}
+    if SERVED in counts:  # one count: by version it says what the predictions' counts say
+        counts[SERVED] = sum(counts[SERVED].values())
     # Predictions: the total, and per model version (a running job may switch).
     counts["predictions_by_version"] = counts["predictions"]
     counts["predictions"] = sum(counts["predictions_by_version"].values())
@@ -399,10 +480,12 @@ def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureS
                      options.bootstrap_input)
     watch = WatchLatest(options.model, options.model_poll_s, clock) if (
         options.model_poll_s and location.from_latest) else None
+    served_rate = options.served_features_rate if options.served_features_table else None
     outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
                     options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
-                    options.event_time_attribute, history, watch)
-    write_outputs(outputs, options.predictions_table, options.dead_letter_table, test_client, clock)
+                    options.event_time_attribute, history, watch, served_rate, bool(options.events_table),
+                    job_started_us=int(clock() * 1e6))
+    write_outputs(outputs, job_tables(options, spec), test_client, clock)
 
 
 def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,
@@ -423,7 +506,9 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     # are checked and swapped in by WatchLatestModel.
     location = locate_model(options.model)
     load_checked_model(location.saved_model, spec)
-    _prepare_tables(options)
+    if options.served_features_table or options.events_table:
+        check_column_names(spec)
+    _prepare_tables(options, spec)
     test_client = None
     if options.bigquery_endpoint:
         from beam_app.bigquery_client import EndpointBigQueryClient, parse_table_spec
@@ -436,7 +521,8 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     result = pipeline.run()
     summary = {"spec": {"name": spec.name, "fingerprint": spec.fingerprint}, "model": location.saved_model,
                "model_version": location.version, "input": options.input_subscription or options.input_topic,
-               "predictions_table": options.predictions_table, "dead_letter_table": options.dead_letter_table}
+               "predictions_table": options.predictions_table, "dead_letter_table": options.dead_letter_table,
+               "served_features_table": options.served_features_table, "events_table": options.events_table}
     logging.info("streaming job started: spec %s (%s), model version %s, reading %s",
                  spec.name, spec.fingerprint[:12], location.version, summary["input"])
     if options.view_as(StandardOptions).runner not in _LOCAL_RUNNERS:
@@ -489,6 +575,11 @@ def _print_summary(summary: dict) -> None:
            if len(by_version) > 1 else ""),
         f"  dead letters        {sum(dead.values()):>9,}   -> {summary['dead_letter_table']}"
         + (f"  ({', '.join(f'{stage} {n:,}' for stage, n in sorted(dead.items()))})" if dead else ""),
+        *([f"  served features     {summary[SERVED]:>9,}   -> {summary['served_features_table']}"]
+          if SERVED in summary else []),
+        *([f"  events archived     {sum(summary['events'].values()):>9,}   -> {summary['events_table']}  ("
+           + ", ".join(f"{role} {n:,}" for role, n in sorted(summary["events"].items())) + ")"]
+          if "events" in summary else []),
     ]), flush=True)
 
 

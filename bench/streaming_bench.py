@@ -66,7 +66,8 @@ def passthrough_job(bigquery_endpoint: str) -> None:
                 | beam.Filter(lambda message: message.attributes.get("role") == "request")
                 | beam.Map(to_row))
     streaming.write_outputs({"predictions": requests, "dead_letters": pipeline | beam.Create([])},
-                            PREDICTIONS, DEAD_LETTERS, EndpointBigQueryClient("test-project", bigquery_endpoint))
+                            {"predictions": (PREDICTIONS, PREDICTIONS_SCHEMA), "dead_letters": (DEAD_LETTERS, DEAD_LETTERS_SCHEMA)},
+                            EndpointBigQueryClient("test-project", bigquery_endpoint))
     result = pipeline.run()
     try:
         while True:

@@ -133,6 +133,14 @@ class Config:
         return f"{self.project}:{self.dataset}.dead_letters"
 
     @property
+    def served_features_table(self) -> str:
+        return f"{self.project}:{self.dataset}.served_features"
+
+    @property
+    def events_table(self) -> str:
+        return f"{self.project}:{self.dataset}.events"
+
+    @property
     def batch_input_path(self) -> str:
         """--batch_input, or where the batch step copies the spec's embedded data: gs://BUCKET/data/<its name>."""
         return self.batch_input or f"gs://{self.bucket}/data/{PurePosixPath(spec_data(self.spec)).name}"
@@ -193,12 +201,18 @@ def dict_flag(values: Mapping[str, str]) -> str:
 
 # ---- the files the commands read ----
 
-def schema_fields() -> dict[str, list[dict]]:
-    """Table name -> its schema fields, from beam_app/tables.py (the one source)."""
-    from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, table_schema
+def schema_fields(spec: str = "flights") -> dict[str, list[dict]]:
+    """Table name -> its schema fields, from beam_app/tables.py (the one source);
+    the served-features and events tables' columns come from the spec."""
+    from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema,
+                                 table_schema)
+    from transforms.spec import load_spec
 
+    feature_spec = load_spec(spec)
     return {"predictions": table_schema(PREDICTIONS_SCHEMA)["fields"],
-            "dead_letters": table_schema(DEAD_LETTERS_SCHEMA)["fields"]}
+            "dead_letters": table_schema(DEAD_LETTERS_SCHEMA)["fields"],
+            "served_features": table_schema(served_features_schema(feature_spec))["fields"],
+            "events": table_schema(events_schema(feature_spec))["fields"]}
 
 
 def cloudbuild_config() -> dict:
@@ -244,6 +258,8 @@ def resources_commands(c: Config) -> list[Command]:
         command(*bq, "--dataset", f"--data_location={c.region}", f"{c.project}:{c.dataset}"),
         command(*bq, "--table", f"--schema={c.file('predictions.schema.json')}", c.predictions_table),
         command(*bq, "--table", f"--schema={c.file('dead_letters.schema.json')}", c.dead_letter_table),
+        command(*bq, "--table", f"--schema={c.file('served_features.schema.json')}", c.served_features_table),
+        command(*bq, "--table", f"--schema={c.file('events.schema.json')}", c.events_table),
     ]
 
 
@@ -273,6 +289,9 @@ def run_parameters(c: Config) -> dict[str, str]:
         **({} if c.is_default_spec else {"spec": c.spec}),
         "predictions_table": c.predictions_table,
         "dead_letter_table": c.dead_letter_table,
+        # The evidence of no skew (beam_app.consistency, beam_app.drift): every prediction's features, every event.
+        "served_features_table": c.served_features_table,
+        "events_table": c.events_table,
     }
     if c.id_attribute:
         parameters["id_attribute"] = c.id_attribute
@@ -502,7 +521,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = say)
         except (DeployError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
     gitignore_path = ROOT / ".gitignore"
-    files = generated_files(config, gitignore_path.read_text() if gitignore_path.exists() else "", schema_fields())
+    files = generated_files(config, gitignore_path.read_text() if gitignore_path.exists() else "", schema_fields(config.spec))
     write_files(files, ROOT)
     out(f"# deploy {step}{' (dry run: nothing runs)' if dry_run else ''}: project {config.project}, "
         f"region {config.region}, image {config.image}")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, table_schema
+from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema, table_schema
+from transforms.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = ROOT / "templates" / "streaming" / "metadata.json"
@@ -112,6 +113,8 @@ def test_run_passes_the_job_parameters_and_the_same_image_to_the_workers(dry_run
         "model": "gs://my-bucket/model",
         "predictions_table": "my-project:features.predictions",
         "dead_letter_table": "my-project:features.dead_letters",
+        "served_features_table": "my-project:features.served_features",
+        "events_table": "my-project:features.events",
         "id_attribute": "message_key",
         "sdk_container_image": IMAGE,
     }
@@ -126,7 +129,9 @@ def test_tables_are_made_from_schema_files_written_from_beam_app_tables(dry_run,
     assert _find(commands, "bq", "--project_id=my-project", "mk", "--force", "--dataset") == [
         "bq", "--project_id=my-project", "mk", "--force", "--dataset", "--data_location=us-central1",
         "my-project:features"]
-    for table, schema in (("predictions", PREDICTIONS_SCHEMA), ("dead_letters", DEAD_LETTERS_SCHEMA)):
+    flights = load_spec("flights")
+    for table, schema in (("predictions", PREDICTIONS_SCHEMA), ("dead_letters", DEAD_LETTERS_SCHEMA),
+                          ("served_features", served_features_schema(flights)), ("events", events_schema(flights))):
         schema_file = tmp_path / f"{table}.schema.json"
         assert f"my-project:features.{table}" in _find(commands, "bq", "--project_id=my-project", "mk", "--force",
                                                        "--table", f"--schema={schema_file}")
@@ -217,6 +222,8 @@ def test_another_spec_deploys_its_data_and_spec_under_its_own_names(dry_run):
         "spec": "chicago_taxi",
         "predictions_table": "my-project:features.predictions",  # shared: rows carry spec_fingerprint
         "dead_letter_table": "my-project:features.dead_letters",
+        "served_features_table": "my-project:features.served_features",
+        "events_table": "my-project:features.events",
         "id_attribute": "message_key",
         "sdk_container_image": IMAGE,
     }
@@ -341,7 +348,7 @@ def test_without_dry_run_each_printed_command_runs_in_order(tmp_path, monkeypatc
     printed = [line for line in lines if line.startswith(("gcloud", "bq"))]
     expected = [part.replace(" >/dev/null 2>&1", "") for line in printed for part in line.split(" || ")]
     assert log.read_text().splitlines() == expected
-    assert len(printed) == 10 and "# exists: skipped" not in lines
+    assert len(printed) == 12 and "# exists: skipped" not in lines  # 4 tables
 
 
 def test_make_targets_pass_the_variables_as_flags():

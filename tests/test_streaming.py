@@ -14,8 +14,9 @@ import yaml
 
 from beam_app import streaming
 from beam_app.bigquery_client import EndpointBigQueryClient, bigquery_client, ensure_table
-from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA
+from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema
 from transforms.events import DeadLetter
+from transforms.spec import load_spec
 
 PROJECT = "test-project"
 
@@ -96,12 +97,32 @@ def test_rows_bigquery_refuses_become_dead_letters(bigquery_emulator):
             "spec_fingerprint": "f" * 64, "processing_time": "2026-11-23T12:00:01Z"}
     bad = {**good, "event_id": "bad", "prediction": None}  # REQUIRED
     letter = DeadLetter("pubsub:1", "{oops", "not valid JSON", "parse", {"event_time": "2026-11-23T12:00:00Z"})
+    # The optional tables go through the same write: a served-features row and an event row find theirs.
+    spec = load_spec("flights")
+    served_table, events_table = f"{PROJECT}:refused.served_features", f"{PROJECT}:refused.events"
+    ensure_table(client, served_table, served_features_schema(spec))
+    ensure_table(client, events_table, events_schema(spec))
+    served = {**{key: good[key] for key in ("event_id", "event_time", "model_version", "spec_fingerprint",
+                                            "processing_time")},
+              "job_start_time": "2026-11-23T11:00:00Z", "origin": "EWR", "origin_departures_1h": 3}
+    event = {"event_id": "obs", "role": "observation", "event_time": "2026-11-23T11:59:00Z",
+             "processing_time": "2026-11-23T12:00:00Z", "origin": "EWR", "dep_delay": 4.0}
+    tables = {"predictions": (predictions_table, PREDICTIONS_SCHEMA),
+              "dead_letters": (dead_letter_table, DEAD_LETTERS_SCHEMA),
+              "served_features": (served_table, served_features_schema(spec)),
+              "events": (events_table, events_schema(spec))}
     with beam.Pipeline(runner="DirectRunner") as pipeline:
         streaming.write_outputs(
             {"predictions": pipeline | "Predictions" >> beam.Create([good, bad]),
+             "served_features": pipeline | "Served" >> beam.Create([served]),
+             "events": pipeline | "Events" >> beam.Create([event]),
              "dead_letters": pipeline | "DeadLetters" >> beam.Create([letter])},
-            predictions_table, dead_letter_table, EndpointBigQueryClient(PROJECT, bigquery_emulator.endpoint),
-            clock=lambda: 1_795_000_000.0)
+            tables, EndpointBigQueryClient(PROJECT, bigquery_emulator.endpoint), clock=lambda: 1_795_000_000.0)
+
+    (served_row,) = [dict(r.items()) for r in client.query(f"SELECT * FROM `{PROJECT}.refused.served_features`").result()]
+    assert (served_row["event_id"], served_row["origin"], served_row["origin_departures_1h"]) == ("ok", "EWR", 3)
+    (event_row,) = [dict(r.items()) for r in client.query(f"SELECT * FROM `{PROJECT}.refused.events`").result()]
+    assert (event_row["event_id"], event_row["role"], event_row["dep_delay"]) == ("obs", "observation", 4.0)
 
     rows = [dict(r.items()) for r in client.query(f"SELECT * FROM `{PROJECT}.refused.predictions`").result()]
     assert [row["event_id"] for row in rows] == ["ok"]

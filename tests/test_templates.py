@@ -104,6 +104,8 @@ def test_required_options_are_declared_required_and_the_input_as_one_of_two(para
             "model": "gs://my-bucket/models/delay", "predictions_table": "my-project:features.predictions",
             "dead_letter_table": "my-project:features.dead_letters"}
     full["bootstrap_input"] = str(REPO / "transforms" / "specs" / "flights.yaml")  # checked: it must match a file
+    full["served_features_table"] = "my-project:features.served_features"  # each table flag its own table
+    full["events_table"] = "my-project:features.events"
     for name, action in _job_options().items():
         if name not in full and name != "input_topic" and action.nargs != 0:
             full[name] = str(action.default) if action.default is not None else "1"
@@ -162,6 +164,10 @@ CASES = {
          "gs://-bucket/model"]),
     "predictions_table": (TABLE_GOOD, TABLE_BAD),
     "dead_letter_table": (TABLE_GOOD, TABLE_BAD),
+    "served_features_table": (TABLE_GOOD, TABLE_BAD),
+    "events_table": (TABLE_GOOD, TABLE_BAD),
+    "served_features_rate": (["1", "1.0", "0.5", "0.05", ".1", "0.001"],
+                             ["0", "0.0", "1.5", "2", "-0.1", "10%", "", "1e-2", "0.10000001"]),
     "create_tables": (["true", "false"], ["True", "yes", "1", "", "true ", "--create_tables"]),
     "spec": (
         ["flights", "my_spec", "/template/specs/my_spec.yaml", "/opt/specs/flights.json"],

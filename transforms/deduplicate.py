@@ -39,6 +39,7 @@ from transforms.windowed_features import state_key
 
 _US = 1_000_000
 STAGE = "duplicate"  # the dead-letter stage of conflicting copies
+ARRIVED = "arrived"  # streaming: the accepted events that came from the live input (not the warm start)
 
 NEW, DUPLICATE, CONFLICT = "new", "duplicate", "conflict"
 
@@ -156,7 +157,7 @@ class _DeduplicateLive(beam.DoFn):
 
     def process(self, element, ledger_state=beam.DoFn.StateParam(LEDGER),
                 forget_at=beam.DoFn.StateParam(FORGET_AT), forget=beam.DoFn.TimerParam(FORGET)):
-        _, event = element
+        _, (event, live) = element
         ledger = IdLedger(self._horizon_us, ledger_state.read())
         verdict, reason = ledger.admit(event)
         if verdict == NEW:
@@ -167,6 +168,8 @@ class _DeduplicateLive(beam.DoFn):
                 forget.set(Timestamp(micros=due))
                 forget_at.write(due)
             yield event
+            if live:
+                yield beam.pvalue.TaggedOutput(ARRIVED, event)
         elif verdict == DUPLICATE:
             self._counters.duplicates[event.role].inc()
         else:
@@ -192,6 +195,11 @@ class DeduplicateEvents(beam.PTransform):
     """PCollection[Event] -> {"events": PCollection[Event], each identity once,
     "duplicate": PCollection[DeadLetter] of conflicting copies}.
 
+    Streaming takes (live events, warm-start history) as well: both are
+    judged together (a redelivered copy of a history event is a duplicate),
+    and "arrived" holds the accepted events of the live input alone, for
+    the events archive (the history is archived already).
+
     horizon_s: how long (event time) an identity is remembered: the longest
     window plus the allowed lateness. Unbounded input only:
     key_shards: None keeps a ledger per identity (Dataflow: a few bytes of
@@ -205,7 +213,12 @@ class DeduplicateEvents(beam.PTransform):
         self._shards = key_shards
 
     def expand(self, events):
+        history = None
+        if isinstance(events, tuple):
+            events, history = events
         if events.is_bounded:
+            if history is not None:
+                raise ValueError("DeduplicateEvents: a warm-start history is for unbounded input only")
             outputs = (
                 events
                 | "ByIdentity" >> beam.Map(lambda event: (identity(event), event)).with_output_types(
@@ -215,11 +228,16 @@ class DeduplicateEvents(beam.PTransform):
             )
         else:
             shards = self._shards
+            tagged = events | "Live" >> beam.Map(lambda event: (event, True))
+            if history is not None:
+                tagged = (tagged, history | "History" >> beam.Map(lambda event: (event, False))) | "WithHistory" >> (
+                    beam.Flatten())
             outputs = (
-                events
-                | "ByIdentity" >> beam.Map(lambda event: (state_key(identity(event), shards), event)).with_output_types(
+                tagged
+                | "ByIdentity" >> beam.Map(lambda item: (state_key(identity(item[0]), shards), item)).with_output_types(
                     tuple[str, Any])
                 | "Judge" >> beam.ParDo(_DeduplicateLive(self._horizon_us)).with_outputs(
-                    STAGE, main="events")
+                    STAGE, ARRIVED, main="events")
             )
+            return {"events": outputs.events, STAGE: outputs[STAGE], ARRIVED: outputs[ARRIVED]}
         return {"events": outputs.events, STAGE: outputs[STAGE]}
