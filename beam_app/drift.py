@@ -441,28 +441,35 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     training = parser.add_argument_group("training statistics (one of)")
     which = training.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", metavar="DIR", help="A model directory of `python -m models.train` (its LATEST version), a version "
-                                       "directory or a saved_model directory: reads saved_model/assets.extra/"
-                                       "stats.json. Local or gs://.")
-    which.add_argument("--stats", metavar="PATH", help="A stats.json directly (e.g. the batch job's output/stats.json).")
-    parser.add_argument("--spec", metavar="SPEC", help="The feature spec (a shipped name or a file). Default: the spec.json beside "
-                                       "the statistics. Must be the spec the statistics were computed with.")
+    which.add_argument(
+        "--model", metavar="DIR",
+        help="A model directory of `python -m models.train` (its LATEST version), a version directory or a "
+             "saved_model directory: reads saved_model/assets.extra/stats.json. Local or gs://.")
+    which.add_argument("--stats", metavar="PATH",
+                       help="A stats.json directly (e.g. the batch job's output/stats.json).")
+    parser.add_argument(
+        "--spec", metavar="SPEC",
+        help="The feature spec (a shipped name or a file). Default: the spec.json beside the statistics. Must be "
+             "the spec the statistics were computed with.")
     served = parser.add_argument_group("served-features log (one of)")
     log = served.add_mutually_exclusive_group(required=True)
-    log.add_argument("--served_features_table", metavar="TABLE", help="BigQuery table project:dataset.table the streaming job logs "
-                                                     "served features to.")
-    log.add_argument("--served_features", metavar="GLOB", help="NDJSON files of the same rows: a path or glob, local or gs://.")
-    served.add_argument("--bigquery_endpoint", metavar="URL", help="BigQuery endpoint URL, e.g. the local emulator's "
-                                                    "http://127.0.0.1:9050 (default: Google's, default credentials).")
-    served.add_argument("--start", type=_timestamp, metavar="TIME", help="Only rows with event_time >= this (RFC 3339).")
+    log.add_argument("--served_features_table", metavar="TABLE",
+                     help="BigQuery table project:dataset.table the streaming job logs served features to.")
+    log.add_argument("--served_features", metavar="GLOB",
+                     help="NDJSON files of the same rows: a path or glob, local or gs://.")
+    served.add_argument("--bigquery_endpoint", metavar="URL",
+                        help="BigQuery endpoint URL, e.g. the local emulator's http://127.0.0.1:9050 (default: "
+                             "Google's, with the default credentials).")
+    served.add_argument("--start", type=_timestamp, metavar="TIME",
+                        help="Only rows with event_time >= this (RFC 3339, e.g. 2024-05-01T00:00:00Z).")
     served.add_argument("--end", type=_timestamp, metavar="TIME", help="Only rows with event_time < this (RFC 3339).")
     parser.add_argument("--output_dir", default="output/drift", metavar="DIR",
                         help="Where drift.json, report.html and plots/ go (default: %(default)s).")
     parser.add_argument("--fail_above", type=_threshold, metavar="X",
                         help="Exit 1 (after writing the report) when any feature's measure exceeds X (0..1; e.g. "
                              "0.1), or when no served row could be compared.")
-    parser.add_argument("--consistency", metavar="PATH", help="A JSON summary of `python -m beam_app.consistency`, shown in the "
-                                              "report.")
+    parser.add_argument("--consistency", metavar="PATH",
+                        help="A JSON summary of `python -m beam_app.consistency`, shown in the report.")
     parser.add_argument("--verbose", action="store_true", help="Beam's and the clients' logs too.")
     return parser
 

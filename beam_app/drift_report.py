@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, whatever the environment says
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 
 from beam_app.drift_measures import OTHER  # noqa: E402
@@ -45,8 +46,9 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 NOT_APPLICABLE = "n/a"
 UNKNOWN = "unknown"
-_MEASURE_LABEL = {"jensen_shannon_divergence": "Jensen-Shannon divergence", "l_infinity_distance": "L-infinity distance"}
-_TRAINING_COLOUR, _SERVED_COLOUR = "#1f77b4", "#ff7f0e"
+_MEASURE_LABEL = {"jensen_shannon_divergence": "Jensen-Shannon divergence",
+                  "l_infinity_distance": "L-infinity distance"}
+_TRAINING_COLOUR, _SERVED_COLOUR, _STRING_COLOUR = "#1f77b4", "#ff7f0e", "#2ca02c"
 
 
 def format_cell(value: Any) -> str:
@@ -126,21 +128,24 @@ def plot_measures(features: Mapping[str, Mapping[str, Any]], threshold: Optional
     """The drift measure of each feature, n/a where it could not be computed."""
     names = list(features)
     values = [features[n]["value"] for n in names]
-    colours = [_TRAINING_COLOUR if features[n]["type"] == "numeric" else "#2ca02c" for n in names]
+    colours = [_TRAINING_COLOUR if features[n]["type"] == "numeric" else _STRING_COLOUR for n in names]
     figure, ax = plt.subplots(figsize=(7, 1.0 + 0.32 * max(len(names), 1)))
     y = np.arange(len(names))
     ax.barh(y, [0 if v is None else v for v in values], color=colours)
     for i, value in enumerate(values):
         if value is None:
             ax.text(0.005, i, NOT_APPLICABLE, va="center", fontsize="small")
+    handles = [Patch(color=_TRAINING_COLOUR, label="Jensen-Shannon divergence (numeric)"),
+               Patch(color=_STRING_COLOUR, label="L-infinity distance (strings)")]
     if threshold is not None:
-        ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold}")
-        ax.legend(fontsize="small")
+        handles.append(ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold}"))
+    ax.legend(handles=handles, fontsize="small", loc="lower right")
     ax.set_yticks(y, names, fontsize="small")
     ax.invert_yaxis()
     top = max([v for v in values if v is not None] + [threshold or 0, 0.05])
     ax.set_xlim(0, min(1.0, top * 1.15) if top < 1 else 1.0)
-    ax.set_xlabel("drift (blue: Jensen-Shannon divergence, numeric; green: L-infinity distance, strings)")
+    ax.set_xlabel("drift (0: as in training)")
+    ax.set_title("drift per feature")
     _save(figure, path)
 
 
@@ -210,15 +215,19 @@ def _verdict(document: Mapping[str, Any]) -> str:
 def render_html(document: Mapping[str, Any], images: Mapping[str, str], consistency: Any = None) -> str:
     """The report page; `images`: feature name (or "_measures") -> its PNG's path relative to the page."""
     served, training, spec, top = document["served"], document["training"], document["spec"], document["max"]
-    version = training.get("model_version") or "(statistics given directly)"
-    requested = f"{served['start'] or 'the beginning'} to {served['end'] or 'the end'} (end excluded)"
+    version = training.get("model_version") or "unknown (statistics given with --stats)"
+    if served["start"] or served["end"]:
+        requested = (f"from {served['start'] or 'the first row'} until {served['end'] or 'the last row'}"
+                     + (" (excluded)" if served["end"] else ""))
+    else:
+        requested = "every row of the log (no --start or --end)"
     seen = (f"{served['first_event_time']} to {served['last_event_time']}" if served["first_event_time"]
             else "no rows")
     versions = ", ".join(f"{v} ({n:,} rows)" for v, n in served["model_versions"].items()) or "none"
     other = served["rows_other_spec"]
+    others = ", ".join(fingerprint[:12] for fingerprint in served["other_spec_fingerprints"])
     fingerprint_check = ("every row read was served with the statistics' spec" if not other else
-                         f"{other:,} rows served with another spec ({', '.join(k[:12] for k in served['other_spec_fingerprints'])}) "
-                         "were left out")
+                         f"{other:,} row(s) served with another spec ({others}) were left out")
     top_text = (f"{format_cell(top['value'])} ({_MEASURE_LABEL.get(top['measure'], top['measure'])}) of "
                 f"{top['feature']}" if top["value"] is not None else NOT_APPLICABLE)
     overview = _definition_rows([
@@ -259,8 +268,10 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, str], consiste
             figures.append(f'<figure><img src="{_e(images[name])}" alt="{_e(name)}: {what}">'
                            f"<figcaption>{_e(name)}: {what}; drift {_e(format_cell(entry['value']))}"
                            "</figcaption></figure>")
+    title = f"Serving vs training drift: {spec['name']}" + (
+        f", model {training['model_version']}" if training.get("model_version") else "")
     sections = [
-        f"<h1>Serving vs training drift: {_e(spec['name'])}, model {_e(version)}</h1>",
+        f"<h1>{_e(title)}</h1>",
         f"<p>Verdict: {_verdict(document)}.</p>",
         f'<table class="kv" id="overview">{overview}</table>',
         "<h2>What the measures mean</h2>",
@@ -293,7 +304,6 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, str], consiste
     ]
     if consistency is not None:
         sections += ["<h2>Consistency: served vs recomputed features</h2>", consistency_section(consistency)]
-    title = f"Drift: {spec['name']}, model {version}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_STYLE}</style></head><body>\n" + "\n".join(s for s in sections if s) + "\n</body></html>\n")
 

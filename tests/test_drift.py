@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 
@@ -61,6 +60,19 @@ def test_served_values_outside_the_training_range_land_in_the_underflow_and_over
     assert drift_measures.with_tails([4, 6]).tolist() == [0, 4, 6, 0]
     with pytest.raises(ValueError, match="sorted"):
         drift_measures.bin_on_edges([1], [2.0, 1.0])
+
+
+def test_inside_the_range_the_bins_are_numpy_histograms_even_on_the_edges():
+    import numpy as np
+
+    edges = np.linspace(-2.5, 7.25, 21)  # the statistics' equal-width bins, min to max
+    values = np.concatenate([np.random.default_rng(7).uniform(-2.5, 7.25, 500), edges])
+    assert drift_measures.bin_on_edges(values, edges)[1:-1].tolist() == np.histogram(values, bins=edges)[0].tolist()
+    # a feature constant in training: every bin edge is the value, which numpy counts in the last bin
+    constant = np.full(21, 3.0)
+    training = np.histogram([3.0, 3.0], bins=constant)[0]
+    served = drift_measures.bin_on_edges([3.0, 3.0, 3.0], constant)
+    assert drift_measures.jensen_shannon_divergence(drift_measures.with_tails(training), served) == 0
 
 
 def test_training_values_from_the_top_list_keep_the_rest_as_one_bucket():
@@ -311,7 +323,7 @@ def test_the_report_shows_valid_plots_and_the_numbers_of_drift_json(drift_inputs
     for name, *cells in rows:
         entry = document["features"][name]
         assert cells == [shown(entry, key) for key in parsed.keys], name
-    assert dict(zip(parsed.keys, rows[0][1:]))["value"] == "0.2500"  # carrier: by hand
+    assert dict(zip(parsed.keys, rows[0][1:], strict=True))["value"] == "0.2500"  # carrier: by hand
 
 
 def test_fail_above_exits_1_above_the_threshold_and_0_below(drift_inputs, capsys):
