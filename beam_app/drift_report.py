@@ -96,13 +96,14 @@ def plot_histogram(name: str, distribution: Mapping[str, Sequence], path: Path) 
         ax.axvspan(x[0], x[1], color="0.9")
         ax.axvspan(x[-2], x[-1], color="0.9", label="outside training's range")
         ax.set_xlabel(name)
-    else:  # a constant feature in training: bins by number
+        ax.set_title(name)
+    else:  # a constant feature in training (every edge the same value): bins by number
         x = np.arange(training.size + 1, dtype=float)
-        ax.set_xlabel(f"{name} (bin: 0 below training's range, {training.size - 1} above)")
+        ax.set_xlabel(f"bin (0: below training's range, {training.size - 1}: above)")
+        ax.set_title(f"{name} (training: always {edges[0]:g})")
     ax.stairs(training, x, label="training", color=_TRAINING_COLOUR, fill=True, alpha=0.35)
     ax.stairs(served, x, label="served", color=_SERVED_COLOUR, linewidth=2)
     ax.set_ylabel("share of values")
-    ax.set_title(name)
     ax.legend(fontsize="small")
     _save(figure, path)
 
