@@ -1,0 +1,149 @@
+"""The consistency job on a hand-made history and served log, every expected
+value computed by hand: what is equal, what differs, and why.
+
+History (flights spec), times on 2026-12-01 UTC (ids shortened here; the spec's pattern in the code):
+    o1 10:00 EWR UA delay 10    o2 10:30 EWR UA delay 20    o3 08:00 EWR AA delay 6
+Requests: r1 11:00 EWR UA, r2 11:20 JFK UA, r3 11:40 EWR UA, r4 11:50 EWR UA (not logged).
+By hand, [t - W, t):
+    r1: origin 1h {o1, o2}: count 2, mean 15, max 20; origin 3h {o3, o1, o2}: mean 12; carrier UA 3h {o1, o2}: 15
+    r2: origin JFK: count 0, the rest missing; carrier UA 3h {o1, o2}: 15
+    r3: origin 1h [10:40, 11:40) is empty: count 0, mean and max missing; origin 3h {o1, o2} (o3 is before
+        08:40): 15; carrier UA 3h {o1, o2}: 15
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from beam_app import consistency
+from beam_app.bigquery_client import bigquery_client, ensure_table
+from beam_app.tables import event_row, events_schema, served_columns, served_features_row
+from transforms.events import Event, event_to_json, rfc3339_to_time_us
+from transforms.examples import RequestKey, row_values
+from transforms.skew import Arrived, explain_group, group_values
+from transforms.spec import load_spec
+from transforms.windowed_features import FeatureRow, feature_groups
+
+PROJECT = "test-project"
+SPEC = load_spec("flights")
+DAY = "2026-12-01T"
+
+
+def _t(hhmm: str) -> int:
+    return rfc3339_to_time_us(f"{DAY}{hhmm}:00Z")
+
+
+def _observation(event_id: str, hhmm: str, origin: str, carrier: str, delay: float) -> Event:
+    return Event(event_id, "observation", _t(hhmm), {"origin": origin, "carrier": carrier, "dep_delay": delay})
+
+
+def _request(event_id: str, hhmm: str, origin: str) -> Event:
+    return Event(event_id, "request", _t(hhmm), {"carrier": "UA", "origin": origin, "dest": "ORD", "distance": 719.0,
+                                                 "hour": 6, "minute": 0, "month": 12, "day_of_week": 2,
+                                                 "dep_delay": 1.0})
+
+
+O1, O2, O3 = (_observation("20261201-UA1-EWR", "10:00", "EWR", "UA", 10.0),
+              _observation("20261201-UA2-EWR", "10:30", "EWR", "UA", 20.0),
+              _observation("20261201-AA3-EWR", "08:00", "EWR", "AA", 6.0))
+R1, R2, R3, R4 = (_request("20261201-UA11-EWR", "11:00", "EWR"), _request("20261201-UA12-JFK", "11:20", "JFK"),
+                  _request("20261201-UA13-EWR", "11:40", "EWR"), _request("20261201-UA14-EWR", "11:50", "EWR"))
+O2_ID, O3_ID = "20261201-UA2-EWR/observation", "20261201-AA3-EWR/observation"
+# By hand (module docstring), in spec order: departures 1h, mean 1h, max 1h, mean 3h, carrier mean 3h.
+BY_HAND = {"r1": (2, 15.0, 20.0, 12.0, 15.0), "r2": (0, None, None, None, 15.0), "r3": (0, None, None, 15.0, 15.0)}
+
+
+def _served(request: Event, features: tuple, job_start: str = "09:00", processed: str = "12:00") -> dict:
+    """A served-features row with these (hand-made) features, encoded as the job encodes them."""
+    values = row_values(SPEC, FeatureRow(request, tuple(None if v is None else float(v) for v in features)))
+    return served_features_row(RequestKey(request.event_id, request.time_us), values, "v1", SPEC.fingerprint,
+                               _t(processed), _t(job_start))
+
+
+def _run(tmp_path, served: list[dict], history: str, **flags) -> dict:
+    log = tmp_path / "served.ndjson"
+    log.write_text("".join(json.dumps(row) + "\n" for row in served))
+    argv = ["--runner", "DirectRunner", "--served_features", str(log), "--history", history,
+            "--output", str(tmp_path / "out"), *[f"--{k}={v}" for k, v in flags.items()]]
+    return consistency.run(argv)
+
+
+def test_the_engine_by_hand():
+    groups = {group.key_field: group for group in feature_groups(SPEC)}
+    values = group_values(SPEC, groups["origin"], R1, [O1, O2, O3])
+    assert (values["origin_departures_1h"], values["origin_dep_delay_mean_1h"], values["origin_dep_delay_max_1h"],
+            values["origin_dep_delay_mean_3h"]) == (2, 15.0, 20.0, 12.0)
+    assert group_values(SPEC, groups["carrier"], R2, [O1, O2, O3])["carrier_dep_delay_mean_3h"] == 15.0
+
+
+def test_a_late_observation_and_a_cold_start_are_explained_exactly():
+    origin = {group.key_field: group for group in feature_groups(SPEC)}["origin"]
+    history = [Arrived(O1, _t("10:00")), Arrived(O2, _t("11:05")), Arrived(O3, _t("08:00"))]  # o2 arrived late
+    # r1 answered without o2: origin 1h {o1}: 1, 10, 10; 3h {o3, o1}: 8.
+    served = _served(R1, (1, 10.0, 10.0, 8.0, 15.0))
+    explanation = explain_group(SPEC, origin, R1, served, history, _t("07:00"))
+    assert explanation.category == "late_observation" and explanation.observations == (O2_ID,)
+    # A job started at 09:00 without a warm start, o2 on time: 1h {o1, o2}; 3h {o1, o2} (no o3): mean 15.
+    served = _served(R1, (2, 15.0, 20.0, 15.0, 15.0))
+    history = [Arrived(O1, _t("10:00")), Arrived(O2, _t("10:30")), Arrived(O3, _t("08:00"))]
+    explanation = explain_group(SPEC, origin, R1, served, history, _t("09:00"))
+    assert explanation.category == "no_bootstrap" and explanation.observations == (O3_ID,)
+    # Values no subset of the history gives: unexplained.
+    assert explain_group(SPEC, origin, R1, _served(R1, (5, 15.0, 20.0, 12.0, 15.0)), history, _t("09:00")) is None
+
+
+@pytest.mark.slow
+def test_consistency_over_files_counts_every_feature_and_lists_the_unexplained(tmp_path):
+    history = tmp_path / "history.ndjson"
+    history.write_text("".join(event_to_json(e) + "\n" for e in (O1, O2, O3, R1, R2, R3, R4)))
+    served = [_served(R1, BY_HAND["r1"]), _served(R2, BY_HAND["r2"]),
+              _served(R3, (7, *BY_HAND["r3"][1:])),  # a count no history gives
+              _served(_request("20261201-UA19-EWR", "11:30", "EWR"), BY_HAND["r1"])]  # no such request in the history
+    summary = _run(tmp_path, served, str(history))
+    assert (summary["rows_logged"], summary["requests_compared"], summary["requests_equal"]) == (4, 3, 2)
+    assert summary["rows_logged_not_recomputable"] == 1 and summary["requests_recomputable_not_logged"] == 1  # r4
+    assert (summary["differences"], summary["differences_unexplained"]) == (1, 1)
+    assert [record["event_id"] for record in summary["unexplained"]] == [R3.event_id]
+    assert summary["unexplained"][0]["columns"] == {"origin_departures_1h": {"served": 7, "batch": 0}}
+    features = summary["features"]
+    assert set(features) == {column.name for column in served_columns(SPEC)}
+    assert features["origin_departures_1h"] == {"compared": 3, "equal": 2, "different": 1,
+                                                "logged_not_recomputable": 1, "recomputable_not_logged": 1}
+    assert features["carrier_dep_delay_mean_3h"]["equal"] == 3
+    assert summary["mismatch_rate"] == pytest.approx(1 / 3) and summary["passed"] is False
+    assert _run(tmp_path, served, str(history), max_mismatch_rate=0.5)["passed"] is True
+
+
+@pytest.mark.slow
+def test_consistency_over_the_events_archive_explains_late_and_cold(tmp_path, bigquery_emulator):
+    """The history from the events table, as the streaming job archives it: arrival times explain."""
+    table = f"{PROJECT}:consistency_case.events"
+    client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
+    ensure_table(client, table, events_schema(SPEC))
+    names = list(events_schema(SPEC))[4:]
+    arrivals = dict(zip((e.event_id for e in (O1, O2, O3, R1, R2, R3, R4)),
+                        ("10:00", "11:05", "08:00", "11:00", "11:20", "11:40", "11:50")))
+    rows = [event_row(e, [field["name"] for field in names], _t(arrivals[e.event_id]))
+            for e in (O1, O2, O3, R1, R2, R3, R4)]
+    assert not client.insert_rows_json(".".join(table.replace(":", ".").split(".")), rows)
+    served = [
+        _served(R1, (1, 10.0, 10.0, 8.0, 10.0)),  # answered at 11:00 before o2 arrived: origin and carrier miss it
+        _served(R2, (0, None, None, None, 20.0), job_start="10:15"),  # a cold job from 10:15: carrier misses o1
+        _served(R3, BY_HAND["r3"]),
+    ]
+    summary = _run(tmp_path, served, table, bigquery_endpoint=bigquery_emulator.endpoint,
+                   start=f"{DAY}10:45:00Z", end=f"{DAY}11:45:00Z")
+    assert (summary["requests_compared"], summary["requests_equal"], summary["differences"]) == (3, 1, 2)
+    assert summary["differences_unexplained"] == 0
+    assert summary["explained_by"] == {"late_observation": 1, "no_bootstrap": 1}
+    differences = {}
+    for path in (tmp_path / "out").glob("differences-*.ndjson"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            differences[record["event_id"]] = record
+    assert differences[R1.event_id]["categories"] == ["late_observation"] and O2_ID in (
+        differences[R1.event_id]["explanations"]["origin"])
+    assert differences[R2.event_id]["categories"] == ["no_bootstrap"]
+    assert summary["requests_recomputable_not_logged"] == 0  # r4 is after --end
