@@ -6,7 +6,8 @@ The exported SavedModel has three signatures:
 - `serve_features`: the same model on raw named feature tensors;
 - `spec_fingerprint`: no input -> {"fingerprint": the spec's sha256}.
 The spec itself is copied to `assets.extra/spec.json` (TF Serving's place
-for files a model carries but does not load).
+for files a model carries but does not load), and any extra assets given
+(training passes the batch job's `stats.json`) beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import posixpath
 from pathlib import Path
+from typing import Mapping
 
 import keras
 import tensorflow as tf
@@ -26,7 +28,9 @@ class SpecMismatch(ValueError):
     """The model was trained on another feature spec than the one in use."""
 
 
-def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInputs, path: str | Path) -> None:
+def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInputs, path: str | Path,
+                       extra_assets: Mapping[str, str] = {}) -> None:
+    """Writes the SavedModel to path; extra_assets ({file name: text}) go to its assets.extra/."""
     parse_spec = {name: feature for name, feature in parse_feature_spec(spec, with_label=False).items()
                   if name in inputs.names}
     dtypes = tf_dtypes(spec)
@@ -53,6 +57,9 @@ def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInput
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(posixpath.join(extra, "spec.json"), "w") as out:
         out.write(json.dumps({"spec": spec.to_document(), "fingerprint": spec.fingerprint}, indent=2) + "\n")
+    for name, text in extra_assets.items():
+        with tf.io.gfile.GFile(posixpath.join(extra, name), "w") as out:
+            out.write(text)
 
 
 def model_fingerprint(loaded) -> str:

@@ -12,6 +12,8 @@ label = rate x that field, the rate fitted on train), and writes
     <model_dir>/<UTC timestamp>/metrics.json   MAE and RMSE on eval and test, with the baselines
     <model_dir>/<UTC timestamp>/params.json    the settings of this run
     <model_dir>/<UTC timestamp>/spec.json      the feature spec and its fingerprint
+    <model_dir>/<UTC timestamp>/stats.json     the batch job's training statistics (also in
+                                               saved_model/assets.extra/), when the data dir has them
     <model_dir>/LATEST                         the name of the newest version
     <model_dir>/work/                          checkpoints each epoch, TensorBoard logs
 
@@ -82,6 +84,18 @@ def write_text(path: str, text: str) -> None:
         tf.io.gfile.makedirs(parent)
     with tf.io.gfile.GFile(path, "w") as out:
         out.write(text)
+
+
+def read_data_stats(data_dir: str | Path) -> str | None:
+    """The text of the data dir's stats.json (the batch job's training
+    statistics), or None with a warning where it has none (written before
+    the batch job computed them, or with --no_stats): the model is still exported."""
+    path = Path(data_dir) / "stats.json"
+    if not path.exists():
+        logging.warning("%s not found: the model is exported without training statistics "
+                        "(re-run the batch job without --no_stats to have them)", path)
+        return None
+    return path.read_text()
 
 
 def parse_args(argv: Sequence[str]) -> Params:
@@ -260,11 +274,15 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
 
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     version_dir = join(model_dir, version)
-    export_saved_model(model, spec, inputs, join(version_dir, "saved_model"))
+    stats = read_data_stats(params.data_dir)
+    export_saved_model(model, spec, inputs, join(version_dir, "saved_model"),
+                       extra_assets={} if stats is None else {"stats.json": stats})
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
     write_text(join(version_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     write_text(join(version_dir, "params.json"), json.dumps(dataclasses.asdict(params), indent=2) + "\n")
     write_text(join(version_dir, "spec.json"), (Path(params.data_dir) / "spec.json").read_text())
+    if stats is not None:
+        write_text(join(version_dir, "stats.json"), stats)
     write_text(join(model_dir, "LATEST"), version + "\n")  # last: LATEST never names a partial version
     _print_summary(metrics, version_dir)
     return Path(version_dir) if is_local(version_dir) else version_dir

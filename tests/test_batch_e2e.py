@@ -97,3 +97,15 @@ def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(flights
     for event_id, example in from_csv.items():
         for name, value in example.items():
             assert from_json[event_id][name] == value, (event_id, name)
+
+
+@pytest.mark.slow
+def test_stats_json_describes_the_examples_written(flights_batch):
+    stats = json.loads((flights_batch["output"] / "stats.json").read_text())
+    spec = load_spec(flights_batch["output"] / "spec.json")
+    assert stats["spec"] == {"name": spec.name, "fingerprint": spec.fingerprint}
+    examples = flights_batch["summary"]["examples"]
+    assert {name: split["examples"] for name, split in stats["splits"].items()} == examples
+    train = stats["splits"]["train"]["features"]
+    assert train["dep_delay"]["count"] == examples["train"] and train["dep_delay"]["missing"] == 0
+    assert all(entry["count"] + entry["missing"] == examples["train"] for entry in train.values())
