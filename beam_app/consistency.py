@@ -137,6 +137,23 @@ def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start
     return parsed["events"] | "UnknownArrival" >> beam.Map(lambda event: Arrived(event, None)), refused
 
 
+class _TimeBounds(beam.CombineFn):
+    """The earliest and latest served event time: the range an open --start/--end means."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, bounds, time_us):
+        return (time_us, time_us) if bounds is None else (min(bounds[0], time_us), max(bounds[1], time_us))
+
+    def merge_accumulators(self, accumulators):
+        present = [b for b in accumulators if b is not None]
+        return (min(b[0] for b in present), max(b[1] for b in present)) if present else None
+
+    def extract_output(self, bounds):
+        return bounds
+
+
 class _Compare(beam.DoFn):
     """(event_id, {"served": [rows], "batch": [FeatureRow]}) -> counter keys
     (main) and, per served row that differs, a difference (tagged)."""
@@ -147,17 +164,20 @@ class _Compare(beam.DoFn):
         self._rate = rate
         self._columns = tuple(column.name for column in served_columns(spec))
 
-    def _in_range(self, time_us: int) -> bool:
+    def _in_range(self, time_us: int, logged: Optional[tuple[int, int]]) -> bool:
         start, end = self._range
-        return (start is None or time_us >= start) and (end is None or time_us < end)
+        if logged is None:
+            return False  # nothing logged: an open range covers nothing
+        return ((time_us >= start) if start is not None else (time_us >= logged[0])) and (
+            (time_us < end) if end is not None else (time_us <= logged[1]))
 
-    def process(self, joined):
+    def process(self, joined, logged):
         event_id, sides = joined
         served, recomputed = list(sides["served"]), list(sides["batch"])
         if not served:
             row = recomputed[0]
-            # Only requests the log should hold: in the range (an open start: the log's own first time) and sampled.
-            if self._in_range(row.event.time_us) and in_served_sample(event_id, self._rate):
+            # Only requests the log should hold: in the range (open: the log's own first to last) and sampled.
+            if self._in_range(row.event.time_us, logged) and in_served_sample(event_id, self._rate):
                 yield "requests/recomputable_not_logged"
                 for name in self._columns:
                     yield f"column/{name}/recomputable_not_logged"
@@ -296,6 +316,8 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
               | "ReadServed" >> beam.FlatMap(lambda log: read_served_rows(log, start, end, endpoint))
               | "SpreadServed" >> beam.Reshuffle()
               | "ServedById" >> beam.Map(lambda row: (row["event_id"], row)))
+    bounds = (served | "ServedTimes" >> beam.MapTuple(lambda _, row: rfc3339_to_time_us(row["event_time"]))
+              | "ServedRange" >> beam.CombineGlobally(_TimeBounds()))
     history, refused = read_history(pipeline, spec, options, start_us, end_us)
     unique = (history
               | "Events" >> beam.Map(lambda arrived: arrived.event)
@@ -304,7 +326,8 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
                   | "WindowedFeatures" >> WindowedFeatures(spec)
                   | "BatchById" >> beam.Map(lambda row: (row.event.event_id, row)))
     compared = ({"served": served, "batch": recomputed} | "JoinById" >> beam.CoGroupByKey()
-                | "Compare" >> beam.ParDo(_Compare(spec, start_us, end_us, options.served_features_rate))
+                | "Compare" >> beam.ParDo(_Compare(spec, start_us, end_us, options.served_features_rate),
+                                          logged=beam.pvalue.AsSingleton(bounds))
                 .with_outputs(DIFFERENCES, main="counters"))
     differences = compared[DIFFERENCES]
 

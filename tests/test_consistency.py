@@ -101,7 +101,9 @@ def test_consistency_over_files_counts_every_feature_and_lists_the_unexplained(t
     served = [_served(R1, BY_HAND["r1"]), _served(R2, BY_HAND["r2"]),
               _served(R3, (7, *BY_HAND["r3"][1:])),  # a count no history gives
               _served(_request("20261201-UA19-EWR", "11:30", "EWR"), BY_HAND["r1"])]  # no such request in the history
-    summary = _run(tmp_path, served, str(history))
+    # An open range is the log's own, 11:00 to 11:40: r4 (11:50) is not missing from it.
+    assert _run(tmp_path, served, str(history))["requests_recomputable_not_logged"] == 0
+    summary = _run(tmp_path, served, str(history), start=f"{DAY}10:00:00Z", end=f"{DAY}12:00:00Z")
     assert (summary["rows_logged"], summary["requests_compared"], summary["requests_equal"]) == (4, 3, 2)
     assert summary["rows_logged_not_recomputable"] == 1 and summary["requests_recomputable_not_logged"] == 1  # r4
     assert (summary["differences"], summary["differences_unexplained"]) == (1, 1)
@@ -114,6 +116,7 @@ def test_consistency_over_files_counts_every_feature_and_lists_the_unexplained(t
     assert features["carrier_dep_delay_mean_3h"]["equal"] == 3
     assert summary["mismatch_rate"] == pytest.approx(1 / 3) and summary["passed"] is False
     assert _run(tmp_path, served, str(history), max_mismatch_rate=0.5)["passed"] is True
+    assert summary["history_records_refused"] == 0
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from tests.flights_slice import flights_lines
 
 tf = pytest.importorskip("tensorflow")
 
-from beam_app import publish  # noqa: E402
+from beam_app import consistency, publish  # noqa: E402
 from beam_app.bigquery_client import bigquery_client  # noqa: E402
 from tests.test_streaming_e2e import _batch_reference, _rows  # noqa: E402
 
@@ -74,6 +74,7 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
             "--runner", "DirectRunner", "--input_subscription", _subscribe(topic, f"restart-{name}"),
             "--model", str(version_dir.parent), "--predictions_table", f"{PROJECT}:restart_{name}.predictions",
             "--dead_letter_table", f"{PROJECT}:restart_{name}.dead_letters", "--create_tables",
+            "--served_features_table", f"{PROJECT}:restart_{name}.served_features",
             "--bigquery_endpoint", bigquery_emulator.endpoint, *extra])
     try:
         for name, job in jobs.items():
@@ -94,10 +95,10 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
     labeled = requests & set(reference)
     assert len(labeled) > 50
 
-    shares = {}
+    shares, served_by = {}, {}
     for name in jobs:
         rows = _rows(client, f"SELECT event_id, prediction FROM `{PROJECT}.restart_{name}.predictions`")
-        served = {row["event_id"]: row["prediction"] for row in rows}
+        served = served_by[name] = {row["event_id"]: row["prediction"] for row in rows}
         assert len(served) == len(rows) and set(served) == requests  # one prediction per request, no more
         equal = [i for i in labeled if served[i] == pytest.approx(reference[i], rel=1e-5, abs=1e-5)]
         shares[name] = len(equal) / len(labeled)
@@ -105,3 +106,21 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
           f"with bootstrap {shares['warm']:.1%}, without {shares['cold']:.1%} ({len(labeled)} requests)")
     assert shares["warm"] == 1.0
     assert shares["cold"] < 0.5  # the test can tell: cold windows miss the history before the restart
+
+    # The consistency job on each job's served features against the whole history: the warm job has no
+    # difference; every difference of the cold one is found, and explained by its missing warm start.
+    checks = {}
+    for name in jobs:
+        output = tmp_path / f"consistency_{name}"
+        checks[name] = consistency.run([
+            "--runner", "DirectRunner", "--served_features", f"{PROJECT}:restart_{name}.served_features",
+            "--history", str(history), "--bigquery_endpoint", bigquery_emulator.endpoint, "--output", str(output)])
+        assert checks[name]["requests_compared"] == len(requests)
+    assert checks["warm"]["differences"] == 0 and checks["warm"]["passed"]
+    cold = checks["cold"]
+    differing = {json.loads(line)["event_id"] for path in (tmp_path / "consistency_cold").glob("differences-*")
+                 for line in path.read_text().splitlines()}
+    mispredicted = {i for i in labeled if served_by["cold"][i] != pytest.approx(reference[i], rel=1e-5, abs=1e-5)}
+    assert mispredicted <= differing and cold["requests_different"] == len(differing) > 0
+    assert cold["differences_unexplained"] == 0 and cold["explained_by"] == {"no_bootstrap": len(differing)}
+    assert not cold["passed"]

@@ -19,7 +19,7 @@ from tests.flights_slice import flights_lines
 
 tf = pytest.importorskip("tensorflow")
 
-from beam_app import batch, publish  # noqa: E402
+from beam_app import batch, consistency, publish  # noqa: E402
 from beam_app.bigquery_client import bigquery_client  # noqa: E402
 from models.data import split_files  # noqa: E402
 from transforms.events import time_us_to_rfc3339  # noqa: E402
@@ -175,6 +175,7 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
     subscription = f"projects/{PROJECT}/subscriptions/{name}-job"
     dataset = f"{name}_live"
     predictions_table, dead_letter_table = f"{PROJECT}:{dataset}.predictions", f"{PROJECT}:{dataset}.dead_letters"
+    served_table, events_table = f"{PROJECT}:{dataset}.served_features", f"{PROJECT}:{dataset}.events"
     predictions_sql, dead_letters_sql = (f"`{PROJECT}.{dataset}.{table}`" for table in ("predictions", "dead_letters"))
     pubsub_v1.PublisherClient().create_topic(name=topic)
     pubsub_v1.SubscriberClient().create_subscription(name=subscription, topic=topic)
@@ -184,6 +185,7 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         "--runner", "DirectRunner", "--spec", spec, "--input_subscription", subscription,
         "--model", str(version_dir.parent), "--predictions_table", predictions_table,
         "--dead_letter_table", dead_letter_table, "--create_tables",
+        "--served_features_table", served_table, "--events_table", events_table,
         "--bigquery_endpoint", bigquery_emulator.endpoint])
     job_failed = job.check
     try:
@@ -251,6 +253,19 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         assert json.loads(letter["attributes"]) == attributes
     assert summary["predictions"] == len(requests)
     assert summary["dead_letters"] == {"parse": len(malformed), "duplicate": 1}
+    # The evidence: every request's features logged, every accepted event archived once.
+    assert summary["served_features"] == len(requests)
+    assert summary["events"] == {"request": len(requests), "observation": observations}
+
+    # The consistency job over what was served, from the archive alone: every request found, not one difference.
+    check = consistency.run(["--runner", "DirectRunner", "--spec", spec, "--served_features", served_table,
+                             "--history", events_table, "--bigquery_endpoint", bigquery_emulator.endpoint,
+                             "--output", str(tmp_path / "consistency")])
+    assert check["requests_logged"] == check["requests_compared"] == check["requests_equal"] == len(requests)
+    assert (check["requests_different"], check["differences"], check["rows_logged_not_recomputable"],
+            check["requests_recomputable_not_logged"], check["history_records_refused"]) == (0, 0, 0, 0, 0)
+    assert check["passed"] and all(counts["compared"] == counts["equal"] == len(requests)
+                                   for counts in check["features"].values())
     return Streamed(published_events, requests, streamed, reference, parse_letters, published, summary)
 
 

@@ -155,8 +155,9 @@ def explain_group(spec: FeatureSpec, group: FeatureGroup, request: Event, served
     def reproduces(copies: Sequence[Arrived]) -> bool:
         return group_values(spec, group, request, [a.event for a in copies]) == target
 
-    def before_start(a: Arrived) -> bool:
-        return (a.arrival_us if a.arrival_us is not None else a.event.time_us) < job_start_us
+    def seen_at(a: Arrived) -> int:
+        """When the job could have had it: its arrival, or (unknown) its event time."""
+        return a.arrival_us if a.arrival_us is not None else a.event.time_us
 
     def describe(a: Arrived) -> str:
         arrived = f", arrived {time_us_to_rfc3339(a.arrival_us)}" if a.arrival_us is not None else ""
@@ -165,13 +166,15 @@ def explain_group(spec: FeatureSpec, group: FeatureGroup, request: Event, served
     kept = _kept(in_window)
     choices = [((), kept)] + _duplicate_choices(in_window, kept)
     for duplicate, copies in choices:
-        cold = [a for a in copies if before_start(a)]
-        live = [a for a in copies if not before_start(a)]
+        # A job without a warm start has what reached it live: a suffix of the history. Its subscription may
+        # hold messages from before its start, so the boundary is any time up to the start, earliest first.
+        cold_cutoffs = sorted({seen_at(a) for a in copies if seen_at(a) < job_start_us})
         # Arrivals after the request's own time, latest first: leave out the fewest that reproduce.
-        late_cutoffs = sorted({a.arrival_us for a in live if a.arrival_us is not None and a.arrival_us > hi},
+        late_cutoffs = sorted({a.arrival_us for a in copies if a.arrival_us is not None and a.arrival_us > hi},
                               reverse=True)
-        for missing_cold in ((), cold) if cold else ((),):
-            base = live if missing_cold else copies
+        for cold_cutoff in (None, *cold_cutoffs):
+            missing_cold = [a for a in copies if cold_cutoff is not None and seen_at(a) <= cold_cutoff]
+            base = [a for a in copies if a not in missing_cold]
             for cutoff in (None, *late_cutoffs):
                 late = [a for a in base if cutoff is not None and a.arrival_us is not None and a.arrival_us >= cutoff]
                 if not (duplicate or missing_cold or late):
