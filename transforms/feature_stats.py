@@ -27,8 +27,9 @@ batches in any order and any bundle split, with the same result bit for bit:
   of float moments is order dependent in the last bits);
 - min, max, the zero count and string counts are exact; at most
   MAX_KEPT_VALUES distinct strings are kept per column (beyond that the most
-  frequent ones stay, `values_complete` is false and `distinct` and the counts
-  of the kept values are lower bounds);
+  frequent ones stay, `values_complete` is false, `distinct` and the counts
+  of the kept values are lower bounds, and which values were kept may depend
+  on the merge order: the one exception to bit-for-bit);
 - quantiles come from `QuantileSketch`, DDSketch-style logarithmic buckets
   (see its docstring for the guarantee); bucket counts merge exactly;
 - the histogram has equal-width bins from the exact min to the exact max,
