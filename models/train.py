@@ -301,7 +301,7 @@ def _print_summary(metrics: dict, version_dir: str | Path) -> None:
     for name, values in rows:
         lines.append(f"  {name:34} {values['eval']['mae']:9.2f} {values['eval']['rmse']:10.2f} "
                      f"{values['test']['mae']:9.2f} {values['test']['rmse']:10.2f}")
-    lines.append(f"  exported to {version_dir}/saved_model (metrics.json, params.json, spec.json beside it)")
+    lines.append(f"  exported to {version_dir}/saved_model (metrics.json, params.json, spec.json, stats.json beside it)")
     print("\n".join(lines), flush=True)
 
 

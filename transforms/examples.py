@@ -179,14 +179,13 @@ class RequestKey(NamedTuple):
     time_us: int
 
 
-class _EncodeBatchDoFn(beam.DoFn):
-    """list[FeatureRow] -> their serialized tf.Examples, keyed by RequestKey
-    when keyed (the rows carry the key; a RecordBatch does not)."""
+class _EncodeKeyedBatchDoFn(beam.DoFn):
+    """list[FeatureRow] -> their serialized tf.Examples keyed by RequestKey
+    (the rows carry the key; a RecordBatch does not)."""
 
-    def __init__(self, spec: FeatureSpec, with_label: bool, keyed: bool):
+    def __init__(self, spec: FeatureSpec, with_label: bool):
         self._spec = spec
         self._with_label = with_label
-        self._keyed = keyed
         self._encoded = Metrics.counter("examples", "encoded")
 
     def setup(self):
@@ -197,8 +196,6 @@ class _EncodeBatchDoFn(beam.DoFn):
     def process(self, rows: list[FeatureRow]) -> Iterable:
         serialized = self._encoder.encode(rows_to_record_batch(self._spec, rows, self._with_label))
         self._encoded.inc(len(serialized))
-        if not self._keyed:
-            return serialized
         return [(RequestKey(row.event.event_id, row.event.time_us), example) for row, example in zip(rows, serialized)]
 
 
@@ -277,6 +274,6 @@ class EncodeExamples(beam.PTransform):
         return (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
-            | "Encode" >> beam.ParDo(_EncodeBatchDoFn(self._spec, self._with_label, self._keyed)).with_output_types(
+            | "Encode" >> beam.ParDo(_EncodeKeyedBatchDoFn(self._spec, self._with_label)).with_output_types(
                 tuple[RequestKey, bytes])
         )
