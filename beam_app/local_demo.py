@@ -8,7 +8,12 @@
    (the DirectRunner's watermark is the wall clock), and a few malformed
    messages;
 5. waits until every request has its prediction, then prints some of them,
-   the dead letters and the publish-to-prediction latency, and stops it all.
+   the dead letters and the publish-to-prediction latency, and stops the job;
+6. checks what it served: `python -m beam_app.consistency` recomputes every
+   logged request's features from the events archive with the batch engine
+   (expected: 0 differences), and `python -m beam_app.drift` compares the
+   served features with the model's training statistics (drift.json and an
+   HTML report with plots, the consistency summary in it).
 
     python -m beam_app.local_demo [--model output/model] [--events 300] [--rate 10]
 
@@ -36,6 +41,8 @@ TOPIC = f"projects/{DEFAULT_PROJECT}/topics/events"
 SUBSCRIPTION = f"projects/{DEFAULT_PROJECT}/subscriptions/streaming-job"
 PREDICTIONS = f"{DEFAULT_PROJECT}:demo.predictions"
 DEAD_LETTERS = f"{DEFAULT_PROJECT}:demo.dead_letters"
+SERVED_FEATURES = f"{DEFAULT_PROJECT}:demo.served_features"
+EVENTS = f"{DEFAULT_PROJECT}:demo.events"
 MALFORMED = (b"{this is not json", '{"event_id": "x", "role": "request"}'.encode())
 
 
@@ -48,7 +55,8 @@ class Stack(NamedTuple):
 def streaming_job_command(model: str, bigquery_endpoint: str) -> list[str]:
     return [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
             "--input_subscription", SUBSCRIPTION, "--model", model, "--predictions_table", PREDICTIONS,
-            "--dead_letter_table", DEAD_LETTERS, "--create_tables", "--bigquery_endpoint", bigquery_endpoint]
+            "--dead_letter_table", DEAD_LETTERS, "--served_features_table", SERVED_FEATURES, "--events_table", EVENTS,
+            "--create_tables", "--bigquery_endpoint", bigquery_endpoint]
 
 
 @contextlib.contextmanager
@@ -132,6 +140,21 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def check_served(model: str, bigquery_endpoint: str, work: Path) -> tuple[dict, dict, int]:
+    """The consistency job over the served-features log and the events archive, then the drift report."""
+    import json
+
+    from beam_app import consistency, drift
+
+    print("checking what was served: consistency job, then the drift report ...", flush=True)
+    checked = consistency.run(["--runner", "DirectRunner", "--served_features", SERVED_FEATURES, "--history", EVENTS,
+                               "--bigquery_endpoint", bigquery_endpoint, "--output", str(work / "consistency")])
+    status = drift.run(["--model", model, "--served_features_table", SERVED_FEATURES, "--bigquery_endpoint",
+                        bigquery_endpoint, "--consistency", str(work / "consistency" / "consistency.json"),
+                        "--output_dir", str(work / "drift")])
+    return checked, json.loads((work / "drift" / "drift.json").read_text()), status
+
+
 def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m beam_app.local_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +189,7 @@ def run(argv: list[str] | None = None) -> None:
         time.sleep(2)
         dead = query(stack.bigquery, f"SELECT stage, error, payload FROM `{DEAD_LETTERS.replace(':', '.')}`")
         stop_job(stack.job)
+        checks = check_served(args.model, stack.bigquery.endpoint, work)
     log = (work / "streaming_job.log").read_text()
     if "streaming job stopped" in log:  # the job's own summary
         print("streaming job stopped" + log.split("streaming job stopped", 1)[1], end="")
@@ -179,7 +203,17 @@ def run(argv: list[str] | None = None) -> None:
         print(f"  {row['stage']:<10} {row['error'][:70]!s:<72} payload {row['payload'][:30]!r}")
     print(f"publish -> prediction latency: p50 {percentile(lat, 50):.2f} s, p99 {percentile(lat, 99):.2f} s "
           f"at {published['rate_achieved']} events/s")
+    consistency_summary, drift_summary, drift_status = checks
+    print(f"consistency: {consistency_summary['requests_compared']:,} served requests recomputed by the batch engine, "
+          f"{consistency_summary['requests_equal']:,} equal, {consistency_summary['differences']:,} differences "
+          f"({consistency_summary['differences_unexplained']:,} unexplained) -> {work / 'consistency'}/")
+    top = drift_summary.get("max") or {}
+    print(f"drift: {drift_summary['served']['rows_compared']:,} served rows against the training statistics; "
+          f"largest {top.get('measure')} {top.get('value', 0):.3f} ({top.get('feature')}) -> "
+          f"{work / 'drift' / 'report.html'}")
     print(f"demo finished in {time.monotonic() - started:.0f} s; job log and published events in {work}/")
+    if not consistency_summary["passed"] or drift_status == 2:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
