@@ -36,7 +36,7 @@ and the served-features table, for one day:
 or on files, with the consistency job's summary shown in the report:
 
     python -m beam_app.drift --stats output/stats.json --served_features 'logs/served-*.ndjson' \\
-        --consistency output/consistency/summary.json
+        --consistency output/consistency/consistency.json
 
 Exit status: 0, or 1 when a feature's measure exceeds --fail_above (or no
 served row could be compared while --fail_above is set), 2 on bad input.

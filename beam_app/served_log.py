@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from beam_app.bigquery_client import bigquery_client, parse_table_spec
-from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339
+from transforms.events import datetime_to_time_us, rfc3339_to_time_us, time_us_to_rfc3339
 
 TIMESTAMP_COLUMNS = ("event_time", "processing_time", "job_start_time")
 _FILE_SUFFIXES = (".ndjson", ".jsonl", ".json", ".gz")
@@ -71,8 +71,7 @@ def read_served_rows(table_or_glob: str, start: Optional[str] = None, end: Optio
 def _rfc3339(value: Any) -> Any:
     """A TIMESTAMP as the client gives it (an aware datetime) -> RFC 3339, as the job wrote it."""
     if isinstance(value, dt.datetime):
-        delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-        return time_us_to_rfc3339((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
+        return time_us_to_rfc3339(datetime_to_time_us(value))
     return value
 
 

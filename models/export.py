@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import posixpath
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import keras
 import tensorflow as tf
@@ -29,7 +29,7 @@ class SpecMismatch(ValueError):
 
 
 def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInputs, path: str | Path,
-                       extra_assets: Mapping[str, str] = {}) -> None:
+                       extra_assets: Optional[Mapping[str, str]] = None) -> None:
     """Writes the SavedModel to path; extra_assets ({file name: text}) go to its assets.extra/."""
     parse_spec = {name: feature for name, feature in parse_feature_spec(spec, with_label=False).items()
                   if name in inputs.names}
@@ -57,7 +57,7 @@ def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInput
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(posixpath.join(extra, "spec.json"), "w") as out:
         out.write(json.dumps({"spec": spec.to_document(), "fingerprint": spec.fingerprint}, indent=2) + "\n")
-    for name, text in extra_assets.items():
+    for name, text in (extra_assets or {}).items():
         with tf.io.gfile.GFile(posixpath.join(extra, name), "w") as out:
             out.write(text)
 

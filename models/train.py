@@ -276,7 +276,7 @@ def run(params: Params, extra_callbacks: Sequence = ()) -> str | Path:
     version_dir = join(model_dir, version)
     stats = read_data_stats(params.data_dir)
     export_saved_model(model, spec, inputs, join(version_dir, "saved_model"),
-                       extra_assets={} if stats is None else {"stats.json": stats})
+                       extra_assets=None if stats is None else {"stats.json": stats})
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
     write_text(join(version_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     write_text(join(version_dir, "params.json"), json.dumps(dataclasses.asdict(params), indent=2) + "\n")

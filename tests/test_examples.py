@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import request
+from transforms.events import Event
 from transforms.examples import example_columns, parse_feature_spec, rows_to_record_batch
 from transforms.windowed_features import FeatureRow
 
@@ -73,3 +74,36 @@ def test_an_optional_number_is_0_with_a_flag_when_missing_an_optional_string_is_
     # tfx-bsl writes a missing value as an empty list, which readers take as absent.
     assert not written["company"].bytes_list.value and not written["dropoff_community_area"].bytes_list.value
     assert list(written["centroid_distance_miles"].float_list.value) == [0.0]
+
+
+@pytest.mark.parametrize("spec_name", ["flights", "chicago_taxi"])
+def test_decoded_examples_are_what_row_values_says_batch_would_serve(spec_name):
+    """The served-features log decodes the bytes the model scored; the consistency job compares them with
+    row_values of the batch engine's row. Both must agree on every column: float32 values (1.1 is not
+    1.1), an empty window's 0 and flag, an optional number's 0 and flag, an optional string's None."""
+    from transforms.examples import decode_example, row_values
+    from transforms.spec import load_spec
+
+    spec = load_spec(spec_name)
+    sample = {"string": "8", "int": 3, "float": 1.1}
+    full = {f.name: sample[f.type] for f in spec.request_fields}
+    sparse = {f.name: sample[f.type] for f in spec.request_fields if f.required}
+    if spec_name == "flights":
+        full.update(origin="EWR", carrier="UA", dest="ORD", hour=8, minute=0, month=1, day_of_week=1)
+        sparse = full
+    windows = len(spec.windowed_features)
+    rows = [FeatureRow(Event("a", "request", 1, full), tuple(1.1 for _ in range(windows))),
+            FeatureRow(Event("b", "request", 2, sparse), tuple(0.0 if f.aggregate == "count" else None
+                                                              for f in spec.windowed_features))]
+    for row, serialized in zip(rows, _encode(spec, rows, with_label=False)):
+        decoded = decode_example(spec, serialized)
+        assert decoded == row_values(spec, row)
+        assert set(decoded) == {c.name for c in example_columns(spec)} - {"event_id", spec.label.name}
+    first = decode_example(spec, _encode(spec, rows[:1], with_label=False)[0])
+    feature = next(f for f in spec.windowed_features if f.aggregate != "count")
+    assert first[feature.name] == float(np.float32(1.1)) != 1.1
+    second = row_values(spec, rows[1])
+    assert (second[feature.name], second[feature.name + "_present"]) == (0.0, 0)
+    for field in spec.request_fields:
+        if not field.required:
+            assert second[field.name] == (None if field.type == "string" else 0)

@@ -74,6 +74,11 @@ def rfc3339_to_time_us(text: str) -> int:
         raise InvalidRecord(f"event_time: not an RFC 3339 timestamp: {text!r}") from None
     if value.tzinfo is None:
         raise InvalidRecord(f"event_time: needs a UTC offset (e.g. a trailing Z): {text!r}")
+    return datetime_to_time_us(value)
+
+
+def datetime_to_time_us(value: dt.datetime) -> int:
+    """An aware datetime -> microseconds since the epoch, exactly (no float seconds)."""
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 

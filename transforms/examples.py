@@ -131,18 +131,18 @@ def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
     return parse
 
 
-def decode_example(spec: FeatureSpec, serialized: bytes, with_label: bool = False) -> dict:
+def decode_example(spec: FeatureSpec, serialized: bytes) -> dict:
     """A serialized tf.Example -> {column: value} for every example column but
-    the id (and the label unless with_label): str, int, or float (the float32
-    the model reads, exactly), None where the example leaves it out. The
-    served-features log is this, for the very bytes the model scored."""
+    the id and the label: str, int, or float (the float32 the model reads,
+    exactly), None where the example leaves it out. The served-features log
+    is this, for the very bytes the model scored."""
     from tensorflow.core.example import example_pb2  # the protobuf alone, not the TensorFlow runtime
 
     example = example_pb2.Example.FromString(serialized)
     features = example.features.feature
     decoded = {}
     for column in example_columns(spec):
-        if column.role == "id" or (column.role == "label" and not with_label):
+        if column.role in ("id", "label"):
             continue
         feature = features.get(column.name)
         values = None
