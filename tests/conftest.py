@@ -21,14 +21,19 @@ def flights_spec():
     return load_spec("flights")
 
 
-def request(event_id: str, time_us: int, origin: str = "EWR", carrier: str = "UA", label=None) -> Event:
+def request(event_id: str, time_us: int, origin: str = "EWR", carrier: str = "UA", label=None, dest: str = "ORD",
+            tailnum=None) -> Event:
+    """A flights request as the parser gives it (every field, None where missing)."""
     return Event(event_id, "request", time_us, {
-        "carrier": carrier, "origin": origin, "dest": "ORD", "distance": 719.0, "hour": 8,
-        "minute": 0, "month": 1, "day_of_week": 1, "dep_delay": label})
+        "carrier": carrier, "origin": origin, "dest": dest, "distance": 719.0, "hour": 8,
+        "minute": 0, "month": 1, "day_of_week": 1, "tailnum": tailnum, "dep_delay": label})
 
 
-def observation(event_id: str, time_us: int, delay: float, origin: str = "EWR", carrier: str = "UA") -> Event:
-    return Event(event_id, "observation", time_us, {"carrier": carrier, "origin": origin, "dep_delay": delay})
+def observation(event_id: str, time_us: int, delay: float, origin: str = "EWR", carrier: str = "UA",
+                dest: str = "ORD", tailnum=None) -> Event:
+    """A flights departure as the parser gives it (every field, None where missing)."""
+    return Event(event_id, "observation", time_us, {"carrier": carrier, "origin": origin, "dest": dest,
+                                                    "tailnum": tailnum, "dep_delay": delay})
 
 
 # The slice the end-to-end and model tests share: days on both sides of the

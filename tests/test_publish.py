@@ -12,6 +12,7 @@ from concurrent.futures import Future
 import pytest
 
 from beam_app import publish
+from beam_app.adapters import load_adapters
 from beam_app.publish import Pacing
 from tests.conftest import HOUR_US, MIN_US, observation, request
 from transforms.events import RawRecord, event_from_json, rfc3339_to_time_us
@@ -95,7 +96,7 @@ def test_records_that_do_not_parse_are_counted_with_their_reasons(flights_spec):
              "2013,11,1,600,600,3,900,900,1,UA,9997,N1,BOS,ORD,100,700,6,0,2013-11-01T11:00:00Z",
              "2013,11,1,600,600,3,900"]
     records = [RawRecord(f"f.csv:{n}", line, "csv", header) for n, line in enumerate(lines, start=2)]
-    loaded = publish.load_events(records, RecordParser(flights_spec))
+    loaded = publish.load_events(records, RecordParser(flights_spec, load_adapters(flights_spec)))
     assert (loaded.records, loaded.dead_letters, len(loaded.events)) == (4, 2, 3)
     assert loaded.first_reasons[0].startswith("f.csv:4: origin: unknown value 'BOS'")
     assert loaded.first_reasons[1].startswith("f.csv:5: expected 19 CSV columns")
