@@ -49,8 +49,9 @@ from apache_beam.runners.dataflow.internal import apiclient
 from apache_beam.runners.pipeline_context import PipelineContext
 
 from beam_app import batch, streaming
+from beam_app.options import resolve_inputs
 from models.inference import ModelLocation
-from transforms.read_files import matched_files, resolve_input
+from transforms.read_files import matched_files
 from transforms.spec import load_spec
 
 PROJECT = "test-project"
@@ -186,9 +187,9 @@ def build_batch(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     embedded data set."""
     job = options.view_as(batch.BatchOptions)
     spec = load_spec(job.spec)
-    input_pattern = resolve_input(job.input or spec.default_input)
-    assert matched_files(input_pattern)
-    batch.construct(pipeline, job, spec, batch.split_from_options(spec, job), input_pattern, job.output)
+    inputs = resolve_inputs(spec, job.input)
+    assert all(matched_files(i.pattern) for i in inputs)
+    batch.construct(pipeline, job, spec, batch.split_from_options(spec, job), inputs, job.output)
 
 
 BATCH_ARGS = [f"--output={BUCKET}/features/batch"]
