@@ -40,14 +40,16 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, StandardOptions
 
-from beam_app.options import CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow
+from beam_app.adapters import load_adapters
+from beam_app.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
+                              quiet_tensorflow, resolve_inputs)
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.examples import EncodeRecordBatches, RecordBatches, example_columns, is_labeled
 from transforms.feature_stats import FeatureStatistics, statistics_document
-from transforms.parse import DEAD_LETTERS, ParseEvents
-from transforms.read_files import ReadRecords, matched_files, resolve_input
-from transforms.spec import ROLES, SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
+from transforms.parse import DEAD_LETTERS, ParseEvents, role_counter
+from transforms.read_files import ReadRecords, matched_files
+from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
 from transforms.split import SplitExamples
 from transforms.windowed_features import WindowedFeatures
 
@@ -96,7 +98,7 @@ def build(records, spec: FeatureSpec, split: SplitSpec, with_stats: bool = True)
     serialized tf.Examples, "dead_letters": PCollection[DeadLetter]} and, with
     stats, "stats": PCollection[dict], one element: the stats.json document,
     computed from the same RecordBatches the examples are encoded from. No I/O."""
-    parsed = records | "ParseEvents" >> ParseEvents(spec)
+    parsed = records | "ParseEvents" >> ParseEvents(spec, adapters=load_adapters(spec))
     unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0)
     rows = (
         unique["events"]
@@ -157,19 +159,21 @@ def _counters(result) -> dict[str, int]:
     return counters
 
 
-def summarize(counters: dict[str, int]) -> dict:
+def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
     """The counts a user reads, and whether they add up (nothing lost silently)."""
     c = lambda name: counters.get(name, 0)  # noqa: E731
     examples = {name: c(f"split/examples_{name}") for name in SPLITS}
-    duplicates = {role: c(f"duplicates/{role}") for role in ROLES}
-    conflicts = {role: c(f"conflicts/{role}") for role in ROLES}
+    duplicates = {role: c(f"duplicates/{role}") for role in spec.roles}
+    conflicts = {role: c(f"conflicts/{role}") for role in spec.roles}
+    by_kind = {kind.name: c(f"parse/{role_counter(kind.name)}") for kind in spec.kinds}
     summary = {
         "records_read": c("parse/records_read"),
         "dead_letters": c("parse/dead_letters") + sum(conflicts.values()),
         "duplicates": duplicates,
         "conflicts": conflicts,
         "requests": c("parse/requests"),
-        "observations": c("parse/observations"),
+        "observations": sum(by_kind.values()),
+        **({"observations_by_kind": by_kind} if len(by_kind) > 1 else {}),
         "feature_rows": c("windowed_features/feature_rows"),
         "unlabeled_requests": c("examples/unlabeled_requests"),
         "examples": examples,
@@ -207,11 +211,20 @@ def _heartbeat(started: float, every_s: float):
         done.set()
 
 
-def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec, split: SplitSpec, input_pattern: str,
-              output: str) -> None:
+def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], input_format: str):
+    """Every input's RawRecords, in one PCollection."""
+    if len(inputs) == 1:
+        return pipeline | "ReadRecords" >> ReadRecords(inputs[0].pattern, input_format, inputs[0].source_name)
+    return ([pipeline | f"ReadRecords_{index}_{i.source_name or 'events'}" >> ReadRecords(
+        i.pattern, input_format, i.source_name) for index, i in enumerate(inputs)]
+            | "MergeInputs" >> beam.Flatten())
+
+
+def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec, split: SplitSpec,
+              inputs: list[Input], output: str) -> None:
     """Every step of the job, as run() runs it (the offline Dataflow translation
     test builds it the same way): the read, `build` and the writes."""
-    outputs = build(pipeline | "ReadRecords" >> ReadRecords(input_pattern, options.input_format), spec, split,
+    outputs = build(read_inputs(pipeline, inputs, options.input_format), spec, split,
                     with_stats=not options.no_stats)
     for name in SPLITS:
         outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
@@ -254,21 +267,20 @@ def run(argv: Optional[list[str]] = None) -> dict:
     started = time.monotonic()
     spec = load_spec(options.spec)
     split = split_from_options(spec, options)
-    input_pattern = resolve_input(options.input or spec.default_input or "")
-    if not input_pattern:
-        raise SpecError(f"spec {spec.name!r} has no default input: pass --input")
-    files = matched_files(input_pattern)
+    inputs = resolve_inputs(spec, options.input)
+    files = [path for i in inputs for path in matched_files(i.pattern)]
     output = options.output.rstrip("/")
     _clear_previous_outputs(output)
-    logging.info("spec %s (%s), %d input file(s): %s", spec.name, spec.fingerprint[:12], len(files), input_pattern)
+    logging.info("spec %s (%s), %d input file(s): %s", spec.name, spec.fingerprint[:12], len(files),
+                 ", ".join(i.pattern if i.source_name is None else f"{i.source_name}={i.pattern}" for i in inputs))
 
     pipeline = beam.Pipeline(options=options)
-    construct(pipeline, options, spec, split, input_pattern, output)
+    construct(pipeline, options, spec, split, inputs, output)
     with _heartbeat(started, every_s=15):
         result = pipeline.run()
         result.wait_until_finish()
 
-    summary = summarize(_counters(result))
+    summary = summarize(_counters(result), spec)
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["spec"] = {"name": spec.name, "fingerprint": spec.fingerprint}
     summary["input"] = files

@@ -42,17 +42,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import SetupOptions
 
+from beam_app.adapters import load_adapters
 from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
 from beam_app.served_log import is_table, read_served_rows
 from beam_app.tables import event_fields, in_served_sample, served_columns
 from transforms.deduplicate import DeduplicateEvents
 from transforms.events import Event, InvalidRecord, rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.examples import row_values
-from transforms.parse import DEAD_LETTERS, ParseEvents, validate_event
+from transforms.parse import DEAD_LETTERS, EventValidator, ParseEvents
 from transforms.read_files import ReadRecords, matched_files
 from transforms.skew import Arrived, column_groups, differing_columns, explain_group
 from transforms.spec import FeatureSpec, SpecError, load_spec
-from transforms.windowed_features import feature_groups, WindowedFeatures
+from transforms.feature_layout import EventLayout, event_key, feature_groups
+from transforms.windowed_features import WindowedFeatures
 
 VERDICTS = ("compared", "equal", "different", "logged_not_recomputable", "recomputable_not_logged")
 DIFFERENCES = "differences"
@@ -104,11 +106,13 @@ class _EventsFromTable(beam.DoFn):
         self._spec = spec
         self._names = tuple(event_fields(spec))
 
+    def setup(self):
+        self._validate = EventValidator(self._spec)
+
     def process(self, row: dict):
         fields = {name: row.get(name) for name in self._names if row.get(name) is not None}
         try:
-            event = validate_event(self._spec, Event(row["event_id"], row["role"],
-                                                     rfc3339_to_time_us(row["event_time"]), fields))
+            event = self._validate(Event(row["event_id"], row["role"], rfc3339_to_time_us(row["event_time"]), fields))
         except (InvalidRecord, KeyError) as err:
             logging.warning("history row %s refused: %s", row.get("event_id"), err)
             yield beam.pvalue.TaggedOutput(REFUSED, "history/refused")
@@ -132,7 +136,7 @@ def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start
                 | "HistoryEvents" >> beam.ParDo(_EventsFromTable(spec)).with_outputs(REFUSED, main="events"))
         return rows.events, rows[REFUSED]
     parsed = pipeline | "ReadHistory" >> ReadRecords(options.history, options.history_format) | (
-        "ParseHistory" >> ParseEvents(spec))
+        "ParseHistory" >> ParseEvents(spec, adapters=load_adapters(spec)))
     refused = parsed[DEAD_LETTERS] | "RefusedHistory" >> beam.Map(lambda _: "history/refused")
     return parsed["events"] | "UnknownArrival" >> beam.Map(lambda event: Arrived(event, None)), refused
 
@@ -217,18 +221,19 @@ def _difference_keys(spec: FeatureSpec):
     """A difference -> ((key field, key value), (difference id, group index)) per differing feature group."""
     owner = column_groups(spec)
     groups = feature_groups(spec)
+    layout = EventLayout.of(spec)
 
     def keys(keyed):
         difference_id, difference = keyed
         touched = {groups.index(owner[name]) for name in difference["columns"] if owner.get(name) is not None}
         for index in sorted(touched):
-            field = groups[index].key_field
-            yield (field, difference["request"].fields.get(field)), (difference_id, index, difference)
+            group = groups[index]
+            yield (group.name, event_key(layout, group, difference["request"])), (difference_id, index, difference)
     return keys
 
 
 class _Explain(beam.DoFn):
-    """((key field, value), {"differences": [...], "observations": [Arrived]}) -> (difference id, (group, explanation))."""
+    """((group name, key value), {"differences": [...], "observations": [Arrived]}) -> (difference id, (group, explanation))."""
 
     def __init__(self, spec: FeatureSpec):
         self._spec = spec
@@ -240,7 +245,7 @@ class _Explain(beam.DoFn):
         for difference_id, index, difference in sides["differences"]:
             explanation = explain_group(self._spec, groups[index], difference["request"], difference["served"],
                                         observations, rfc3339_to_time_us(difference["job_start_time"]))
-            yield difference_id, (groups[index].key_field, explanation)
+            yield difference_id, (groups[index].name, explanation)
 
 
 def _finish_difference(spec: FeatureSpec):
@@ -251,7 +256,7 @@ def _finish_difference(spec: FeatureSpec):
         (difference,) = sides["difference"]
         explained = dict(sides["explanations"])
         static = [name for name in difference["columns"] if owner.get(name) is None]
-        groups = {owner[name].key_field for name in difference["columns"] if owner.get(name) is not None}
+        groups = {owner[name].name for name in difference["columns"] if owner.get(name) is not None}
         explanations = {field: explained.get(field) for field in sorted(groups)}
         complete = not static and all(explanations.values())
         categories = sorted({part for e in explanations.values() if e for part in e.category.split("+")})
@@ -335,14 +340,16 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
     by_key = differences | "ByKey" >> beam.FlatMap(_difference_keys(spec))
     keys = (by_key | "Keys" >> beam.Map(lambda item: item[0]) | "DistinctKeys" >> beam.Distinct()
             | "KeyFlags" >> beam.Map(lambda key: (key, True)))
-    fields = tuple(dict.fromkeys(group.key_field for group in feature_groups(spec)))
+    groups, layout = feature_groups(spec), EventLayout.of(spec)
+
+    def observation_keys(arrived, wanted):
+        keyed = ((group.name, event_key(layout, group, arrived.event)) for group in groups)
+        return [(key, arrived) for key in keyed if key[1] is not None and key in wanted]
+
     observations = (
         history
-        | "Observations" >> beam.Filter(lambda arrived: arrived.event.role == "observation")
-        | "ObservationKeys" >> beam.FlatMap(
-            lambda arrived, wanted: [((field, arrived.event.fields.get(field)), arrived) for field in fields
-                                     if (field, arrived.event.fields.get(field)) in wanted],
-            wanted=beam.pvalue.AsDict(keys)))
+        | "Observations" >> beam.Filter(lambda arrived: arrived.event.role != "request")
+        | "ObservationKeys" >> beam.FlatMap(observation_keys, wanted=beam.pvalue.AsDict(keys)))
     explanations = ({"differences": by_key, "observations": observations} | "JoinByKey" >> beam.CoGroupByKey()
                     | "Explain" >> beam.ParDo(_Explain(spec)))
     records = ({"difference": differences, "explanations": explanations} | "JoinDifference" >> beam.CoGroupByKey()

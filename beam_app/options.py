@@ -6,9 +6,12 @@ import argparse
 import logging
 import os
 
+from typing import NamedTuple, Optional, Sequence
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.spec import shipped_specs
+from transforms.read_files import resolve_input
+from transforms.spec import FeatureSpec, SpecError, shipped_specs
 
 
 class CommonOptions(PipelineOptions):
@@ -23,12 +26,42 @@ class CommonOptions(PipelineOptions):
 def add_input_arguments(parser, what: str) -> None:
     """--input and --input_format, read the same way by every entry point that reads events."""
     parser.add_argument(
-        "--input", default=None,
-        help=f"{what}: a path or glob (local or gs://) of CSV files read by the spec's adapter, "
-             "or NDJSON events. Default: the spec's embedded data set.")
+        "--input", default=None, action="append",
+        help=f"{what}: a path or glob (local or gs://) of NDJSON events, or of CSV files read by the adapter "
+             "of the spec's first source; SOURCE=PATH for another source of the spec (flights_weather: "
+             "weather=PATH). Repeat for several. Default: every source's embedded data set.")
     parser.add_argument(
         "--input_format", default="auto", choices=("auto", "csv", "json"),
         help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+
+
+class Input(NamedTuple):
+    """A path or glob to read, and the spec's source whose CSV adapter reads it (None: the first)."""
+
+    pattern: str
+    source_name: Optional[str] = None
+
+
+def resolve_inputs(spec: FeatureSpec, given: Optional[Sequence[str]]) -> list[Input]:
+    """The --input values (or, none given, every source's default input) as
+    Inputs, with package: paths resolved; raises SpecError saying what to pass."""
+    sources = {source.name: source for source in spec.sources}
+    if not given:
+        inputs = [Input(resolve_input(s.default_input), s.name) for s in spec.sources if s.default_input]
+        if not inputs:
+            raise SpecError(f"spec {spec.name!r} has no default input: pass --input")
+        return inputs
+    inputs = []
+    for value in given:
+        name, separator, path = value.partition("=")
+        if separator and name in sources:
+            inputs.append(Input(resolve_input(path), name))
+        elif separator and "/" not in name and "." not in name:
+            raise SpecError(f"--input {value!r}: {name!r} is not a source of spec {spec.name!r}; "
+                            f"have {sorted(sources)}")
+        else:
+            inputs.append(Input(resolve_input(value), None))
+    return inputs
 
 
 def quiet_tensorflow() -> None:

@@ -54,11 +54,12 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.cloud import pubsub_v1
 
-from beam_app.options import CommonOptions, add_input_arguments, configure_logging
+from beam_app.adapters import load_adapters
+from beam_app.options import CommonOptions, add_input_arguments, configure_logging, resolve_inputs
 from transforms.events import Event, InvalidRecord, RawRecord, event_to_json, time_us_to_rfc3339
 from transforms.parse import RecordParser
 from transforms.point_in_time import OBSERVATION, REQUEST
-from transforms.read_files import matched_files, read_records, resolve_input
+from transforms.read_files import matched_files, read_records
 from transforms.spec import SpecError, load_spec, parse_utc_date
 
 DEFAULT_RATE = 100.0
@@ -413,16 +414,16 @@ def run(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     started = time.monotonic()
     spec = load_spec(args.spec)
-    pattern = resolve_input(args.input or spec.default_input or "")
-    if not pattern:
-        raise SpecError(f"spec {spec.name!r} has no default input: pass --input")
-    files = matched_files(pattern)
+    inputs = resolve_inputs(spec, args.input)
+    files = [(path, i.source_name) for i in inputs for path in matched_files(i.pattern)]
     # The topic first: a wrong name or a missing emulator fails before the long load.
     publisher = pubsub_v1.PublisherClient(batch_settings=_BATCH_SETTINGS)
     ensure_topic(publisher, args.topic_path, args.create_topic)
-    logging.info("loading %d file(s): %s", len(files), pattern)
+    logging.info("loading %d file(s): %s", len(files), ", ".join(path for path, _ in files))
     loading = time.monotonic()
-    loaded = load_events((r for path in files for r in read_records(path, args.input_format)), RecordParser(spec))
+    # Every source's events merged: `select` puts them in event-time order.
+    loaded = load_events((r for path, source in files for r in read_records(path, args.input_format, source)),
+                         RecordParser(spec, load_adapters(spec)))
     selection = select(loaded.events, args.start_us, args.limit)
     gc.freeze()  # the events live to the end: collections need not scan them (+17% msg/s)
     load_seconds = time.monotonic() - loading
@@ -441,7 +442,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     publisher.stop()
     gc.unfreeze()
     summary = summarize(
-        loaded, selection, stats, topic=args.topic_path, spec=spec.name, input=files,
+        loaded, selection, stats, topic=args.topic_path, spec=spec.name, input=[path for path, _ in files],
         pacing=args.pacing.describe(), rebased=args.rebase_to_now, load_seconds=round(load_seconds, 1),
         seconds=round(time.monotonic() - started, 1), record=args.record)
     _print_summary(summary)

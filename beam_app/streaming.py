@@ -45,7 +45,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
-from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
+from beam_app.adapters import load_adapters
+from beam_app.options import CommonOptions, Input, configure_logging, print_help, quiet_tensorflow, resolve_inputs
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
                              event_row, events_schema, failed_inference_letters, failed_row_letter, in_served_sample,
                              prediction_row, row_table, served_features_row, served_features_schema, table_schema)
@@ -130,8 +131,9 @@ class StreamingOptions(CommonOptions):
             help="BigQuery API endpoint, e.g. http://127.0.0.1:9050 for the local emulator. Default: Google's.")
         parser.add_argument(
             "--bootstrap_input", default=None,
-            help="Warm start: history files (a path or glob, local or gs://: CSV through the spec's adapter, or "
-                 "NDJSON events such as the publisher's --record) whose observations of the last max(window) plus "
+            help="Warm start: history files (a path or glob, local or gs://: CSV through the adapter of the spec's "
+                 "first source, SOURCE=PATH for another source, or NDJSON events such as the publisher's --record; "
+                 "several separated by commas) whose observations of the last max(window) plus "
                  "--allowed_lateness_s are loaded into the feature state before any request is answered, so the "
                  "first requests after a (re)start see full windows.")
         parser.add_argument(
@@ -220,6 +222,11 @@ class _ToDeadLetterRow(beam.DoFn):
             self._counters[dead.stage] = Metrics.counter("dead_letters", dead.stage)
         self._counters[dead.stage].inc()
         yield dead_letter_row(dead, int(self._clock() * 1e6))
+
+
+def bootstrap_inputs(spec: FeatureSpec, value: str) -> list[Input]:
+    """--bootstrap_input: one or more (comma-separated) paths, each SOURCE=PATH or a plain path."""
+    return resolve_inputs(spec, [part.strip() for part in value.split(",") if part.strip()])
 
 
 def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
@@ -351,10 +358,11 @@ def _check_options(options: StreamingOptions) -> None:
     if options.bootstrap_input:
         from transforms.read_files import matched_files
 
-        try:
-            matched_files(options.bootstrap_input)
-        except FileNotFoundError:
-            raise UsageError(f"--bootstrap_input {options.bootstrap_input!r} matches no file") from None
+        for source in bootstrap_inputs(load_spec(options.spec), options.bootstrap_input):
+            try:
+                matched_files(source.pattern)
+            except FileNotFoundError:
+                raise UsageError(f"--bootstrap_input {source.pattern!r} matches no file") from None
     if options.max_future_s < 0 or options.allowed_lateness_s < 0:
         raise UsageError("--max_future_s and --allowed_lateness_s must be 0 or more")
     if not 0 < options.served_features_rate <= 1:
@@ -474,8 +482,12 @@ def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureS
     history = None
     if options.bootstrap_input:
         since_us = int(clock() * 1e6) - (spec.max_window_s + options.allowed_lateness_s) * 1_000_000
-        history = pipeline | "Bootstrap" >> RecentObservations(spec, options.bootstrap_input, since_us,
-                                                               options.bootstrap_format)
+        adapters = load_adapters(spec)
+        sources = bootstrap_inputs(spec, options.bootstrap_input)
+        parts = [pipeline | ("Bootstrap" if index == 0 else f"Bootstrap_{index}") >> RecentObservations(
+            spec, source.pattern, since_us, options.bootstrap_format, adapters, source.source_name)
+            for index, source in enumerate(sources)]
+        history = parts[0] if len(parts) == 1 else parts | "MergeBootstrap" >> beam.Flatten()
         logging.info("warm start: observations since %s from %s", time_us_to_rfc3339(since_us),
                      options.bootstrap_input)
     watch = WatchLatest(options.model, options.model_poll_s, clock) if (

@@ -113,7 +113,7 @@ SERVED_METADATA: tuple[dict[str, str], ...] = (
 )
 EVENTS_METADATA: tuple[dict[str, str], ...] = (
     {"name": "event_id", "type": "STRING", "mode": "REQUIRED", "description": "The event's id."},
-    {"name": "role", "type": "STRING", "mode": "REQUIRED", "description": "request or observation."},
+    {"name": "role", "type": "STRING", "mode": "REQUIRED", "description": "request, or the kind of observation (observation in a one-kind spec)."},
     {"name": "event_time", "type": "TIMESTAMP", "mode": "REQUIRED", "description": "The event time."},
     {"name": "processing_time", "type": "TIMESTAMP", "mode": "REQUIRED",
      "description": "When the job accepted the event (wall clock): its arrival."},
@@ -142,19 +142,20 @@ def served_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
 
 def served_features_schema(spec: FeatureSpec) -> tuple[dict[str, str], ...]:
     return SERVED_METADATA + tuple(
-        {"name": column.name, "type": _BIGQUERY_TYPE[column.dtype], "mode": "NULLABLE",
+        {"name": column.name, "type": _BIGQUERY_TYPE[column.dtype], "mode": "REPEATED" if column.size > 1 else "NULLABLE",
          "description": f"{column.role} feature, as the model received it"
-                        + (" (0/1)" if column.role in ("presence", "static_presence") else "")}
+                        + (" (0/1)" if column.role in ("presence", "static_presence") else "")
+                        + (f" ({column.size} values, newest first)" if column.size > 1 else "")}
         for column in served_columns(spec))
 
 
 def event_fields(spec: FeatureSpec) -> dict[str, str]:
-    """Every field an event of either role may carry (the label included), name -> spec type."""
+    """Every field an event of any role may carry (the label included), name -> spec type."""
     fields: dict[str, str] = {}
-    for field in (*spec.request_fields, spec.label, *spec.observation_fields):
+    for field in (*spec.request_fields, spec.label, *(f for kind in spec.kinds for f in kind.fields)):
         if fields.setdefault(field.name, field.type) != field.type:
             raise SpecError(f"spec {spec.name!r}: field {field.name!r} is {fields[field.name]} in one role and "
-                            f"{field.type} in the other: the events table needs one type per name")
+                            f"{field.type} in another: the events table needs one type per name")
     return fields
 
 

@@ -112,7 +112,7 @@ def run_encoding(n: int = 200_000) -> dict:
 
     from transforms.events import Event
     from transforms.examples import rows_to_record_batch
-    from transforms.windowed_features import FeatureRow
+    from transforms.feature_layout import FeatureRow
 
     spec = load_spec("flights")
     rng = random.Random(1)

@@ -41,7 +41,11 @@ def export_saved_model(model: keras.Model, spec: FeatureSpec, inputs: ModelInput
     def serve_examples(examples):
         return {"prediction": model(tf.io.parse_example(examples, parse_spec), training=False)}
 
-    @tf.function(input_signature=[{name: tf.TensorSpec([None], dtypes[name], name=name) for name in inputs.names}])
+    sizes = {name: k for name, _, k in inputs.sequences}
+    shapes = {name: [None, sizes[name]] if name in sizes else [None] for name in inputs.names}
+
+    @tf.function(input_signature=[{name: tf.TensorSpec(shapes[name], dtypes[name], name=name)
+                                   for name in inputs.names}])
     def serve_features(features):
         return {"prediction": model(features, training=False)}
 

@@ -9,8 +9,15 @@ the one place that decides how each feature enters the model.
   values (November, December) never occur in training, and a linear effect
   learned on 1..10 would extrapolate (test MAE 18.97 as numbers, 18.62 as embeddings);
 - windowed: the windowed features, normalized, with their presence flags;
-- crosses (the wide part): every entity key crossed with every ordinal field,
-  hashed, e.g. origin x hour.
+  counts and time_since_last log-scaled first (log1p): they span orders of
+  magnitude (seconds since an aircraft's last departure: 0 to 86,400);
+- sequences (last_k): a small recurrent branch (a GRU over the k values,
+  masked by `<name>_length`);
+- crosses (the wide part): every key field that is a model input crossed
+  with every ordinal field, hashed, e.g. origin x hour.
+
+A request field marked `model_input: false` (a tail number: a key with
+thousands of values) is in the examples but not a model input.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from transforms.spec import FeatureSpec, load_spec
+from transforms.spec import FeatureSpec, length_name, load_spec
 
 MAX_ORDINAL_VALUES = 64  # an int field with at most this many declared values is also categorical
 
@@ -32,11 +39,14 @@ class ModelInputs:
     presence: tuple[str, ...]  # flags of optional numeric request fields and of windowed features
     crosses: tuple[tuple[str, str], ...]
     label: str
+    log_scaled: tuple[str, ...] = ()  # windowed features log1p-scaled before normalizing
+    sequences: tuple[tuple[str, str, int], ...] = ()  # (name, its length column, k)
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every example feature the model takes as input."""
-        ordered = (*self.categorical, *self.ordinal, *self.numeric, *self.windowed, *self.presence)
+        ordered = (*self.categorical, *self.ordinal, *self.numeric, *self.windowed,
+                   *(part for name, length, _ in self.sequences for part in (name, length)), *self.presence)
         return tuple(dict.fromkeys(ordered))
 
 
@@ -45,6 +55,8 @@ def model_inputs(spec: FeatureSpec, use_windowed: bool = True) -> ModelInputs:
     features for the baseline that shows what they are worth."""
     numeric, categorical, ordinal = [], [], {}
     for field in spec.request_fields:
+        if not field.model_input:
+            continue
         if field.type == "string":
             categorical.append(field.name)
             continue
@@ -53,10 +65,16 @@ def model_inputs(spec: FeatureSpec, use_windowed: bool = True) -> ModelInputs:
             ordinal[field.name] = (int(field.min), int(field.max))
         else:
             numeric.append(field.name)
-    windowed = tuple(f.name for f in spec.windowed_features) if use_windowed else ()
+    features = spec.windowed_features if use_windowed else ()
+    windowed = tuple(f.name for f in features if not f.rule.sequence)
+    sequences = tuple((f.name, length_name(f.name), f.k) for f in features if f.rule.sequence)
+    log_scaled = tuple(f.name for f in features if f.rule.integer or f.aggregate == "time_since_last")
     presence = spec.presence_flags(with_windowed=use_windowed)
-    crosses = tuple((key, name) for key in spec.entity_keys for name in ordinal)
-    return ModelInputs(tuple(numeric), tuple(categorical), ordinal, windowed, presence, crosses, spec.label.name)
+    inputs = set(spec.static_features)
+    keys = dict.fromkeys(f.key[0] for f in spec.windowed_features if len(f.key) == 1 and f.key[0] in inputs)
+    crosses = tuple((key, name) for key in keys for name in ordinal)
+    return ModelInputs(tuple(numeric), tuple(categorical), ordinal, windowed, presence, crosses, spec.label.name,
+                       log_scaled, sequences)
 
 
 def training_spec(data_dir: str | Path) -> FeatureSpec:

@@ -37,12 +37,23 @@ def sample_features(dataset: tf.data.Dataset, max_examples: int, with_labels: bo
     return (features, np.concatenate(labels)[:max_examples]) if with_labels else features
 
 
+def _normalization(name: str, values: np.ndarray) -> layers.Normalization:
+    """Standardizes by the sample's mean and variance. A feature constant in the
+    sample (one month in a short history) would be divided by ~0 and explode
+    on new values: centred only."""
+    variance = float(values.var()) if len(values) else 1.0
+    return layers.Normalization(axis=None, mean=float(values.mean()) if len(values) else 0.0,
+                                variance=variance if variance > 1e-12 else 1.0, name=f"{name}_normalize")
+
+
 def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.ndarray],
                 hidden_units: Sequence[int] = (256, 128, 64), embedding_dim: int = 8,
-                cross_bins: int = 1024, label_offset: float = 0.0) -> keras.Model:
+                cross_bins: int = 1024, label_offset: float = 0.0, sequence_units: int = 16) -> keras.Model:
     """An uncompiled model: dict of example features -> prediction of shape (batch,)."""
     dtypes = tf_dtypes(spec)
-    feeds = {name: keras.Input(shape=(), dtype=dtypes[name], name=name) for name in inputs.names}
+    sizes = {name: k for name, _, k in inputs.sequences}
+    feeds = {name: keras.Input(shape=(sizes[name],) if name in sizes else (), dtype=dtypes[name], name=name)
+             for name in inputs.names}
     deep, wide = [], []
 
     for name in inputs.categorical:
@@ -55,13 +66,22 @@ def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.nda
         deep.append(layers.Embedding(lookup.vocabulary_size(), embedding_dim, name=f"{name}_embedding")(
             lookup(feeds[name])))
     for name in (*inputs.numeric, *inputs.windowed):
+        value = ops.cast(feeds[name], "float32")
         values = sample[name].astype("float64")
-        variance = float(values.var())
-        # A feature constant in the sample (one month in a short history) would
-        # be divided by ~0 and explode on new values: centre it only.
-        normalize = layers.Normalization(axis=None, mean=float(values.mean()),
-                                         variance=variance if variance > 1e-12 else 1.0, name=f"{name}_normalize")
-        deep.append(ops.expand_dims(normalize(ops.cast(feeds[name], "float32")), -1))
+        if name in inputs.log_scaled:
+            value = ops.log1p(ops.maximum(value, 0.0))
+            values = np.log1p(np.maximum(values, 0.0))
+        deep.append(ops.expand_dims(_normalization(name, values)(value), -1))
+    for name, length, k in inputs.sequences:
+        # Newest first, `length` of the k real: the GRU reads the real ones, masked.
+        lengths = sample[length].astype("int64")
+        real = sample[name][np.arange(k)[None, :] < lengths[:, None]].astype("float64")
+        steps = ops.expand_dims(_normalization(name, real)(ops.cast(feeds[name], "float32")), -1)
+        # keras.ops only: a TensorFlow op on a KerasTensor fails when the model is built.
+        mask = ops.less(ops.expand_dims(ops.arange(k, dtype="int32"), 0),
+                        ops.expand_dims(ops.cast(feeds[length], "int32"), -1))
+        deep.append(layers.GRU(sequence_units, name=f"{name}_gru")(steps, mask=mask))
+        deep.append(ops.expand_dims(ops.cast(feeds[length], "float32") / k, -1))
     for name in inputs.presence:
         deep.append(ops.expand_dims(ops.cast(feeds[name], "float32"), -1))
     for first, second in inputs.crosses:

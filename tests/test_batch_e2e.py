@@ -12,8 +12,8 @@ import pytest
 
 from beam_app import batch
 from tests.conftest import BAD_ROWS, read_examples
-from tests.reference_features import FEATURES_SQL
-from tests.flights_slice import slice_events
+from tests.flights_slice import slice_events, weather_lines
+from tests.reference_features import FLIGHTS_V2_FEATURES_SQL
 from transforms.events import event_to_json
 from transforms.split import assign_split
 from transforms.examples import parse_feature_spec
@@ -37,33 +37,83 @@ def test_counts_add_up_and_bad_rows_are_dead_letters(flights_batch):
         assert letter["source"].rsplit(":", 1)[1].isdigit()
 
 
-@pytest.mark.slow
-def test_every_example_matches_duckdb(flights_batch):
-    output = flights_batch["output"]
-    spec = load_spec(output / "spec.json")  # the written spec.json is enough to read the data
+def _sql_rows(flights_csv, weather_csv) -> list[dict]:
+    cursor = duckdb.execute(FLIGHTS_V2_FEATURES_SQL, [str(flights_csv), str(weather_csv)])
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def _check_example(spec, example: dict, expected: dict, counts: dict) -> None:
+    """One example's windowed features against the SQL's values, as the encoder writes them."""
+    event_id = expected["event_id"]
+    assert example["dep_delay"] == np.float32(expected["label"])
+    for feature in spec.windowed_features:
+        name, value = feature.name, expected[feature.name]
+        present = example.get(f"{name}_present")
+        if feature.rule.sequence:
+            values = list(value or [])
+            assert example[f"{name}_length"] == (expected[f"{name}_length"] or 0) == len(values), (event_id, name)
+            padded = np.zeros(feature.k, dtype=np.float32)
+            padded[:len(values)] = values
+            assert list(example[name]) == list(padded), (event_id, name, example[name], values)
+            if present is not None:
+                assert present == (0 if expected[f"{name}_length"] is None else 1), (event_id, name)
+            counts["sequences"] += bool(values)
+        elif feature.rule.integer:
+            assert example[name] == value, (event_id, name)
+        elif value is None:
+            counts["empty"] += 1
+            assert present == 0 and example[name] == 0.0, (event_id, name)
+        else:
+            assert present == 1, (event_id, name)
+            if feature.aggregate == "stddev":  # SQL's stddev_pop is not exactly rounded: within float32's ulp
+                assert example[name] == pytest.approx(np.float32(value), rel=1e-6, abs=1e-6), (event_id, name)
+            else:
+                assert example[name] == np.float32(value), (event_id, name, example[name], value)
+
+
+def _check_every_example(spec, output, expected_rows, summary) -> dict:
     feature_spec = parse_feature_spec(spec)
     examples = {split: read_examples(output, split, feature_spec) for split in ("train", "eval", "test")}
-
-    expected = duckdb.execute(FEATURES_SQL, [str(flights_batch["good_csv"])]).fetchall()
-    labeled = [row for row in expected if row[1] is not None]
-    assert sum(len(e) for e in examples.values()) == len(labeled) == sum(flights_batch["summary"]["examples"].values())
+    labeled = [row for row in expected_rows if row["label"] is not None]
+    assert sum(len(e) for e in examples.values()) == len(labeled) == sum(summary["examples"].values())
     assert all(len(examples[split]) > 300 for split in examples)
+    counts = {"empty": 0, "sequences": 0}
+    for expected in labeled:
+        example = examples[expected["split"]][expected["event_id"]]  # KeyError: missing, or in the wrong split
+        _check_example(spec, example, expected, counts)
+    return counts
 
-    names = ("origin_departures_1h", "origin_dep_delay_mean_1h", "origin_dep_delay_max_1h",
-             "origin_dep_delay_mean_3h", "carrier_dep_delay_mean_3h")
-    empty_windows = 0
-    for event_id, label, split, *values in labeled:
-        example = examples[split][event_id]  # KeyError: missing, or in the wrong split
-        assert example["dep_delay"] == np.float32(label)
-        assert example["origin_departures_1h"] == values[0]
-        for name, value in zip(names[1:], values[1:]):
-            if value is None:
-                empty_windows += 1
-                assert example[f"{name}_present"] == 0 and example[name] == 0.0, (event_id, name)
-            else:
-                assert example[f"{name}_present"] == 1, (event_id, name)
-                assert example[name] == np.float32(value), (event_id, name, example[name], value)
-    assert empty_windows > 0  # the slice has early-morning requests with empty windows
+
+@pytest.mark.slow
+def test_every_example_matches_duckdb(flights_batch, tmp_path):
+    """Every flights feature (the aircraft's last delay and the time since it,
+    its last three, route, dest, stddev and the first five) of every example."""
+    spec = load_spec(flights_batch["output"] / "spec.json")  # the written spec.json is enough to read the data
+    weather = tmp_path / "weather.csv"  # the flights spec reads none: an empty file for the query's weather side
+    weather.write_text(weather_lines(lambda month, day: False)[0] + "\n")
+    counts = _check_every_example(spec, flights_batch["output"], _sql_rows(flights_batch["good_csv"], weather),
+                                  flights_batch["summary"])
+    assert counts["empty"] > 0 and counts["sequences"] > 0  # early-morning empty windows; aircraft seen before
+
+
+@pytest.mark.slow
+def test_flights_weather_examples_match_duckdb(flights_weather_batch):
+    """The second kind of observation: the weather features of every example
+    too, from the weather of the same days, read as a source of their own."""
+    spec = load_spec(flights_weather_batch["output"] / "spec.json")
+    assert [f.name for f in spec.windowed_features][-3:] == [
+        "origin_visib_min_3h", "origin_precip_sum_3h", "origin_wind_speed_max_3h"]
+    summary = flights_weather_batch["summary"]
+    assert summary["observations_by_kind"]["weather"] == len(weather_lines_of(flights_weather_batch)) - 1
+    assert all(summary["checks"].values()), summary["checks"]
+    _check_every_example(spec, flights_weather_batch["output"],
+                         _sql_rows(flights_weather_batch["flights_csv"], flights_weather_batch["weather_csv"]),
+                         summary)
+
+
+def weather_lines_of(batch_run) -> list[str]:
+    return batch_run["weather_csv"].read_text().splitlines()
 
 
 @pytest.mark.slow

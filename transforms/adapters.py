@@ -1,8 +1,9 @@
 """CSV adapters: a raw CSV row of a known data set -> the events it holds.
 
-A spec names its adapter by reference, `source.csv_adapter:
-package.module:function`, imported when a job starts: the engine knows no
-data set (the shipped ones are in beam_app/adapters/). An adapter knows a
+A spec names each source's adapter by reference, `sources.<name>.csv_adapter:
+package.module:function`, which the entry point resolves when a job starts
+(`beam_app.adapters.load_adapters`) and hands to the parser: the engine
+knows no data set (the shipped ones are in beam_app/adapters/). An adapter knows a
 source's layout (column names, how times are written, which rows carry which
 role); it does not check types or ranges: every event goes through
 `parse.EventValidator` against the spec afterwards, the same check NDJSON and
@@ -14,7 +15,6 @@ The helpers below read one column in the way every adapter needs.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Callable, Mapping, Optional
 
@@ -29,21 +29,6 @@ MISSING = ("", "NA")
 def is_reference(text: str) -> bool:
     """'package.module:function'"""
     return bool(_REFERENCE.match(text))
-
-
-def load_adapter(reference: Optional[str]) -> CsvAdapter:
-    """The function a 'package.module:function' reference names, or a ValueError saying what to fix."""
-    if reference is None or not is_reference(reference):
-        raise ValueError(f"csv_adapter: expected 'package.module:function', got {reference!r}")
-    module_name, _, function_name = reference.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"csv_adapter {reference!r}: cannot import {module_name}: {err}") from None
-    adapter = getattr(module, function_name, None)
-    if not callable(adapter):
-        raise ValueError(f"csv_adapter {reference!r}: {module_name} has no function {function_name!r}")
-    return adapter
 
 
 def is_missing(value: Optional[str]) -> bool:

@@ -23,7 +23,7 @@ again. Both are counted.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -32,7 +32,8 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms.events import Event, InvalidRecord, RawRecord
 from transforms.parse import RecordParser
 from transforms.read_files import ReadChunks
-from transforms.spec import FeatureSpec
+from transforms.adapters import CsvAdapter
+from transforms.spec import REQUEST, FeatureSpec
 
 
 def recent_observations(parse: RecordParser, records: Iterable[RawRecord], since_us: int,
@@ -50,7 +51,7 @@ def recent_observations(parse: RecordParser, records: Iterable[RawRecord], since
             counts["unreadable"] = counts.get("unreadable", 0) + 1
             continue
         for event in events:
-            if event.role != "observation":
+            if event.role == REQUEST:
                 counts["requests"] = counts.get("requests", 0) + 1
             elif event.time_us < since_us:
                 counts["older"] = counts.get("older", 0) + 1
@@ -63,14 +64,15 @@ def recent_observations(parse: RecordParser, records: Iterable[RawRecord], since
 class _KeepRecent(beam.DoFn):
     """A chunk of RawRecords -> its recent observations, stamped with their event time."""
 
-    def __init__(self, spec: FeatureSpec, since_us: int):
+    def __init__(self, spec: FeatureSpec, since_us: int, adapters: Mapping[str, CsvAdapter]):
         self._spec = spec
         self._since_us = since_us
+        self._adapters = dict(adapters)
         self._counters = {name: Metrics.counter("bootstrap", name)
                           for name in ("records", "unreadable", "requests", "older", "observations")}
 
     def setup(self):
-        self._parse = RecordParser(self._spec)
+        self._parse = RecordParser(self._spec, self._adapters)
 
     def process(self, chunk: list[RawRecord]):
         counts: dict = {}
@@ -84,19 +86,23 @@ class _KeepRecent(beam.DoFn):
 class RecentObservations(beam.PTransform):
     """PBegin -> PCollection[Event]: the observations at or after `since_us`
     in the files `pattern` names (local or gs://, a glob), stamped with their
-    event times. Bounded, so a streaming job reads it once, at start."""
+    event times. Bounded, so a streaming job reads it once, at start.
+    source_name: the spec's source whose CSV adapter (in `adapters`) reads them."""
 
     def __init__(self, spec: FeatureSpec, pattern: str, since_us: int, input_format: str = "auto",
+                 adapters: Optional[Mapping[str, CsvAdapter]] = None, source_name: Optional[str] = None,
                  label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
         self._pattern = pattern
         self._since_us = since_us
         self._input_format = input_format
+        self._adapters = dict(adapters or {})
+        self._source_name = source_name
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Chunks" >> ReadChunks(self._pattern, self._input_format)
-            | "KeepRecent" >> beam.ParDo(_KeepRecent(self._spec, self._since_us))
+            | "Chunks" >> ReadChunks(self._pattern, self._input_format, self._source_name)
+            | "KeepRecent" >> beam.ParDo(_KeepRecent(self._spec, self._since_us, self._adapters))
         )

@@ -34,8 +34,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.events import DeadLetter, Event, event_from_json, event_to_json, time_us_to_rfc3339
-from transforms.spec import ROLES
-from transforms.windowed_features import state_key
+from transforms.feature_layout import state_key
 
 _US = 1_000_000
 STAGE = "duplicate"  # the dead-letter stage of conflicting copies
@@ -110,12 +109,24 @@ def conflict_letter(copy: Event, reason: str) -> DeadLetter:
     return DeadLetter(f"event:{identity(copy)}", event_to_json(copy), reason, STAGE)
 
 
+class _RoleCounters(dict):
+    """A counter per role (request or a kind of observation), made on first use."""
+
+    def __init__(self, namespace: str):
+        super().__init__()
+        self._namespace = namespace
+
+    def __missing__(self, role: str):
+        self[role] = counter = Metrics.counter(self._namespace, role)
+        return counter
+
+
 class _Counters:
     """The dedup counters, one place for their names."""
 
     def __init__(self):
-        self.duplicates = {role: Metrics.counter("duplicates", role) for role in ROLES}
-        self.conflicts = {role: Metrics.counter("conflicts", role) for role in ROLES}
+        self.duplicates = _RoleCounters("duplicates")
+        self.conflicts = _RoleCounters("conflicts")
 
 
 class _ResolveBatch(beam.DoFn):

@@ -28,7 +28,7 @@ class Event(NamedTuple):
     history requests the label."""
 
     event_id: str
-    role: str  # "request" | "observation"
+    role: str  # "request", or the kind of observation ("observation" in a spec with one kind)
     time_us: int  # event time, microseconds since the Unix epoch (UTC)
     fields: dict[str, Any]
 
@@ -41,6 +41,7 @@ class RawRecord(NamedTuple):
     kind: str  # "csv" or "json"
     header: Optional[tuple[str, ...]] = None  # csv column names
     attributes: Optional[dict[str, str]] = None  # message attributes (Pub/Sub), kept for dead letters
+    source_name: Optional[str] = None  # csv: the spec's source whose adapter reads it (None: the first)
 
 
 class DeadLetter(NamedTuple):

@@ -7,8 +7,12 @@ holds; the encoder, `spec.json` and the parse spec of readers all come from it:
 - each static request feature (string -> bytes, int -> int64, float -> float32);
   an optional number is always there, 0 when missing, with `<name>_present`
   (int64 0/1); an optional string is an empty list when missing (read as b'')
-- each windowed feature: `count` as int64, always present; the others float32,
-  with `<name>_present` (int64 0/1); an empty window encodes 0 and present = 0
+- each windowed feature: `count` and `count_distinct` as int64, 0 on an empty
+  window; `last_k` as exactly k float32 values, newest first, 0-padded, with
+  `<name>_length` (int64, how many are real); the others float32 with
+  `<name>_present` (int64 0/1), an empty window encoding 0 and present = 0.
+  A feature whose key a request may lack (an optional key field) always has
+  `<name>_present`: 0 when the request had no key value
 - the label (float32), absent on live requests
 
 Encoding goes through Arrow RecordBatches and tfx-bsl's C++ encoder: building
@@ -28,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms.spec import PRESENCE_SUFFIX, FeatureSpec, presence_name
-from transforms.windowed_features import FeatureRow
+from transforms.spec import LENGTH_SUFFIX, PRESENCE_SUFFIX, FeatureSpec, length_name, presence_name
+from transforms.feature_layout import FeatureRow
 
 _ARROW = {"bytes": pa.binary(), "int64": pa.int64(), "float32": pa.float32()}
 _FIELD_DTYPE = {"string": "bytes", "int": "int64", "float": "float32"}
@@ -38,8 +42,9 @@ _FIELD_DTYPE = {"string": "bytes", "int": "int64", "float": "float32"}
 class ExampleColumn(NamedTuple):
     name: str
     dtype: str  # "bytes" | "int64" | "float32"
-    role: str  # "id" | "static" | "static_presence" | "windowed" | "presence" | "label"
+    role: str  # "id" | "static" | "static_presence" | "windowed" | "sequence" | "length" | "presence" | "label"
     always_present: bool  # False: may be absent from an example (parse with a default)
+    size: int = 1  # values per example: k for a sequence
 
 
 def example_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
@@ -50,13 +55,27 @@ def example_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
         if field.has_presence:
             columns.append(ExampleColumn(presence_name(field.name), "int64", "static_presence", True))
     for feature in spec.windowed_features:
-        if feature.has_presence:
-            columns.append(ExampleColumn(feature.name, "float32", "windowed", True))
-            columns.append(ExampleColumn(presence_name(feature.name), "int64", "presence", True))
+        if feature.rule.sequence:
+            columns.append(ExampleColumn(feature.name, "float32", "sequence", True, feature.k))
+            columns.append(ExampleColumn(length_name(feature.name), "int64", "length", True))
         else:
-            columns.append(ExampleColumn(feature.name, "int64", "windowed", True))
+            columns.append(ExampleColumn(feature.name, "int64" if feature.rule.integer else "float32", "windowed",
+                                         True))
+        if feature.has_presence:
+            columns.append(ExampleColumn(presence_name(feature.name), "int64", "presence", True))
     columns.append(ExampleColumn(spec.label.name, "float32", "label", False))
     return tuple(columns)
+
+
+def _sequence_column(values: Sequence, size: int) -> pa.Array:
+    """A tuple of up to `size` floats per row (None: no key value) -> a
+    list<float32> column of exactly `size` values, 0-padded."""
+    flat = np.zeros(len(values) * size, dtype=np.float32)
+    for row, sequence in enumerate(values):
+        if sequence:
+            flat[row * size:row * size + len(sequence)] = sequence
+    offsets = np.arange(0, len(values) * size + 1, size, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _list_column(values: Sequence, dtype: str) -> pa.Array:
@@ -93,6 +112,14 @@ def rows_to_record_batch(spec: FeatureSpec, rows: Sequence[FeatureRow], with_lab
         elif column.role == "presence":
             slot = slots[column.name.removesuffix(PRESENCE_SUFFIX)]
             values = [0 if row.features[slot] is None else 1 for row in rows]
+        elif column.role == "sequence":
+            slot = slots[column.name]
+            arrays.append(_sequence_column([row.features[slot] for row in rows], column.size))
+            names.append(column.name)
+            continue
+        elif column.role == "length":
+            slot = slots[column.name.removesuffix(LENGTH_SUFFIX)]
+            values = [len(row.features[slot] or ()) for row in rows]
         else:
             slot = slots[column.name]
             values = [row.features[slot] for row in rows]
@@ -127,7 +154,8 @@ def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
         if column.role == "label" and not with_label:
             continue
         default = None if column.always_present else defaults[column.dtype]
-        parse[column.name] = tf.io.FixedLenFeature([], dtypes[column.name], default_value=default)
+        shape = [] if column.size == 1 else [column.size]
+        parse[column.name] = tf.io.FixedLenFeature(shape, dtypes[column.name], default_value=default)
     return parse
 
 
@@ -151,6 +179,8 @@ def decode_example(spec: FeatureSpec, serialized: bytes) -> dict:
                       feature.int64_list.value if column.dtype == "int64" else feature.float_list.value)
         if not values:
             decoded[column.name] = None
+        elif column.size > 1:
+            decoded[column.name] = [float(v) for v in values]  # float32 -> float: exact
         elif column.dtype == "bytes":
             decoded[column.name] = values[0].decode()
         else:
@@ -162,11 +192,15 @@ def row_values(spec: FeatureSpec, row: FeatureRow) -> dict:
     """A FeatureRow -> what `decode_example` gives for its encoded example,
     through the same encoding (float32 included): what batch would serve."""
     batch = rows_to_record_batch(spec, [row], with_label=False)
+    sizes = {column.name: column.size for column in example_columns(spec)}
     values = {}
     for name, column in zip(batch.schema.names, batch.columns):
         if name == "event_id":
             continue
         cell = column[0].as_py()
+        if sizes[name] > 1:
+            values[name] = cell
+            continue
         value = cell[0] if cell else None
         values[name] = value.decode() if isinstance(value, bytes) else value
     return values

@@ -1,6 +1,6 @@
 """Raw records -> validated events, and the dead letters of those that are not.
 
-`parse_record` and `validate_event` are pure and raise `InvalidRecord` with a
+`RecordParser` and `EventValidator` are pure and raise `InvalidRecord` with a
 reason; `ParseEvents` is the thin Beam wrapper that counts and routes.
 """
 
@@ -9,17 +9,16 @@ from __future__ import annotations
 import csv
 import math
 import re
-from typing import Any, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.adapters import load_adapter
-
+from transforms.adapters import CsvAdapter
 from transforms.event_time import TimeBounds, check_event_time
 from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json
-from transforms.spec import ROLES, FeatureSpec, FieldSpec
+from transforms.spec import DEFAULT_KIND, REQUEST, FeatureSpec, FieldSpec
 
 DEAD_LETTERS = "dead_letters"
 
@@ -75,23 +74,29 @@ def _fast_check(field: FieldSpec):
 class EventValidator:
     """Checks and types events against the spec (compiled once: it runs per event).
 
+    An event's role is `request` or the name of one of the spec's kinds of
+    observation; each has its own fields and (optionally) event id pattern.
     Fields the spec does not name are dropped; a request may carry the label
     (history) or not (live)."""
 
     def __init__(self, spec: FeatureSpec):
-        self._pattern = re.compile(spec.event_id_pattern) if spec.event_id_pattern else None
-        self._fields = {}
-        for role in ROLES:
-            fields = spec.fields(role) + ((spec.label,) if role == "request" else ())
+        self._roles = spec.roles
+        self._fields, self._patterns = {}, {}
+        for role in spec.roles:
+            fields = spec.fields(role) + ((spec.label,) if role == REQUEST else ())
             self._fields[role] = [(f.name, f.required, _fast_check(f)) for f in fields]
+            pattern = spec.event_id_pattern if role == REQUEST else spec.kind(role).event_id_pattern or \
+                spec.event_id_pattern
+            self._patterns[role] = re.compile(pattern) if pattern else None
 
     def __call__(self, event: Event) -> Event:
         fields = self._fields.get(event.role)
         if fields is None:
-            raise InvalidRecord(f"role: expected one of {list(ROLES)}, got {event.role!r}")
-        if not event.event_id or (self._pattern and not self._pattern.match(event.event_id)):
+            raise InvalidRecord(f"role: expected one of {list(self._roles)}, got {event.role!r}")
+        pattern = self._patterns[event.role]
+        if not event.event_id or (pattern and not pattern.match(event.event_id)):
             raise InvalidRecord(f"event_id: {event.event_id!r} does not match "
-                                f"{self._pattern.pattern if self._pattern else 'a non-empty id'!r}")
+                                f"{pattern.pattern if pattern else 'a non-empty id'!r}")
         raw = event.fields
         typed: dict[str, Any] = {}
         for name, required, check in fields:
@@ -106,11 +111,16 @@ class EventValidator:
 
 
 class RecordParser:
-    """A raw CSV row (through the spec's adapter) or NDJSON line -> valid events."""
+    """A raw CSV row (through its source's adapter) or NDJSON line -> valid events.
 
-    def __init__(self, spec: FeatureSpec):
+    adapters: the spec's sources' CSV adapters by source name, resolved by the
+    entry point (`beam_app.adapters.load_adapters`): a CSV record names its
+    source, or is read by the spec's first one."""
+
+    def __init__(self, spec: FeatureSpec, adapters: Optional[Mapping[str, CsvAdapter]] = None):
         self._validate = EventValidator(spec)
-        self._adapter = load_adapter(spec.csv_adapter) if spec.csv_adapter else None
+        self._adapters = dict(adapters or {})
+        self._primary = spec.sources[0].name if spec.sources else None
 
     def __call__(self, record: RawRecord) -> list[Event]:
         if "\ufffd" in record.text:
@@ -118,8 +128,11 @@ class RecordParser:
         if record.kind == "json":
             events = [event_from_json(record.text)]
         elif record.kind == "csv":
-            if self._adapter is None:
-                raise InvalidRecord("this spec names no CSV adapter: give NDJSON events")
+            source = record.source_name or self._primary
+            adapter = self._adapters.get(source)
+            if adapter is None:
+                raise InvalidRecord(f"no CSV adapter for source {source!r} (the spec's sources: "
+                                    f"{sorted(self._adapters)}): give NDJSON events")
             if not record.header:
                 raise InvalidRecord("csv record without a header")
             try:
@@ -128,20 +141,16 @@ class RecordParser:
                 raise InvalidRecord(f"unreadable CSV: {err}") from None
             if len(values) != len(record.header):
                 raise InvalidRecord(f"expected {len(record.header)} CSV columns, got {len(values)}")
-            events = self._adapter(dict(zip(record.header, values)))
+            events = adapter(dict(zip(record.header, values)))
         else:
             raise InvalidRecord(f"unknown record kind {record.kind!r}")
         return [self._validate(event) for event in events]
 
 
-def validate_event(spec: FeatureSpec, event: Event) -> Event:
-    """One event checked against the spec (tests and one-offs; jobs keep an EventValidator)."""
-    return EventValidator(spec)(event)
-
-
-def parse_record(spec: FeatureSpec, record: RawRecord) -> list[Event]:
-    """One record parsed against the spec (tests and one-offs; jobs keep a RecordParser)."""
-    return RecordParser(spec)(record)
+def role_counter(role: str) -> str:
+    """The parse counter of a role: requests, observations (the one-kind
+    name), or the kind's own name (weather)."""
+    return f"{role}s" if role in (REQUEST, DEFAULT_KIND) else role
 
 
 class LiveStamp(NamedTuple):
@@ -171,16 +180,17 @@ class _ParseDoFn(beam.DoFn):
     """RawRecord -> Event (main) | DeadLetter (tagged), counted. With a
     LiveStamp, each event leaves stamped with its checked event time."""
 
-    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp]):
+    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp], adapters: Mapping[str, CsvAdapter]):
         self._spec = spec
         self._live = live
+        self._adapters = dict(adapters)
         self._records = Metrics.counter("parse", "records_read")
         self._ok = Metrics.counter("parse", "records_ok")
         self._dead = Metrics.counter("parse", "dead_letters")
-        self._by_role = {role: Metrics.counter("parse", f"{role}s") for role in ROLES}
+        self._by_role = {role: Metrics.counter("parse", role_counter(role)) for role in spec.roles}
 
     def setup(self):
-        self._parse = RecordParser(self._spec)
+        self._parse = RecordParser(self._spec, self._adapters)
 
     def process(self, record: RawRecord, timestamp=beam.DoFn.TimestampParam):
         self._records.inc()
@@ -206,14 +216,19 @@ class ParseEvents(beam.PTransform):
     `timestamp_attribute`: see transforms/event_time.py for why). Each
     event's time is checked against its attribute and the publish time,
     and the event leaves stamped with it; a record that fails is a dead
-    letter, and the job goes on."""
+    letter, and the job goes on.
 
-    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp] = None, label: Optional[str] = None):
+    adapters: the CSV adapters of the spec's sources, by source name (NDJSON
+    needs none)."""
+
+    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp] = None,
+                 adapters: Optional[Mapping[str, CsvAdapter]] = None, label: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
         self._live = live
+        self._adapters = dict(adapters or {})
 
     def expand(self, records):
-        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live)).with_outputs(
+        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live, self._adapters)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}

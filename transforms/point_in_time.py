@@ -2,31 +2,35 @@
 
 For a request at time t, `AGG(field) over W` reads the observations of the
 same entity key whose time lies in [t - W, t): an observation exactly at
-t - W counts, one exactly at t does not. Empty window: count is 0, every
-other aggregate is None (missing).
+t - W counts, one exactly at t does not. Empty window: count and
+count_distinct are 0, last_k is (), every other aggregate is None (missing).
 
 `KeyHistory` holds one key's observations for one group of windowed features
-(those sharing a key field) and answers requests in time order. It keeps
-only what a future window can reach, so its size is bounded by the longest
-window, not by the key's whole history. Sums use `math.fsum`, so the result
-does not depend on the order observations were added: batch and streaming
-give bit-identical values.
+(those sharing a kind and a key) and answers requests in time order. It
+keeps only what a future window can reach, so its size is bounded by the
+longest window, not by the key's whole history. Every aggregate depends only
+on the set of observations in the window, never on the order they were
+added (sums use `math.fsum`, ties on time are broken by event_id), so batch
+and streaming give bit-identical values.
 
 An aggregate reads a *series*: the observations where its input fields are
-all present, with their values (one number, or a (numerator, denominator)
-pair for a ratio). Features reading the same fields share a series.
+all present, with their values (one value, or a (numerator, denominator)
+pair for a ratio), sorted by (time, event_id). Features reading the same
+fields share a series. A new aggregate is one function in `AGGREGATE_FUNCTIONS`
+(and its rule in transforms/spec.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
-from transforms.spec import WindowedFeature
+from transforms.spec import AGGREGATE_RULES, WindowedFeature
 
 REQUEST, OBSERVATION = 0, 1  # sort rank at equal times: a request never sees an observation at its own t
 _US = 1_000_000
+_SCALE_BITS = 1074  # every finite double is an integer multiple of 2**-1074
 
 
 class PendingEvent(NamedTuple):
@@ -43,30 +47,75 @@ class PendingEvent(NamedTuple):
         return self.time_us, self.rank, self.event_id
 
 
-def aggregate(function: str, values: Sequence) -> Optional[float]:
-    """One aggregate over the values of a window (already free of missing ones;
-    for a ratio, (numerator, denominator) pairs)."""
-    if function == "count":
-        return float(len(values))
+# An aggregate: (values, times, lo, hi, t_us, k) -> its value over the non-empty
+# window [lo, hi) of a series (values and times sorted by (time, event_id)).
+Aggregate = Callable[[list, list, int, int, int, Optional[int]], object]
+
+
+def _scaled(value: float) -> int:
+    """value as an exact integer multiple of 2**-1074."""
+    numerator, denominator = float(value).as_integer_ratio()
+    return numerator << (_SCALE_BITS - denominator.bit_length() + 1)
+
+
+def _stddev(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int]) -> float:
+    """Population standard deviation: the variance computed exactly (integer
+    sums of the scaled values), rounded once, then its square root: bit for
+    bit the same whatever the order of the values."""
+    scaled = [_scaled(v) for v in values[lo:hi]]
+    n = hi - lo
+    total = sum(scaled)
+    numerator = n * sum(x * x for x in scaled) - total * total  # n^2 var, in units of 2**-2148
+    return math.sqrt(numerator / ((n * n) << (2 * _SCALE_BITS)))
+
+
+def _ratio(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int]) -> Optional[float]:
+    pairs = values[lo:hi]
+    denominator = math.fsum(pair[1] for pair in pairs)
+    return math.fsum(pair[0] for pair in pairs) / denominator if denominator else None  # nothing to divide: missing
+
+
+AGGREGATE_FUNCTIONS: dict[str, Aggregate] = {
+    "count": lambda values, times, lo, hi, t_us, k: float(hi - lo),
+    "sum": lambda values, times, lo, hi, t_us, k: math.fsum(values[lo:hi]),
+    "mean": lambda values, times, lo, hi, t_us, k: math.fsum(values[lo:hi]) / (hi - lo),
+    "min": lambda values, times, lo, hi, t_us, k: float(min(values[lo:hi])),
+    "max": lambda values, times, lo, hi, t_us, k: float(max(values[lo:hi])),
+    "ratio": _ratio,
+    "stddev": _stddev,
+    # The series is sorted by (time, event_id): its last element is the latest
+    # observation, ties on time going to the larger event_id.
+    "last": lambda values, times, lo, hi, t_us, k: float(values[hi - 1]),
+    "time_since_last": lambda values, times, lo, hi, t_us, k: (t_us - times[hi - 1]) / _US,
+    "last_k": lambda values, times, lo, hi, t_us, k: tuple(float(v) for v in values[max(lo, hi - k):hi][::-1]),
+    "count_distinct": lambda values, times, lo, hi, t_us, k: float(len(set(values[lo:hi]))),
+}
+assert set(AGGREGATE_FUNCTIONS) == set(AGGREGATE_RULES)
+
+
+def empty_value(function: str):
+    """An aggregate's value on an empty window."""
+    rule = AGGREGATE_RULES[function]
+    return 0.0 if rule.integer else () if rule.sequence else None
+
+
+def aggregate(function: str, values: Sequence, times: Optional[Sequence[int]] = None, t_us: int = 0,
+              k: Optional[int] = None):
+    """One aggregate over the observations of a window, already free of
+    missing values and sorted by (time, event_id); for a ratio,
+    (numerator, denominator) pairs. Times are needed by time_since_last only."""
+    if function not in AGGREGATE_FUNCTIONS:
+        raise ValueError(f"unknown aggregate {function!r}")
     if not values:
-        return None
-    if function == "sum":
-        return math.fsum(values)
-    if function == "mean":
-        return math.fsum(values) / len(values)
-    if function == "min":
-        return float(min(values))
-    if function == "max":
-        return float(max(values))
-    if function == "ratio":
-        denominator = math.fsum(pair[1] for pair in values)
-        return math.fsum(pair[0] for pair in values) / denominator if denominator else None
-    raise ValueError(f"unknown aggregate {function!r}")
+        return empty_value(function)
+    times = list(times) if times is not None else [0] * len(values)
+    return AGGREGATE_FUNCTIONS[function](list(values), times, 0, len(values), t_us, k)
 
 
 def history_series(features: Sequence[WindowedFeature]) -> tuple[tuple[str, ...], ...]:
     """The series a group of features reads (each a tuple of observation
-    fields), in a fixed order; counts read every observation, `()`."""
+    fields), in a fixed order; counts (and time_since_last of any
+    observation) read every observation, `()`."""
     return tuple(sorted({f.inputs for f in features if f.inputs}))
 
 
@@ -80,12 +129,12 @@ def series_value(values: tuple, index: tuple[int, ...]) -> object:
 
 
 class KeyHistory:
-    """Observations of one key, per series, sorted by time; answers requests.
+    """Observations of one key, per series, sorted by (time, event_id); answers requests.
 
-    `times[0]` holds every observation's time (for count); `times[i + 1]` and
-    `values[i + 1]` hold the observations in `series[i]`. Lists indexed by
-    position, not dicts keyed by series: a tuple key is hashed at every lookup,
-    and lookups run for every feature of every request.
+    `times[0]` holds every observation's time (for count); `times[i + 1]`,
+    `values[i + 1]` and `ids[i + 1]` hold the observations in `series[i]`.
+    Lists indexed by position, not dicts keyed by series: a tuple key is
+    hashed at every lookup, and lookups run for every feature of every request.
     """
 
     def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
@@ -93,42 +142,47 @@ class KeyHistory:
         self.series = history_series(features)
         # Per feature, what features_at needs, resolved once: it runs for every request.
         position = {series: index + 1 for index, series in enumerate(self.series)}
-        self._plan = tuple((position.get(f.inputs, 0), f.window_s * _US, f.aggregate) for f in self.features)
+        self._plan = tuple((position.get(f.inputs, 0), f.window_s * _US, AGGREGATE_FUNCTIONS[f.aggregate],
+                            empty_value(f.aggregate), f.k) for f in self.features)
         # Kept: the longest window, plus how far behind a request may still arrive
         # and be answered exactly.
         self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
         self.times: list[list[int]] = [[] for _ in range(len(self.series) + 1)]
         self.values: list[list] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
+        self.ids: list[list[str]] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
 
-    def add_observation(self, time_us: int, values: tuple) -> None:
+    def add_observation(self, time_us: int, values: tuple, event_id: str = "") -> None:
         bisect.insort(self.times[0], time_us)
         for index, value in enumerate(values, start=1):
             if value is not None:
-                times = self.times[index]
+                times, ids = self.times[index], self.ids[index]
                 at = bisect.bisect_right(times, time_us)
+                while at and times[at - 1] == time_us and ids[at - 1] > event_id:  # ties: by event_id
+                    at -= 1
                 times.insert(at, time_us)
+                ids.insert(at, event_id)
                 self.values[index].insert(at, value)
 
-    def features_at(self, t_us: int) -> tuple[Optional[float], ...]:
+    def features_at(self, t_us: int) -> tuple:
         """Every feature of the group for a request at t, in `features` order."""
         out = []
-        for index, window_us, function in self._plan:
+        for index, window_us, function, empty, k in self._plan:
             times = self.times[index]
             lo = bisect.bisect_left(times, t_us - window_us)
             hi = bisect.bisect_left(times, t_us)
-            window = self.values[index][lo:hi] if index else range(lo, hi)
-            out.append(aggregate(function, window))
+            out.append(function(self.values[index], times, lo, hi, t_us, k) if hi > lo else empty)
         return tuple(out)
 
     def evict_before(self, time_us: int) -> None:
         """Forget observations older than any window of a request at or after time_us can reach."""
         cutoff = time_us - self.horizon_us
-        for times, values in zip(self.times, self.values):
+        for times, values, ids in zip(self.times, self.values, self.ids):
             drop = bisect.bisect_left(times, cutoff)
             if drop:
                 del times[:drop]
                 del values[:drop]  # a no-op on values[0], always empty
+                del ids[:drop]
 
     def apply(self, events: Iterable[PendingEvent]) -> tuple[list[tuple[PendingEvent, tuple]], int, int]:
         """Applies events in processing order (`PendingEvent.order`).
@@ -156,21 +210,23 @@ class KeyHistory:
                 if oldest and oldest[0] < self.processed_through_us - self.horizon_us:
                     self.evict_before(self.processed_through_us)  # memory stays bounded within a long run
             else:
-                self.add_observation(event.time_us, event.values)
+                self.add_observation(event.time_us, event.values, event.event_id)
         if self.processed_through_us is not None:
             self.evict_before(self.processed_through_us)
         return answers, late_requests, late_observations
 
     # State round trip: plain lists and ints, so Beam's fast coders carry it.
     def to_state(self) -> tuple:
-        return self.processed_through_us, self.times[0], tuple(self.times[1:]), tuple(self.values[1:])
+        return (self.processed_through_us, self.times[0], tuple(self.times[1:]), tuple(self.values[1:]),
+                tuple(self.ids[1:]))
 
     @classmethod
     def from_state(cls, features: Sequence[WindowedFeature], state: Optional[tuple],
                    lateness_s: int = 0) -> "KeyHistory":
         history = cls(features, lateness_s)
         if state is not None:
-            history.processed_through_us, all_times, series_times, series_values = state
+            history.processed_through_us, all_times, series_times, series_values, series_ids = state
             history.times = [list(all_times), *(list(t) for t in series_times)]
             history.values = [[], *(list(v) for v in series_values)]
+            history.ids = [[], *(list(i) for i in series_ids)]
         return history

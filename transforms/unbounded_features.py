@@ -1,0 +1,225 @@
+"""The unbounded (streaming) path of `WindowedFeatures`.
+
+Every group's stage reads the input: a stateful DoFn per key value (or per
+shard of key values, `key_shards`) buffers events and, when the watermark
+passes the earliest one it holds (an event-time timer), applies everything up
+to that time and emits each request's values for the group. A stateful join
+per event_id emits the row once the request and the values of every group
+whose key the request has are in: no stage waits on another's watermark, so
+the result does not depend on how a runner holds watermarks for timers.
+Observations arriving behind the watermark are counted as late and still join
+the history; a request up to `allowed_lateness_s` late is still answered
+exactly.
+
+What the DoFns decide (which buffered events are released, when the next
+timer fires, when a request's parts are complete) is in pure functions below,
+tested on their own.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.feature_layout import ID, RANK, TIME, FeatureGroup, fill, key_of, reads, state_key, to_pending
+from transforms.point_in_time import REQUEST, KeyHistory
+
+REQUEST_PART = -1  # the join's part holding the request itself; groups' parts are their indexes
+
+
+def release_time(time_us: int, step_us: int) -> int:
+    """When an event may be released: the end of its step of event time. The
+    watermark has then passed every event of the step, so one timer firing
+    releases them all, where a timer per event time would fire once per
+    distinct time (each firing a bundle through every later step)."""
+    return -(-time_us // step_us) * step_us if step_us > 1 else time_us
+
+
+def split_release(items: Iterable[tuple], up_to_us: int, group: FeatureGroup
+                  ) -> tuple[dict[str, list[tuple]], list[tuple]]:
+    """Buffered elements -> (those the watermark has passed, by key value; the rest)."""
+    ready: dict[str, list[tuple]] = {}
+    rest = []
+    for item in items:
+        if item[TIME] <= up_to_us:
+            ready.setdefault(key_of(item, group), []).append(item)
+        else:
+            rest.append(item)
+    return ready, rest
+
+
+def next_release_us(rest: list[tuple], step_us: int) -> Optional[int]:
+    """When the timer must fire next for what stays buffered (None: nothing does)."""
+    return release_time(min(item[TIME] for item in rest), step_us) if rest else None
+
+
+def expected_parts(request: tuple, groups: tuple[FeatureGroup, ...]) -> frozenset[int]:
+    """The groups whose values a request waits for: those whose key it has."""
+    return frozenset(index for index, group in enumerate(groups) if key_of(request, group) is not None)
+
+
+def joined_request(collected: dict[int, object], groups: tuple[FeatureGroup, ...]) -> Optional[tuple]:
+    """The parts received for one event_id, by part index -> the request with
+    every group filled in, or None while any part it waits for is missing.
+    By index: a redelivered part (Pub/Sub is at-least-once) must not stand in
+    for a group's part that has not arrived yet."""
+    request = collected.get(REQUEST_PART)
+    if request is None or not expected_parts(request, groups) <= collected.keys():
+        return None
+    for index, answer in collected.items():
+        if index != REQUEST_PART:
+            request = fill(request, groups[index].slots, answer)
+    return request
+
+
+class _PointInTimeDoFn(beam.DoFn):
+    """(state key, element) -> (event_id, (group index, values)) for each
+    request, released in time order once the watermark has passed it. A state
+    key holds one or more key values, each with its own history."""
+
+    BUFFER = BagStateSpec("buffer", FastPrimitivesCoder())
+    HISTORIES = ReadModifyWriteStateSpec("histories", FastPrimitivesCoder())  # {key value: KeyHistory state}
+    TIMER_AT = ReadModifyWriteStateSpec("timer_at", VarIntCoder())
+    RELEASE = TimerSpec("release", TimeDomain.WATERMARK)
+    # At the end of the window (a drained or finished stream) a timer set from
+    # then on never fires: this one, set while the window is open, releases
+    # whatever is still buffered.
+    DRAIN = TimerSpec("drain", TimeDomain.WATERMARK)
+
+    def __init__(self, group: FeatureGroup, index: int, allowed_lateness_s: int, release_step_us: int):
+        self._group = group
+        self._index = index
+        self._lateness_s = allowed_lateness_s
+        self._step_us = release_step_us
+        self._late_requests = Metrics.counter("windowed_features", "late_requests")
+        self._late_observations = Metrics.counter("windowed_features", "late_observations")
+
+    def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
+                release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):
+        _, item = element
+        buffer.add(item)
+        pending = timer_at.read()
+        if pending is None:
+            drain.set(GlobalWindow().max_timestamp())
+        release_at = release_time(item[TIME], self._step_us)
+        if pending is None or release_at < pending:  # the timer stays at the earliest buffered event's step
+            release.set(Timestamp(micros=release_at))
+            timer_at.write(release_at)
+
+    @on_timer(RELEASE)
+    def on_release(self, fired_at=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
+                   histories=beam.DoFn.StateParam(HISTORIES), timer_at=beam.DoFn.StateParam(TIMER_AT),
+                   release=beam.DoFn.TimerParam(RELEASE)):
+        return self._release(fired_at.micros, buffer, histories, timer_at, release)
+
+    @on_timer(DRAIN)
+    def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), histories=beam.DoFn.StateParam(HISTORIES),
+                 timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
+        return self._release(GlobalWindow().max_timestamp().micros, buffer, histories, timer_at, release)
+
+    def _release(self, up_to_us, buffer, histories, timer_at, release):
+        """Applies the buffered events up to `up_to_us` (the watermark has passed
+        them) and emits their requests' values; the rest wait for the next timer."""
+        ready, rest = split_release(buffer.read(), up_to_us, self._group)
+        states = histories.read() or {}
+        outputs = []
+        for key, items in ready.items():
+            history = KeyHistory.from_state(self._group.features, states.get(key), self._lateness_s)
+            answers, late_requests, late_observations = history.apply(to_pending(item, self._group) for item in items)
+            states[key] = history.to_state()
+            if self._group.counts_late_requests:  # every stage sees the requests: count once
+                self._late_requests.inc(late_requests)
+            if self._group.counts_late_observations:
+                self._late_observations.inc(late_observations)
+            outputs.extend(beam.window.TimestampedValue((pending.event_id, (self._index, answer)),
+                                                        Timestamp(micros=pending.time_us))
+                           for pending, answer in answers)
+        histories.write(states)
+        buffer.clear()
+        timer_at.clear()
+        next_us = next_release_us(rest, self._step_us)
+        if next_us is not None:
+            for item in rest:
+                buffer.add(item)
+            release.set(Timestamp(micros=next_us))
+            timer_at.write(next_us)
+        return outputs
+
+
+class _JoinGroupsDoFn(beam.DoFn):
+    """(event_id, part) -> the request element with every group's values, as
+    soon as `joined_request` finds them all in."""
+
+    PARTS = BagStateSpec("parts", FastPrimitivesCoder())
+
+    def __init__(self, groups: tuple[FeatureGroup, ...]):
+        self._groups = groups
+
+    def process(self, element, parts=beam.DoFn.StateParam(PARTS)):
+        _, part = element
+        parts.add(part)
+        request = joined_request(dict(parts.read()), self._groups)
+        if request is not None:
+            parts.clear()
+            yield beam.window.TimestampedValue(request, Timestamp(micros=request[TIME]))
+
+
+_JOIN = "join"
+
+
+class _Route(beam.DoFn):
+    """Element -> the request to the join, and the element to each stage that
+    reads it (requests with the key, its kind's observations with the key),
+    keyed by its state key: one step, as every step costs the streaming
+    DirectRunner a few milliseconds per bundle."""
+
+    def __init__(self, groups: tuple[FeatureGroup, ...], key_shards: Optional[int]):
+        self._groups = groups
+        self._shards = key_shards
+
+    def process(self, item):
+        if item[RANK] == REQUEST:
+            yield beam.pvalue.TaggedOutput(_JOIN, (item[ID], (REQUEST_PART, item)))
+        for index, group in enumerate(self._groups):
+            if reads(item, group):
+                key = key_of(item, group)
+                if key is not None:
+                    yield beam.pvalue.TaggedOutput(str(index), (state_key(key, self._shards), item))
+
+
+class StreamingFeatures(beam.PTransform):
+    """PCollection[element] -> PCollection[element] of the requests with every
+    group filled in."""
+
+    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, key_shards: Optional[int],
+                 release_step_us: int):
+        super().__init__()
+        self._groups = groups
+        self._lateness_s = allowed_lateness_s
+        self._shards = key_shards
+        self._step_us = release_step_us
+
+    def expand(self, items):
+        tags = [str(index) for index in range(len(self._groups))]
+        # Typed outputs: the stateful steps after them need a deterministic key coder.
+        keyed = tuple[str, tuple]
+        routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_output_types(
+            keyed, **{tag: keyed for tag in (_JOIN, *tags)}).with_outputs(_JOIN, *tags)
+        parts = [routed[_JOIN]]
+        for index, group in enumerate(self._groups):
+            parts.append(
+                routed[tags[index]]
+                | f"PointInTime_{group.name}" >> beam.ParDo(_PointInTimeDoFn(
+                    group, index, self._lateness_s, self._step_us)).with_input_types(tuple[str, tuple]))
+        return (
+            parts
+            | "MergeParts" >> beam.Flatten().with_output_types(keyed)
+            | "JoinGroups" >> beam.ParDo(_JoinGroupsDoFn(self._groups)).with_input_types(tuple[str, tuple])
+        )
