@@ -3,17 +3,22 @@ value computed by hand: what is equal, what differs, and why.
 
 History (flights spec), times on 2026-12-01 UTC (ids shortened here; the spec's pattern in the code):
     o1 10:00 EWR UA delay 10    o2 10:30 EWR UA delay 20    o3 08:00 EWR AA delay 6
+Every observation and request goes to ORD; none has a tail number (the tail-number features are missing).
 Requests: r1 11:00 EWR UA, r2 11:20 JFK UA, r3 11:40 EWR UA, r4 11:50 EWR UA (not logged).
 By hand, [t - W, t):
-    r1: origin 1h {o1, o2}: count 2, mean 15, max 20; origin 3h {o3, o1, o2}: mean 12; carrier UA 3h {o1, o2}: 15
-    r2: origin JFK: count 0, the rest missing; carrier UA 3h {o1, o2}: 15
+    r1: origin 1h {o1, o2}: count 2, mean 15, max 20; origin 3h {o3, o1, o2}: mean 12, population stddev
+        sqrt(((6-12)^2 + (10-12)^2 + (20-12)^2) / 3) = sqrt(104/3); carrier UA 3h {o1, o2}: 15;
+        route EWR-ORD 24h {o3, o1, o2}: 12; dest ORD 3h [08:00, 11:00) {o3 (at the start: in), o1, o2}: 12
+    r2: origin JFK: count 0, the rest missing (route JFK-ORD too); carrier UA 3h {o1, o2}: 15;
+        dest ORD 3h [08:20, 11:20) {o1, o2}: 15
     r3: origin 1h [10:40, 11:40) is empty: count 0, mean and max missing; origin 3h {o1, o2} (o3 is before
-        08:40): 15; carrier UA 3h {o1, o2}: 15
+        08:40): mean 15, stddev 5; carrier UA 3h {o1, o2}: 15; route 24h {o3, o1, o2}: 12; dest 3h {o1, o2}: 15
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -24,7 +29,7 @@ from transforms.events import Event, event_to_json, rfc3339_to_time_us
 from transforms.examples import RequestKey, row_values
 from transforms.skew import Arrived, explain_group, group_values
 from transforms.spec import load_spec
-from transforms.windowed_features import FeatureRow, feature_groups
+from transforms.feature_layout import FeatureRow, feature_groups
 
 PROJECT = "test-project"
 SPEC = load_spec("flights")
@@ -36,13 +41,19 @@ def _t(hhmm: str) -> int:
 
 
 def _observation(event_id: str, hhmm: str, origin: str, carrier: str, delay: float) -> Event:
-    return Event(event_id, "observation", _t(hhmm), {"origin": origin, "carrier": carrier, "dep_delay": delay})
+    return Event(event_id, "observation", _t(hhmm), {"origin": origin, "carrier": carrier, "dest": "ORD",
+                                                     "tailnum": None, "dep_delay": delay})
 
 
 def _request(event_id: str, hhmm: str, origin: str) -> Event:
     return Event(event_id, "request", _t(hhmm), {"carrier": "UA", "origin": origin, "dest": "ORD", "distance": 719.0,
                                                  "hour": 6, "minute": 0, "month": 12, "day_of_week": 2,
-                                                 "dep_delay": 1.0})
+                                                 "tailnum": None, "dep_delay": 1.0})
+
+
+def _features(count_1h, mean_1h, max_1h, mean_3h, carrier_3h, route_24h=None, dest_3h=None, std_3h=None) -> tuple:
+    """The 11 features in spec order; the three tail-number ones missing (no request has a tail number)."""
+    return (count_1h, mean_1h, max_1h, mean_3h, carrier_3h, None, None, None, route_24h, dest_3h, std_3h)
 
 
 O1, O2, O3 = (_observation("20261201-UA1-EWR", "10:00", "EWR", "UA", 10.0),
@@ -51,12 +62,16 @@ O1, O2, O3 = (_observation("20261201-UA1-EWR", "10:00", "EWR", "UA", 10.0),
 R1, R2, R3, R4 = (_request("20261201-UA11-EWR", "11:00", "EWR"), _request("20261201-UA12-JFK", "11:20", "JFK"),
                   _request("20261201-UA13-EWR", "11:40", "EWR"), _request("20261201-UA14-EWR", "11:50", "EWR"))
 O2_ID, O3_ID = "20261201-UA2-EWR/observation", "20261201-AA3-EWR/observation"
-# By hand (module docstring), in spec order: departures 1h, mean 1h, max 1h, mean 3h, carrier mean 3h.
-BY_HAND = {"r1": (2, 15.0, 20.0, 12.0, 15.0), "r2": (0, None, None, None, 15.0), "r3": (0, None, None, 15.0, 15.0)}
+# By hand (module docstring), in spec order: departures 1h, mean 1h, max 1h, mean 3h, carrier mean 3h,
+# (tail number: missing), route mean 24h, dest mean 3h, origin stddev 3h.
+BY_HAND = {"r1": _features(2, 15.0, 20.0, 12.0, 15.0, 12.0, 12.0, math.sqrt(104 / 3)),
+           "r2": _features(0, None, None, None, 15.0, None, 15.0, None),
+           "r3": _features(0, None, None, 15.0, 15.0, 12.0, 15.0, 5.0)}
 
 
 def _served(request: Event, features: tuple, job_start: str = "09:00", processed: str = "12:00") -> dict:
     """A served-features row with these (hand-made) features, encoded as the job encodes them."""
+    assert len(features) == len(SPEC.windowed_features)
     values = row_values(SPEC, FeatureRow(request, tuple(None if v is None else float(v) for v in features)))
     return served_features_row(RequestKey(request.event_id, request.time_us), values, "v1", SPEC.fingerprint,
                                _t(processed), _t(job_start))
@@ -71,27 +86,44 @@ def _run(tmp_path, served: list[dict], history: str, **flags) -> dict:
 
 
 def test_the_engine_by_hand():
-    groups = {group.key_field: group for group in feature_groups(SPEC)}
-    values = group_values(SPEC, groups["origin"], R1, [O1, O2, O3])
+    import numpy as np
+
+    groups = {group.key: group for group in feature_groups(SPEC)}
+    values = group_values(SPEC, groups[("origin",)], R1, [O1, O2, O3])
     assert (values["origin_departures_1h"], values["origin_dep_delay_mean_1h"], values["origin_dep_delay_max_1h"],
             values["origin_dep_delay_mean_3h"]) == (2, 15.0, 20.0, 12.0)
-    assert group_values(SPEC, groups["carrier"], R2, [O1, O2, O3])["carrier_dep_delay_mean_3h"] == 15.0
+    assert values["origin_dep_delay_std_3h"] == float(np.float32(math.sqrt(104 / 3)))  # encoded as float32
+    assert group_values(SPEC, groups[("carrier",)], R2, [O1, O2, O3])["carrier_dep_delay_mean_3h"] == 15.0
+    route = group_values(SPEC, groups[("origin", "dest")], R3, [O1, O2, O3])
+    assert route == {"route_dep_delay_mean_24h": 12.0, "route_dep_delay_mean_24h_present": 1}
+    assert group_values(SPEC, groups[("dest",)], R2, [O1, O2, O3])["dest_dep_delay_mean_3h"] == 15.0
+    # No tail number on the request: its features are missing, the sequence all zeros.
+    assert group_values(SPEC, groups[("tailnum",)], R1, [O1, O2, O3]) == {
+        "tailnum_last_dep_delay_24h": 0.0, "tailnum_last_dep_delay_24h_present": 0,
+        "tailnum_seconds_since_last_24h": 0.0, "tailnum_seconds_since_last_24h_present": 0,
+        "tailnum_dep_delay_last3_24h": [0.0, 0.0, 0.0], "tailnum_dep_delay_last3_24h_present": 0,
+        "tailnum_dep_delay_last3_24h_length": 0}
 
 
 def test_a_late_observation_and_a_cold_start_are_explained_exactly():
-    origin = {group.key_field: group for group in feature_groups(SPEC)}["origin"]
+    origin = {group.key: group for group in feature_groups(SPEC)}[("origin",)]
     history = [Arrived(O1, _t("10:00")), Arrived(O2, _t("11:05")), Arrived(O3, _t("08:00"))]  # o2 arrived late
-    # r1 answered without o2: origin 1h {o1}: 1, 10, 10; 3h {o3, o1}: 8.
-    served = _served(R1, (1, 10.0, 10.0, 8.0, 15.0))
+    # r1 answered without o2: origin 1h {o1}: 1, 10, 10; 3h {o3, o1}: mean 8, stddev |10 - 6| / 2 = 2.
+    served = _served(R1, _features(1, 10.0, 10.0, 8.0, 15.0, std_3h=2.0))
     explanation = explain_group(SPEC, origin, R1, served, history, _t("07:00"))
     assert explanation.category == "late_observation" and explanation.observations == (O2_ID,)
-    # A job started at 09:00 without a warm start, o2 on time: 1h {o1, o2}; 3h {o1, o2} (no o3): mean 15.
-    served = _served(R1, (2, 15.0, 20.0, 15.0, 15.0))
+    # A job started at 09:00 without a warm start, o2 on time: 1h {o1, o2}; 3h {o1, o2} (no o3): mean 15,
+    # stddev 5.
+    served = _served(R1, _features(2, 15.0, 20.0, 15.0, 15.0, std_3h=5.0))
     history = [Arrived(O1, _t("10:00")), Arrived(O2, _t("10:30")), Arrived(O3, _t("08:00"))]
     explanation = explain_group(SPEC, origin, R1, served, history, _t("09:00"))
     assert explanation.category == "no_bootstrap" and explanation.observations == (O3_ID,)
+    # The stddev alone off (the other values as without o3): no subset gives both, unexplained.
+    assert explain_group(SPEC, origin, R1, _served(R1, _features(2, 15.0, 20.0, 15.0, 15.0, std_3h=2.0)), history,
+                         _t("09:00")) is None
     # Values no subset of the history gives: unexplained.
-    assert explain_group(SPEC, origin, R1, _served(R1, (5, 15.0, 20.0, 12.0, 15.0)), history, _t("09:00")) is None
+    assert explain_group(SPEC, origin, R1, _served(R1, _features(5, 15.0, 20.0, 12.0, 15.0)), history,
+                         _t("09:00")) is None
 
 
 @pytest.mark.slow
@@ -132,8 +164,11 @@ def test_consistency_over_the_events_archive_explains_late_and_cold(tmp_path, bi
             for e in (O1, O2, O3, R1, R2, R3, R4)]
     assert not client.insert_rows_json(".".join(table.replace(":", ".").split(".")), rows)
     served = [
-        _served(R1, (1, 10.0, 10.0, 8.0, 10.0)),  # answered at 11:00 before o2 arrived: origin and carrier miss it
-        _served(R2, (0, None, None, None, 20.0), job_start="10:15"),  # a cold job from 10:15: carrier misses o1
+        # Answered at 11:00 before o2 arrived: every group misses it. Origin 1h {o1}: 1, 10, 10; origin 3h
+        # {o3, o1}: mean 8, stddev 2; carrier {o1}: 10; route {o3, o1}: 8; dest [08:00, 11:00) {o3, o1}: 8.
+        _served(R1, _features(1, 10.0, 10.0, 8.0, 10.0, 8.0, 8.0, 2.0)),
+        # A cold job from 10:15 (o2 arrived at 11:05, before r2's 11:20): carrier and dest {o2}: 20.
+        _served(R2, _features(0, None, None, None, 20.0, None, 20.0, None), job_start="10:15"),
         _served(R3, BY_HAND["r3"]),
     ]
     summary = _run(tmp_path, served, table, bigquery_endpoint=bigquery_emulator.endpoint,
