@@ -18,10 +18,19 @@ def test_flights_model_inputs(flights_spec):
     assert inputs.numeric == ("distance",)
     assert inputs.ordinal == {"hour": (0, 23), "minute": (0, 59), "month": (1, 12), "day_of_week": (0, 6)}
     assert ("origin", "hour") in inputs.crosses and ("carrier", "day_of_week") in inputs.crosses
-    assert len(inputs.windowed) == 5 and len(inputs.presence) == 4 and inputs.label == "dep_delay"
-    assert {"hour", "month", "distance", "carrier"} <= set(inputs.names)
+    # 11 windowed features: the last_k one is a sequence, the 10 others scalars; every one but the count has a
+    # presence flag (the last_k one too: its key, the tail number, is optional on requests).
+    assert len(inputs.windowed) == 10 and "tailnum_dep_delay_last3_24h" not in inputs.windowed
+    assert inputs.sequences == (("tailnum_dep_delay_last3_24h", "tailnum_dep_delay_last3_24h_length", 3),)
+    assert len(inputs.presence) == 10 and "origin_departures_1h_present" not in inputs.presence
+    assert "tailnum_dep_delay_last3_24h_present" in inputs.presence and inputs.label == "dep_delay"
+    assert inputs.log_scaled == ("origin_departures_1h", "tailnum_seconds_since_last_24h")
+    assert {"hour", "month", "distance", "carrier", "tailnum_dep_delay_last3_24h_length"} <= set(inputs.names)
+    # The tail number keys features but is no model input: not embedded, not crossed.
+    assert "tailnum" not in inputs.names and not any("tailnum" in cross for cross in inputs.crosses)
+    assert ("dest", "hour") in inputs.crosses and {key for key, _ in inputs.crosses} == {"origin", "carrier", "dest"}
     without = model_inputs(flights_spec, use_windowed=False)
-    assert without.windowed == () and without.presence == ()
+    assert without.windowed == () and without.presence == () and without.sequences == ()
     assert not any("1h" in name or "3h" in name for name in without.names)
 
 
