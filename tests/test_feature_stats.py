@@ -24,7 +24,7 @@ from transforms import feature_stats as fs
 from transforms.events import Event
 from transforms.examples import rows_to_record_batch
 from transforms.spec import load_spec
-from transforms.windowed_features import FeatureRow
+from transforms.feature_layout import FeatureRow
 
 ALPHA = fs.RELATIVE_ACCURACY
 
@@ -77,8 +77,13 @@ def _expected_values(spec, rows) -> dict:
         out[field.name] = (present, len(raw) - len(present))
     for slot, feature in enumerate(spec.windowed_features):
         raw = [row.features[slot] for row in rows]
-        if feature.aggregate == "count":
+        if feature.rule.sequence:
+            continue  # k values per example: not described in stats.json
+        if feature.rule.integer and not feature.has_presence:
             out[feature.name] = ([int(v) for v in raw], 0)
+        elif feature.rule.integer:  # a count whose key may be missing: missing by its flag
+            present = [int(v) for v in raw if v is not None]
+            out[feature.name] = (present, len(raw) - len(present))
         else:
             present = [np.float32(v) for v in raw if v is not None]
             out[feature.name] = (present, len(raw) - len(present))
@@ -167,19 +172,35 @@ def test_batching_and_merge_order_do_not_change_a_bit(taxi_spec):
         assert _combine(taxi_spec, groups, order) == reference
 
 
-def test_flights_rows_too(flights_spec):
-    rng = random.Random(3)
-    rows = [FeatureRow(
+def _flights_row(rng: random.Random, i: int) -> FeatureRow:
+    """A flights request with its 11 features; every 6th without a tail number (its three features missing)."""
+    tailnum = None if i % 6 == 0 else rng.choice(["N14228", "N24211", "N619AA"])
+    last3 = None if tailnum is None else tuple(float(rng.randint(-10, 90)) for _ in range(rng.randint(0, 3)))
+    return FeatureRow(
         Event(f"20130101-UA{i}-EWR", "request", i, {
             "carrier": rng.choice(["UA", "AA", "DL", "B6"]), "origin": rng.choice(["EWR", "JFK", "LGA"]),
             "dest": rng.choice(["ORD", "LAX"]), "distance": float(rng.randint(100, 3000)), "hour": rng.randint(5, 23),
-            "minute": rng.randint(0, 59), "month": 1, "day_of_week": 2, "dep_delay": float(rng.randint(-10, 90))}),
+            "minute": rng.randint(0, 59), "month": 1, "day_of_week": 2, "tailnum": tailnum,
+            "dep_delay": float(rng.randint(-10, 90))}),
         (float(rng.choice([0, rng.randint(1, 40)])), rng.uniform(-5, 60), float(rng.randint(-5, 200)),
-         None if i % 10 == 0 else rng.uniform(-5, 60), None if i % 13 == 0 else rng.uniform(-5, 60)))
-        for i in range(250)]
+         None if i % 10 == 0 else rng.uniform(-5, 60), None if i % 13 == 0 else rng.uniform(-5, 60),
+         None if tailnum is None or not last3 else last3[0],  # the last delay: the newest of the last three
+         None if tailnum is None or not last3 else float(rng.randint(60, 86_400)),
+         last3,
+         None if i % 4 == 0 else rng.uniform(-5, 60), None if i % 7 == 0 else rng.uniform(-5, 60),
+         None if i % 5 == 0 else rng.uniform(0, 40)))
+
+
+def test_flights_rows_too(flights_spec):
+    rng = random.Random(3)
+    rows = [_flights_row(rng, i) for i in range(250)]
     stats = fs.compute_statistics(flights_spec, _batches(flights_spec, rows, [17, 128]))
     _check_against_numpy(flights_spec, rows, stats)
     assert stats["features"]["month"]["histogram"]["counts"][-1] == 250  # one value: np.histogram's last bin
+    # The tail number: an optional string, left out where missing; the sequence and its length not described.
+    assert stats["features"]["tailnum"]["missing"] == sum(1 for i in range(250) if i % 6 == 0)
+    assert "tailnum_dep_delay_last3_24h" not in stats["features"]
+    assert "tailnum_dep_delay_last3_24h_length" not in stats["features"]
 
 
 def test_an_empty_split_and_an_all_missing_column(taxi_spec):
@@ -210,7 +231,8 @@ def test_many_distinct_strings_are_capped():
 def test_more_than_1000_distinct_values_are_not_listed(flights_spec):
     rows = [FeatureRow(Event(f"20130101-UA{i}-EWR", "request", i, {
         "carrier": "UA", "origin": "EWR", "dest": f"D{i:04d}", "distance": 1.0, "hour": 1, "minute": 0, "month": 1,
-        "day_of_week": 0, "dep_delay": 1.0}), (1.0, 1.0, 1.0, 1.0, 1.0)) for i in range(1001)]
+        "day_of_week": 0, "tailnum": "N1", "dep_delay": 1.0}),
+        (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 60.0, (1.0,), 1.0, 1.0, 0.0)) for i in range(1001)]
     dest = fs.compute_statistics(flights_spec, _batches(flights_spec, rows, [500]))["features"]["dest"]
     assert dest["distinct"] == 1001 and "values" not in dest and not dest["values_complete"]
     assert [top["value"] for top in dest["top"]] == [f"D{i:04d}" for i in range(fs.TOP_VALUES)]  # ties by value
