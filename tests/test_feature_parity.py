@@ -108,6 +108,8 @@ def _events(seed: int, steps: int = 12):
             else:
                 events.append(Event(event_id, "visit", t, {"region": rng.choice(regions),
                                                            "minutes": float(rng.randint(1, 90))}))
+        events.append(Event(f"quiet{step:02d}", "request", start + MIN_US, {  # a shop that never sells: empty windows
+            "shop": "quiet", "item": "i1", "region": "east", "y": 0.0}))
         events += [e for e in events if rng.random() < 0.1]  # redelivered: identical copies
         rng.shuffle(events)
         # Late: observations in the gap before this step's end, delivered after the watermark passed them.
