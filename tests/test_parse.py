@@ -222,7 +222,8 @@ def test_a_csv_record_is_read_by_its_sources_adapter(flights_spec, weather_spec)
     with pytest.raises(InvalidRecord, match="carrier: missing"):
         parse_record(weather_spec, RawRecord("weather.csv:2", WEATHER_ROW, "csv", WEATHER_HEADER))
     # A source the spec has no adapter for is named in the reason.
-    with pytest.raises(InvalidRecord, match=r"no CSV adapter for source 'weather' \(the spec's sources: \['flights'\]\)"):
+    with pytest.raises(InvalidRecord,
+                       match=r"no CSV adapter for source 'weather' \(the spec's sources: \['flights'\]\)"):
         parse_record(flights_spec, weather_record(WEATHER_ROW))
     with pytest.raises(InvalidRecord, match="no CSV adapter for source 'flights'"):
         RecordParser(flights_spec)(csv_record(ROW))  # no adapters given: NDJSON only
