@@ -142,10 +142,10 @@ def served_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
 
 def served_features_schema(spec: FeatureSpec) -> tuple[dict[str, str], ...]:
     return SERVED_METADATA + tuple(
-        {"name": column.name, "type": _BIGQUERY_TYPE[column.dtype], "mode": "REPEATED" if column.size > 1 else "NULLABLE",
+        {"name": column.name, "type": _BIGQUERY_TYPE[column.dtype], "mode": "REPEATED" if column.is_sequence else "NULLABLE",
          "description": f"{column.role} feature, as the model received it"
                         + (" (0/1)" if column.role in ("presence", "static_presence") else "")
-                        + (f" ({column.size} values, newest first)" if column.size > 1 else "")}
+                        + (f" ({column.size} values, newest first)" if column.is_sequence else "")}
         for column in served_columns(spec))
 
 

@@ -198,10 +198,6 @@ def test_decoded_examples_are_what_row_values_says_batch_would_serve(spec_name):
         assert first["origin_precip_sum_3h"] == float(np.float32(1.1)) and second["origin_precip_sum_3h_present"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a last_k with k=1 is encoded as a scalar: "
-                                       "transforms/examples.py:157 parses it with shape [] (the model feeds shape "
-                                       "(1,)), and decode_example (:182) / row_values (:201) give a float, not a "
-                                       "list of one value")
 def test_a_last_k_of_one_value_is_still_a_sequence(flights_spec):
     from transforms.examples import decode_example, row_values
 

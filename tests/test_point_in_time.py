@@ -348,11 +348,6 @@ def test_features_equal_a_brute_force_scan_whatever_the_insertion_order(observat
                 assert value == expected, (feature.name, t, value, expected)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, OverflowError),
-                   reason="engine bug: transforms/point_in_time.py:69 rounds the variance to a double before the "
-                          "square root: a spread under ~1e-154 underflows (stddev of [0, 2.4e-256] is 0.0, of "
-                          "[1e-160, 3e-160] 9.99994e-161, not 1e-160) and one over ~1e154 raises OverflowError "
-                          "(stddev of [1e200, -1e200])")
 def test_stddev_of_extreme_spreads():
     assert aggregate("stddev", [1e-160, 3e-160]) == statistics.pstdev([1e-160, 3e-160]) == 1e-160
     assert aggregate("stddev", [0.0, 2.4451692097634286e-256]) == statistics.pstdev([0.0, 2.4451692097634286e-256])

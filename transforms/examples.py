@@ -46,6 +46,11 @@ class ExampleColumn(NamedTuple):
     always_present: bool  # False: may be absent from an example (parse with a default)
     size: int = 1  # values per example: k for a sequence
 
+    @property
+    def is_sequence(self) -> bool:
+        """A list of `size` values (even of one), not a scalar."""
+        return self.role == "sequence"
+
 
 def example_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
     columns = [ExampleColumn("event_id", "bytes", "id", True)]
@@ -154,7 +159,7 @@ def parse_feature_spec(spec: FeatureSpec, with_label: bool = True) -> dict:
         if column.role == "label" and not with_label:
             continue
         default = None if column.always_present else defaults[column.dtype]
-        shape = [] if column.size == 1 else [column.size]
+        shape = [column.size] if column.is_sequence else []
         parse[column.name] = tf.io.FixedLenFeature(shape, dtypes[column.name], default_value=default)
     return parse
 
@@ -179,7 +184,7 @@ def decode_example(spec: FeatureSpec, serialized: bytes) -> dict:
                       feature.int64_list.value if column.dtype == "int64" else feature.float_list.value)
         if not values:
             decoded[column.name] = None
-        elif column.size > 1:
+        elif column.is_sequence:
             decoded[column.name] = [float(v) for v in values]  # float32 -> float: exact
         elif column.dtype == "bytes":
             decoded[column.name] = values[0].decode()
@@ -192,13 +197,13 @@ def row_values(spec: FeatureSpec, row: FeatureRow) -> dict:
     """A FeatureRow -> what `decode_example` gives for its encoded example,
     through the same encoding (float32 included): what batch would serve."""
     batch = rows_to_record_batch(spec, [row], with_label=False)
-    sizes = {column.name: column.size for column in example_columns(spec)}
+    sequences = {column.name for column in example_columns(spec) if column.is_sequence}
     values = {}
     for name, column in zip(batch.schema.names, batch.columns):
         if name == "event_id":
             continue
         cell = column[0].as_py()
-        if sizes[name] > 1:
+        if name in sequences:
             values[name] = cell
             continue
         value = cell[0] if cell else None

@@ -59,14 +59,25 @@ def _scaled(value: float) -> int:
 
 
 def _stddev(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int]) -> float:
-    """Population standard deviation: the variance computed exactly (integer
-    sums of the scaled values), rounded once, then its square root: bit for
-    bit the same whatever the order of the values."""
+    """Population standard deviation, exactly rounded: from exact integer sums
+    of the scaled values, the square root taken in integers (no intermediate
+    double to underflow or overflow), so it is bit for bit the same whatever
+    the order of the values."""
     scaled = [_scaled(v) for v in values[lo:hi]]
     n = hi - lo
     total = sum(scaled)
     numerator = n * sum(x * x for x in scaled) - total * total  # n^2 var, in units of 2**-2148
-    return math.sqrt(numerator / ((n * n) << (2 * _SCALE_BITS)))
+    return _exact_sqrt_ratio(numerator, n) if numerator else 0.0
+
+
+def _exact_sqrt_ratio(numerator: int, n: int) -> float:
+    """sqrt(numerator) / (n * 2**1074), correctly rounded to a double."""
+    shift = max(0, 66 - numerator.bit_length() // 2 + n.bit_length())  # 66+ bits of the root before rounding
+    scaled, remainder = divmod(numerator << (2 * shift), n * n)
+    root = math.isqrt(scaled)  # floor(sqrt(numerator * 4**shift / n**2)), exactly
+    if remainder or root * root != scaled:  # inexact: a sticky bit so that one rounding is the right one
+        return (2 * root + 1) / (1 << (shift + _SCALE_BITS + 1))
+    return root / (1 << (shift + _SCALE_BITS))
 
 
 def _ratio(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int]) -> Optional[float]:
