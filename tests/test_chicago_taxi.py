@@ -12,10 +12,10 @@ import pytest
 
 from beam_app.adapters.chicago_taxi import trip_events
 from models.features import model_inputs
-from transforms.adapters import load_adapter
+from beam_app.adapters import load_adapter
 from transforms.events import RawRecord
 from transforms.examples import example_columns
-from transforms.parse import parse_record
+from tests.parsing import parse_record
 from transforms.read_files import resolve_input
 from transforms.spec import load_spec
 
@@ -93,8 +93,8 @@ def test_impossible_trips_are_dead_letters_with_the_reason(taxi_spec, changes, r
 
 
 def test_every_row_of_the_embedded_file_has_its_own_id(taxi_spec):
-    adapter = load_adapter(taxi_spec.csv_adapter)
-    with open(resolve_input(taxi_spec.default_input), newline="") as source:
+    adapter = load_adapter(taxi_spec.sources[0].csv_adapter)
+    with open(resolve_input(taxi_spec.sources[0].default_input), newline="") as source:
         rows = list(csv.DictReader(source))
     assert len(rows) == 15_002
     ids = [adapter(row)[0].event_id for row in rows if row["trip_seconds"]]
@@ -102,8 +102,8 @@ def test_every_row_of_the_embedded_file_has_its_own_id(taxi_spec):
 
 
 def test_the_spec_is_the_contract(taxi_spec):
-    assert taxi_spec.csv_adapter == "beam_app.adapters.chicago_taxi:trip_events"
-    assert load_adapter(taxi_spec.csv_adapter) is trip_events
+    assert taxi_spec.sources[0].csv_adapter == "beam_app.adapters.chicago_taxi:trip_events"
+    assert load_adapter(taxi_spec.sources[0].csv_adapter) is trip_events
     assert [(f.name, f.aggregate, f.field, f.per, f.window_s // 86400) for f in taxi_spec.windowed_features] == [
         ("pickup_trips_7d", "count", None, None, 7),
         ("pickup_trips_30d", "count", None, None, 30),
