@@ -1,9 +1,10 @@
 """The unbounded (streaming) path of `WindowedFeatures`.
 
-Every group's stage reads the input: a stateful DoFn per key value (or per
-shard of key values, `key_shards`) buffers events and, when the watermark
-passes the earliest one it holds (an event-time timer), applies everything up
-to that time and emits each request's values for the group. A stateful join
+Each event goes to every group that reads it, in one stateful step keyed by
+(group, key value) (or a shard of a group's key values, `key_shards`): the
+state buffers events and, when the watermark passes the earliest one it holds
+(an event-time timer), applies everything up to that time and emits each
+request's values for the group. A stateful join
 per event_id emits the row once the request and the values of every group
 whose key the request has are in: no stage waits on another's watermark, so
 the result does not depend on how a runner holds watermarks for timers.
@@ -80,9 +81,12 @@ def joined_request(collected: dict[int, object], groups: tuple[FeatureGroup, ...
 
 
 class _PointInTimeDoFn(beam.DoFn):
-    """(state key, element) -> (event_id, (group index, values)) for each
-    request, released in time order once the watermark has passed it. A state
-    key holds one or more key values, each with its own history."""
+    """(state key, (group index, element)) -> (event_id, (group index, values))
+    for each request, released in time order once the watermark has passed
+    it. Every group runs in this one step (a state key belongs to one group:
+    its index leads the key), because each step costs the streaming
+    DirectRunner a bundle per firing. A state key holds one or more key
+    values, each with its own history."""
 
     BUFFER = BagStateSpec("buffer", FastPrimitivesCoder())
     HISTORIES = ReadModifyWriteStateSpec("histories", FastPrimitivesCoder())  # {key value: KeyHistory state}
@@ -93,9 +97,8 @@ class _PointInTimeDoFn(beam.DoFn):
     # whatever is still buffered.
     DRAIN = TimerSpec("drain", TimeDomain.WATERMARK)
 
-    def __init__(self, group: FeatureGroup, index: int, allowed_lateness_s: int, release_step_us: int):
-        self._group = group
-        self._index = index
+    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, release_step_us: int):
+        self._groups = groups
         self._lateness_s = allowed_lateness_s
         self._step_us = release_step_us
         self._late_requests = Metrics.counter("windowed_features", "late_requests")
@@ -103,8 +106,8 @@ class _PointInTimeDoFn(beam.DoFn):
 
     def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
                 release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):
-        _, item = element
-        buffer.add(item)
+        _, (index, item) = element
+        buffer.add((index, item))
         pending = timer_at.read()
         if pending is None:
             drain.set(GlobalWindow().max_timestamp())
@@ -127,18 +130,24 @@ class _PointInTimeDoFn(beam.DoFn):
     def _release(self, up_to_us, buffer, histories, timer_at, release):
         """Applies the buffered events up to `up_to_us` (the watermark has passed
         them) and emits their requests' values; the rest wait for the next timer."""
-        ready, rest = split_release(buffer.read(), up_to_us, self._group)
+        buffered = list(buffer.read())
+        if not buffered:
+            timer_at.clear()
+            return []
+        index = buffered[0][0]
+        group = self._groups[index]
+        ready, rest = split_release((item for _, item in buffered), up_to_us, group)
         states = histories.read() or {}
         outputs = []
         for key, items in ready.items():
-            history = KeyHistory.from_state(self._group.features, states.get(key), self._lateness_s)
-            answers, late_requests, late_observations = history.apply(to_pending(item, self._group) for item in items)
+            history = KeyHistory.from_state(group.features, states.get(key), self._lateness_s)
+            answers, late_requests, late_observations = history.apply(to_pending(item, group) for item in items)
             states[key] = history.to_state()
-            if self._group.counts_late_requests:  # every stage sees the requests: count once
+            if group.counts_late_requests:  # every group sees the requests: count once
                 self._late_requests.inc(late_requests)
-            if self._group.counts_late_observations:
+            if group.counts_late_observations:
                 self._late_observations.inc(late_observations)
-            outputs.extend(beam.window.TimestampedValue((pending.event_id, (self._index, answer)),
+            outputs.extend(beam.window.TimestampedValue((pending.event_id, (index, answer)),
                                                         Timestamp(micros=pending.time_us))
                            for pending, answer in answers)
         histories.write(states)
@@ -147,7 +156,7 @@ class _PointInTimeDoFn(beam.DoFn):
         next_us = next_release_us(rest, self._step_us)
         if next_us is not None:
             for item in rest:
-                buffer.add(item)
+                buffer.add((index, item))
             release.set(Timestamp(micros=next_us))
             timer_at.write(next_us)
         return outputs
@@ -171,14 +180,14 @@ class _JoinGroupsDoFn(beam.DoFn):
             yield beam.window.TimestampedValue(request, Timestamp(micros=request[TIME]))
 
 
-_JOIN = "join"
+_JOIN, _POINTS = "join", "points"
 
 
 class _Route(beam.DoFn):
-    """Element -> the request to the join, and the element to each stage that
+    """Element -> the request to the join, and the element once per group that
     reads it (requests with the key, its kind's observations with the key),
-    keyed by its state key: one step, as every step costs the streaming
-    DirectRunner a few milliseconds per bundle."""
+    keyed by the group's index and its state key: one step, as every step
+    costs the streaming DirectRunner a few milliseconds per bundle."""
 
     def __init__(self, groups: tuple[FeatureGroup, ...], key_shards: Optional[int]):
         self._groups = groups
@@ -191,7 +200,7 @@ class _Route(beam.DoFn):
             if reads(item, group):
                 key = key_of(item, group)
                 if key is not None:
-                    yield beam.pvalue.TaggedOutput(str(index), (state_key(key, self._shards), item))
+                    yield beam.pvalue.TaggedOutput(_POINTS, (f"{index}/{state_key(key, self._shards)}", (index, item)))
 
 
 class StreamingFeatures(beam.PTransform):
@@ -207,19 +216,14 @@ class StreamingFeatures(beam.PTransform):
         self._step_us = release_step_us
 
     def expand(self, items):
-        tags = [str(index) for index in range(len(self._groups))]
         # Typed outputs: the stateful steps after them need a deterministic key coder.
         keyed = tuple[str, tuple]
         routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_output_types(
-            keyed, **{tag: keyed for tag in (_JOIN, *tags)}).with_outputs(_JOIN, *tags)
-        parts = [routed[_JOIN]]
-        for index, group in enumerate(self._groups):
-            parts.append(
-                routed[tags[index]]
-                | f"PointInTime_{group.name}" >> beam.ParDo(_PointInTimeDoFn(
-                    group, index, self._lateness_s, self._step_us)).with_input_types(tuple[str, tuple]))
+            keyed, **{tag: keyed for tag in (_JOIN, _POINTS)}).with_outputs(_JOIN, _POINTS)
+        answers = routed[_POINTS] | "PointInTime" >> beam.ParDo(_PointInTimeDoFn(
+            self._groups, self._lateness_s, self._step_us)).with_input_types(keyed)
         return (
-            parts
+            (routed[_JOIN], answers)
             | "MergeParts" >> beam.Flatten().with_output_types(keyed)
             | "JoinGroups" >> beam.ParDo(_JoinGroupsDoFn(self._groups)).with_input_types(tuple[str, tuple])
         )
