@@ -175,14 +175,19 @@ def shipped_specs() -> list[str]:
 
 
 def spec_data(spec: str) -> str:
-    """A shipped spec's embedded data set (its source.default_input, e.g.
-    package:beam_app/data/chicago_taxi.csv)."""
+    """A shipped spec's embedded data set (its source's default_input, e.g.
+    package:beam_app/data/chicago_taxi.csv). One source only: the batch step
+    uploads and reads one file."""
     from transforms.spec import load_spec
 
-    default_input = load_spec(spec).default_input
-    if not default_input:
+    sources = [source for source in load_spec(spec).sources if source.default_input]
+    if len(sources) > 1:
+        raise DeployError(f"spec {spec!r} reads {len(sources)} sources ({', '.join(s.name for s in sources)}); "
+                          "this deploy script uploads one: run the batch job yourself with --input SOURCE=gs://... "
+                          "for each (see python -m beam_app.batch --help)")
+    if not sources:
         raise DeployError(f"spec {spec!r} has no embedded data (source.default_input): pass --batch_input gs://...")
-    return default_input
+    return sources[0].default_input
 
 
 def command(*argv: str, unless: Sequence[str] = ()) -> Command:

@@ -127,6 +127,16 @@ def trained_model(flights_batch, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flights_weather_model(flights_weather_batch, tmp_path_factory):
+    """A small model trained on the flights_weather slice: (train.Params, its version directory)."""
+    from models import train
+
+    params = train.Params(data_dir=str(flights_weather_batch["output"]),
+                          model_dir=str(tmp_path_factory.mktemp("weather_model")), **SMALL_TRAINING)
+    return params, train.run(params)
+
+
+@pytest.fixture(scope="session")
 def taxi_model(taxi_batch, tmp_path_factory):
     """A small model trained on the taxi batch output: (train.Params, its version directory)."""
     from models import train
