@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import HOUR_US, MIN_US, observation, request
 from transforms.bounded_features import answer_bucket, bucket_span_us, buckets_of
 from transforms.events import Event
-from transforms.feature_layout import (FEATURES, KEY_SEPARATOR, EventLayout, event_key, feature_groups, fill, key_of,
+from transforms.feature_layout import (FEATURES, EventLayout, event_key, feature_groups, fill, key_of,
                                        reads, state_key, to_pending)
 from transforms.point_in_time import OBSERVATION, REQUEST, PendingEvent
 from transforms.spec import load_spec
@@ -84,12 +84,12 @@ def test_key_of_composite_and_missing_parts(flights_spec):
     origin, carrier, tailnum, route, dest = feature_groups(flights_spec)
     with_tail = _item(flights_spec, request("r", 0, tailnum="N14228"))
     without = _item(flights_spec, request("r", 0))
-    assert key_of(with_tail, route) == "EWR" + KEY_SEPARATOR + "ORD" == "EWR\x1fORD"
+    assert key_of(with_tail, route) == '["EWR","ORD"]'  # the parts as a JSON list
     assert key_of(with_tail, tailnum) == "N14228" and key_of(without, tailnum) is None
     assert key_of(without, origin) == "EWR" and key_of(without, carrier) == "UA"
     departure = _item(flights_spec, observation("o", 0, 3.0, origin="JFK", dest="BOS", tailnum="N1"))
     assert (key_of(departure, route), key_of(departure, tailnum), key_of(departure, dest)) == (
-        "JFK\x1fBOS", "N1", "BOS")
+        '["JFK","BOS"]', "N1", "BOS")
     # A composite key with a part missing is missing, not a partial key.
     values = list(departure[3])
     values[2] = None  # dest
@@ -108,7 +108,7 @@ def test_event_key_is_none_for_another_kind_or_a_missing_key(weather_spec):
     assert event_key(layout, weather_origin, report) == "JFK"
     assert event_key(layout, origin, report) is None  # a departure group does not read the weather
     assert event_key(layout, weather_origin, departure) is None  # nor the weather group departures
-    assert event_key(layout, origin, departure) == "EWR" and event_key(layout, route, departure) == "EWR\x1fORD"
+    assert event_key(layout, origin, departure) == "EWR" and event_key(layout, route, departure) == '["EWR","ORD"]'
     assert event_key(layout, tailnum, request("r", 0)) is None  # no tail number on the request
     assert event_key(layout, weather_origin, request("r", 0, origin="LGA")) == "LGA"  # every group reads requests
 
@@ -131,7 +131,7 @@ def test_reads_to_pending_and_fill(weather_spec):
 
 
 def test_state_key_is_the_key_or_a_stable_shard():
-    assert state_key("EWR\x1fORD", None) == "EWR\x1fORD"
+    assert state_key('["EWR","ORD"]', None) == '["EWR","ORD"]'
     # crc32 is stable across processes (hash() is not): shard = crc32 % shards
     assert state_key("EWR", 4) == f"shard-{zlib.crc32(b'EWR') % 4}"
     assert state_key("EWR", 1) == state_key("N14228", 1) == "shard-0"
@@ -240,3 +240,11 @@ def test_answer_bucket_fills_the_requests_of_one_bucket(flights_spec):
     assert answered == {
         "r1": (None,) * 5 + (-2.0, 1800.0, (-2.0, 5.0, 30.0)) + (None,) * 3,
         "r0": (None,) * 5 + (30.0, 300.0, (30.0,)) + (None,) * 3}
+
+
+def test_composite_key_values_cannot_collide(flights_spec):
+    """A part holding what a separator would be must not merge two keys."""
+    route = feature_groups(flights_spec)[3]
+    first = _item(flights_spec, request("r", 0, origin="EWR", dest='A","B'))
+    second = _item(flights_spec, request("r", 0, origin='EWR","A', dest="B"))
+    assert key_of(first, route) != key_of(second, route)

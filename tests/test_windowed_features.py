@@ -175,25 +175,3 @@ def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec
         assert_that(joined, equal_to([("r1", (1.0, 10.0, 10.0, 10.0, 20.0, None, None, None, 15.0, 12.0, 0.0))]))
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: transforms/unbounded_features.py:165-171 (_JoinGroupsDoFn) "
-                                       "clears its parts once a request is joined, so a redelivered request part "
-                                       "arriving after that starts over: a request that expects no group part (every "
-                                       "key optional and missing) is emitted once per copy; one that expects parts "
-                                       "leaves the copy in state for good")
-def test_a_request_with_no_key_is_joined_once_even_when_redelivered(flights_spec):
-    import copy
-
-    from transforms.feature_layout import EventLayout, feature_groups
-    from transforms.spec import spec_from_dict
-    from transforms.unbounded_features import REQUEST_PART, _JoinGroupsDoFn
-
-    document = copy.deepcopy(flights_spec.to_document())
-    document["windowed_features"] = [document["windowed_features"][5]]  # tailnum_last_dep_delay_24h only
-    spec = spec_from_dict(document)
-    item = EventLayout.of(spec).to_item(request("r1", 30 * MIN_US), (None,))  # no tail number
-    with TestPipeline() as pipeline:
-        joined = (pipeline
-                  | beam.Create([("r1", (REQUEST_PART, item))] * 2).with_output_types(tuple[str, tuple])
-                  | beam.ParDo(_JoinGroupsDoFn(feature_groups(spec)))
-                  | beam.Map(lambda joined: joined[0]))
-        assert_that(joined, equal_to(["r1"]))

@@ -14,6 +14,7 @@ it, and for good when the request has no value for that group's key).
 
 from __future__ import annotations
 
+import json
 import zlib
 from typing import NamedTuple, Optional
 
@@ -22,7 +23,6 @@ from transforms.point_in_time import OBSERVATION, REQUEST, PendingEvent, history
 from transforms.spec import DEFAULT_KIND, FeatureSpec, WindowedFeature
 
 ID, RANK, TIME, VALUES, FEATURES = range(5)
-KEY_SEPARATOR = "\x1f"  # joins the parts of a composite key value (unit separator: in no field value)
 
 
 class FeatureRow(NamedTuple):
@@ -108,13 +108,14 @@ def reads(item: tuple, group: FeatureGroup) -> bool:
 
 
 def key_of(item: tuple, group: FeatureGroup) -> Optional[str]:
-    """The element's value of the group's key (parts joined), None when any part is missing."""
+    """The element's value of the group's key, None when any part is missing.
+    A composite key's parts as a JSON list: unambiguous whatever they hold."""
     values = item[VALUES]
     index = group.key_index[0 if item[RANK] == REQUEST else 1]
     if len(index) == 1:
         return values[index[0]]
-    parts = tuple(values[i] for i in index)
-    return None if None in parts else KEY_SEPARATOR.join(parts)
+    parts = [values[i] for i in index]
+    return None if None in parts else json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
 
 
 def to_pending(item: tuple, group: FeatureGroup) -> PendingEvent:

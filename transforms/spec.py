@@ -39,6 +39,8 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 MAX_LAST_K = 64
+# A kind's name is its role and its parse counter (transforms/parse.py role_counter): not these.
+RESERVED_KIND_NAMES = frozenset({REQUEST, "requests", "observations", "records_read", "records_ok", "dead_letters"})
 
 
 PRESENCE_SUFFIX = "_present"
@@ -470,8 +472,9 @@ def _kinds(doc: "_Doc") -> tuple[ObservationKind, ...]:
     for name, body in bodies.items():
         kind = _Doc(body, where[name])
         kind.reject_unknown({"fields", "event_id"})
-        if not _NAME.match(str(name)) or name == REQUEST:
-            raise SpecError(f"{where[name]}: a kind is named in lower_snake_case and is not 'request', got {name!r}")
+        if not _NAME.match(str(name)) or name in RESERVED_KIND_NAMES:
+            raise SpecError(f"{where[name]}: a kind is named in lower_snake_case and is none of "
+                            f"{sorted(RESERVED_KIND_NAMES)} (names the counters use), got {name!r}")
         kinds.append(ObservationKind(str(name), _fields(kind.sub("fields"), f"{where[name]}.fields"),
                                      _pattern(kind, "event_id")))
     return tuple(kinds)

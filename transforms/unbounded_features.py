@@ -164,7 +164,11 @@ class _PointInTimeDoFn(beam.DoFn):
 
 class _JoinGroupsDoFn(beam.DoFn):
     """(event_id, part) -> the request element with every group's values, as
-    soon as `joined_request` finds them all in."""
+    soon as `joined_request` finds them all in; then its state is cleared.
+    Its input is de-duplicated upstream (`DeduplicateEvents`: one request
+    per event_id within the horizon), so no second request part comes after
+    the join; keeping a marker per answered request would hold state for each
+    one (and a timer to free it), which is what the ledger upstream does."""
 
     PARTS = BagStateSpec("parts", FastPrimitivesCoder())
 
