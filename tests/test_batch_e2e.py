@@ -146,7 +146,7 @@ def test_ndjson_events_give_the_same_examples_and_hash_split_routes_them(flights
     assert from_json.keys() == from_csv.keys()
     for event_id, example in from_csv.items():
         for name, value in example.items():
-            assert from_json[event_id][name] == value, (event_id, name)
+            assert np.array_equal(from_json[event_id][name], value), (event_id, name)
 
 
 @pytest.mark.slow

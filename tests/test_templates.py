@@ -75,11 +75,6 @@ def test_parameters_are_the_jobs_options(metadata, parameters):
     assert set(metadata) <= {"name", "description", "streaming", "parameters"}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="engine bug: templates/streaming/metadata.json was not updated for engine v2: the helpText "
-                          "of spec (:109) lists 'chicago_taxi, flights' (--help now adds flights_weather) and that of "
-                          "bootstrap_input (:149) still says 'CSV through the spec's adapter' (--help: the adapter of "
-                          "the spec's first source, SOURCE=PATH for another)")
 def test_every_parameter_has_label_help_optionality_type_and_a_portable_validator(parameters):
     """helpText starts from the option's own --help text; each regex is
     anchored, uses nothing beyond what Java's and RE2's engines share with
