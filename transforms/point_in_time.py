@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from transforms.spec import AGGREGATE_RULES, WindowedFeature
 
 REQUEST, OBSERVATION = 0, 1  # sort rank at equal times: a request never sees an observation at its own t
 _US = 1_000_000
-_SCALE_BITS = 1074  # every finite double is an integer multiple of 2**-1074
 
 
 class PendingEvent(NamedTuple):
@@ -47,59 +47,60 @@ class PendingEvent(NamedTuple):
         return self.time_us, self.rank, self.event_id
 
 
-# An aggregate: (values, times, lo, hi, t_us, k) -> its value over the non-empty
-# window [lo, hi) of a series (values and times sorted by (time, event_id)).
-Aggregate = Callable[[list, list, int, int, int, Optional[int]], object]
+# An aggregate: (values, times, lo, hi, t_us, k, ratios) -> its value over the
+# non-empty window [lo, hi) of a series (values and times sorted by (time,
+# event_id)); ratios: each value's float.as_integer_ratio(), kept beside the
+# values for the aggregates that need exact arithmetic (`EXACT`), else None.
+Aggregate = Callable[[list, list, int, int, int, Optional[int], Optional[list]], object]
+EXACT = frozenset({"stddev"})
 
 
-def _scaled(value: float) -> int:
-    """value as an exact integer multiple of 2**-1074."""
-    numerator, denominator = float(value).as_integer_ratio()
-    return numerator << (_SCALE_BITS - denominator.bit_length() + 1)
-
-
-def _stddev(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int]) -> float:
-    """Population standard deviation, exactly rounded: from exact integer sums
-    of the scaled values, the square root taken in integers (no intermediate
-    double to underflow or overflow), so it is bit for bit the same whatever
-    the order of the values."""
-    scaled = [_scaled(v) for v in values[lo:hi]]
+def _stddev(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int], ratios: list) -> float:
+    """Population standard deviation, exactly rounded: every value is an
+    integer multiple of 2**-e for the window's largest e (0 for whole
+    numbers), so the sums are exact integers and the square root is taken in
+    integers (no intermediate double to underflow or overflow): bit for bit
+    the same whatever the order of the values."""
+    numerators, denominators = zip(*ratios[lo:hi])
+    bits = max(denominators).bit_length() - 1  # the largest e: denominators are powers of 2
+    scaled = numerators if not bits else [
+        numerator << (bits - denominator.bit_length() + 1) for numerator, denominator in zip(numerators, denominators)]
     n = hi - lo
     total = sum(scaled)
-    numerator = n * sum(x * x for x in scaled) - total * total  # n^2 var, in units of 2**-2148
-    return _exact_sqrt_ratio(numerator, n) if numerator else 0.0
+    numerator = n * sum(map(operator.mul, scaled, scaled)) - total * total  # n^2 var, in units of 2**-2e
+    return _exact_sqrt_ratio(numerator, n, bits) if numerator else 0.0
 
 
-def _exact_sqrt_ratio(numerator: int, n: int) -> float:
-    """sqrt(numerator) / (n * 2**1074), correctly rounded to a double."""
+def _exact_sqrt_ratio(numerator: int, n: int, bits: int) -> float:
+    """sqrt(numerator) / (n * 2**bits), correctly rounded to a double."""
     shift = max(0, 66 - numerator.bit_length() // 2 + n.bit_length())  # 66+ bits of the root before rounding
     scaled, remainder = divmod(numerator << (2 * shift), n * n)
     root = math.isqrt(scaled)  # floor(sqrt(numerator * 4**shift / n**2)), exactly
     if remainder or root * root != scaled:  # inexact: a sticky bit so that one rounding is the right one
-        return (2 * root + 1) / (1 << (shift + _SCALE_BITS + 1))
-    return root / (1 << (shift + _SCALE_BITS))
+        return (2 * root + 1) / (1 << (shift + bits + 1))
+    return root / (1 << (shift + bits))
 
 
-def _ratio(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int]) -> Optional[float]:
+def _ratio(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int], ratios) -> Optional[float]:
     pairs = values[lo:hi]
     denominator = math.fsum(pair[1] for pair in pairs)
     return math.fsum(pair[0] for pair in pairs) / denominator if denominator else None  # nothing to divide: missing
 
 
 AGGREGATE_FUNCTIONS: dict[str, Aggregate] = {
-    "count": lambda values, times, lo, hi, t_us, k: float(hi - lo),
-    "sum": lambda values, times, lo, hi, t_us, k: math.fsum(values[lo:hi]),
-    "mean": lambda values, times, lo, hi, t_us, k: math.fsum(values[lo:hi]) / (hi - lo),
-    "min": lambda values, times, lo, hi, t_us, k: float(min(values[lo:hi])),
-    "max": lambda values, times, lo, hi, t_us, k: float(max(values[lo:hi])),
+    "count": lambda values, times, lo, hi, t_us, k, ratios: float(hi - lo),
+    "sum": lambda values, times, lo, hi, t_us, k, ratios: math.fsum(values[lo:hi]),
+    "mean": lambda values, times, lo, hi, t_us, k, ratios: math.fsum(values[lo:hi]) / (hi - lo),
+    "min": lambda values, times, lo, hi, t_us, k, ratios: float(min(values[lo:hi])),
+    "max": lambda values, times, lo, hi, t_us, k, ratios: float(max(values[lo:hi])),
     "ratio": _ratio,
     "stddev": _stddev,
     # The series is sorted by (time, event_id): its last element is the latest
     # observation, ties on time going to the larger event_id.
-    "last": lambda values, times, lo, hi, t_us, k: float(values[hi - 1]),
-    "time_since_last": lambda values, times, lo, hi, t_us, k: (t_us - times[hi - 1]) / _US,
-    "last_k": lambda values, times, lo, hi, t_us, k: tuple(float(v) for v in values[max(lo, hi - k):hi][::-1]),
-    "count_distinct": lambda values, times, lo, hi, t_us, k: float(len(set(values[lo:hi]))),
+    "last": lambda values, times, lo, hi, t_us, k, ratios: float(values[hi - 1]),
+    "time_since_last": lambda values, times, lo, hi, t_us, k, ratios: (t_us - times[hi - 1]) / _US,
+    "last_k": lambda values, times, lo, hi, t_us, k, ratios: tuple(float(v) for v in values[max(lo, hi - k):hi][::-1]),
+    "count_distinct": lambda values, times, lo, hi, t_us, k, ratios: float(len(set(values[lo:hi]))),
 }
 assert set(AGGREGATE_FUNCTIONS) == set(AGGREGATE_RULES)
 
@@ -120,7 +121,8 @@ def aggregate(function: str, values: Sequence, times: Optional[Sequence[int]] = 
     if not values:
         return empty_value(function)
     times = list(times) if times is not None else [0] * len(values)
-    return AGGREGATE_FUNCTIONS[function](list(values), times, 0, len(values), t_us, k)
+    ratios = [float(v).as_integer_ratio() for v in values] if function in EXACT else None
+    return AGGREGATE_FUNCTIONS[function](list(values), times, 0, len(values), t_us, k, ratios)
 
 
 def history_series(features: Sequence[WindowedFeature]) -> tuple[tuple[str, ...], ...]:
@@ -155,12 +157,16 @@ class KeyHistory:
         position = {series: index + 1 for index, series in enumerate(self.series)}
         self._plan = tuple((position.get(f.inputs, 0), f.window_s * _US, AGGREGATE_FUNCTIONS[f.aggregate],
                             empty_value(f.aggregate), f.k) for f in self.features)
+        self._exact = frozenset(position[f.inputs] for f in self.features if f.aggregate in EXACT)
         # Kept: the longest window, plus how far behind a request may still arrive
         # and be answered exactly.
         self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
         self.times: list[list[int]] = [[] for _ in range(len(self.series) + 1)]
         self.values: list[list] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.ids: list[list[str]] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
+        # Exact ratios of the values of the series an EXACT aggregate reads (None for the others):
+        # derived, so not in the state.
+        self.ratios: list[Optional[list]] = [[] if i in self._exact else None for i in range(len(self.series) + 1)]
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
 
     def add_observation(self, time_us: int, values: tuple, event_id: str = "") -> None:
@@ -174,6 +180,8 @@ class KeyHistory:
                 times.insert(at, time_us)
                 ids.insert(at, event_id)
                 self.values[index].insert(at, value)
+                if index in self._exact:
+                    self.ratios[index].insert(at, float(value).as_integer_ratio())
 
     def features_at(self, t_us: int) -> tuple:
         """Every feature of the group for a request at t, in `features` order."""
@@ -182,18 +190,20 @@ class KeyHistory:
             times = self.times[index]
             lo = bisect.bisect_left(times, t_us - window_us)
             hi = bisect.bisect_left(times, t_us)
-            out.append(function(self.values[index], times, lo, hi, t_us, k) if hi > lo else empty)
+            out.append(function(self.values[index], times, lo, hi, t_us, k, self.ratios[index]) if hi > lo else empty)
         return tuple(out)
 
     def evict_before(self, time_us: int) -> None:
         """Forget observations older than any window of a request at or after time_us can reach."""
         cutoff = time_us - self.horizon_us
-        for times, values, ids in zip(self.times, self.values, self.ids):
+        for times, values, ids, ratios in zip(self.times, self.values, self.ids, self.ratios):
             drop = bisect.bisect_left(times, cutoff)
             if drop:
                 del times[:drop]
                 del values[:drop]  # a no-op on values[0], always empty
                 del ids[:drop]
+                if ratios is not None:
+                    del ratios[:drop]
 
     def apply(self, events: Iterable[PendingEvent]) -> tuple[list[tuple[PendingEvent, tuple]], int, int]:
         """Applies events in processing order (`PendingEvent.order`).
@@ -240,4 +250,6 @@ class KeyHistory:
             history.times = [list(all_times), *(list(t) for t in series_times)]
             history.values = [[], *(list(v) for v in series_values)]
             history.ids = [[], *(list(i) for i in series_ids)]
+            history.ratios = [[float(v).as_integer_ratio() for v in values] if i in history._exact else None
+                              for i, values in enumerate(history.values)]
         return history
