@@ -1,17 +1,20 @@
 """The bounded (batch) path of `WindowedFeatures`: scatter, answer, join.
 
-Every event goes to the (group, key value, time bucket) of each group that
-reads it, all in one GroupByKey: a request slim (id and time), an observation
-as that group's series values only. Each observation is also copied into the
-later buckets whose requests can still see it, so a bucket holds one span
-plus the longest window, however long the history: memory stays bounded per
-key and buckets run in parallel. The answers then meet their request in a
-GroupByKey on event_id, completed by the join the streaming path uses
-(`joined_request`). Two shuffles, however many groups; no per-request state
-(keyed state costs the Python SDK about a millisecond per key).
+Every event goes to each (kind, key) group that reads it, slim (a request:
+its id and time; an observation: the group's series values), keyed by
+(group, shard of its key value, time bucket); a lifted combine gathers each
+key's slims into one list (each bundle sends a list per key, not an element
+per event: the DirectRunner's cost is per element). Each observation is also
+copied into the later buckets whose requests can still see it, so a bucket
+holds one span plus the longest window, however long the history: memory
+stays bounded per key and buckets run in parallel. The answers then meet
+their request in a second combine, an hour of request time at a time,
+completed by the join the streaming path uses (`joined_request`). Two
+shuffles, however many groups; no per-request state (keyed state costs the
+Python SDK about a millisecond per key).
 
-    events --scatter--> GroupByKey(group, key, bucket) --answers--+
-       \------------------------requests---------------------------> GroupByKey(event_id) --> requests, filled
+    events --scatter--> lists per (group, shard, bucket) --answers--+
+       \------------------------requests-----------------------------> lists per hour --> requests, filled
 
 A request without a value for a group's key is not sent to that group (its
 features stay missing, and the join does not wait for them); an observation
@@ -20,6 +23,7 @@ without one is left out of it.
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterable
 
 import apache_beam as beam
@@ -52,18 +56,35 @@ def answer_bucket(group: FeatureGroup, items: Iterable[tuple]) -> list[tuple]:
     return [fill(pending.payload, group.slots, answer) for pending, answer in answers]
 
 
-_REQUESTS = "requests"
+SHARDS = 16  # key values of a group per (shard, bucket): few, large elements, still parallel
+_JOIN_SPAN_US = 3_600 * _US  # requests are joined an hour of request time at a time
+
+
+def answer_shard(group: FeatureGroup, index: int, slims: Iterable[tuple]) -> list[tuple]:
+    """The slim events of one (group, shard, bucket), of any of the shard's
+    key values -> (event_id, (group index, answer)) per request."""
+    by_key: dict[str, list[PendingEvent]] = {}
+    for key, event_id, rank, time_us, values in slims:
+        by_key.setdefault(key, []).append(PendingEvent(time_us, rank, event_id, values))
+    out = []
+    for pending in by_key.values():
+        answers, _, _ = KeyHistory(group.features).apply(pending)
+        out.extend((request.event_id, (index, answer)) for request, answer in answers)
+    return out
 
 
 class BucketedFeatures(beam.PTransform):
     """PCollection[element] (requests and observations of every kind) ->
     PCollection[element] of the requests with every group filled in.
 
-    Two shuffles, however many groups: every group's (key value, bucket)
-    gathers in one GroupByKey, each request travelling there slim (id and
-    time) and each observation as its group's series values only; the
-    answers then meet their request in a GroupByKey on event_id, joined by
-    the streaming path's own `joined_request`."""
+    Two shuffles, however many groups, each of few large elements: every
+    event goes to each group that reads it as a slim tuple (a request: its
+    id and time; an observation: that group's series values), keyed by
+    (group, shard of its key value, time bucket), and the slims of a key are
+    gathered into lists by a lifted combine (each bundle sends one list per
+    key, not an element per event). The answers then meet their request an
+    hour of request time at a time, joined by the streaming path's own
+    `joined_request`."""
 
     def __init__(self, groups: tuple[FeatureGroup, ...]):
         super().__init__()
@@ -76,39 +97,49 @@ class BucketedFeatures(beam.PTransform):
 
         def scatter(item):
             rank = item[RANK]
-            if rank == REQUEST:
-                yield beam.pvalue.TaggedOutput(_REQUESTS, (item[ID], (REQUEST_PART, item)))
             for index, group, horizon_us, span_us in plans:
                 if not reads(item, group):
                     continue
                 key = key_of(item, group)
                 if key is None:
                     continue
-                slim = (item[ID], REQUEST, item[TIME], ()) if rank == REQUEST else (
-                    item[ID], OBSERVATION, item[TIME], tuple(series_value(item[VALUES], i) for i in group.series_index))
+                shard = zlib.crc32(key.encode()) % SHARDS
+                slim = (key, item[ID], REQUEST, item[TIME], ()) if rank == REQUEST else (
+                    key, item[ID], OBSERVATION, item[TIME],
+                    tuple(series_value(item[VALUES], i) for i in group.series_index))
                 for bucket in buckets_of(item[TIME], rank, horizon_us, span_us):
-                    yield (index, key, bucket), slim
+                    yield (index, shard, bucket), slim
 
-        def answer(keyed):
+        def answers_of(keyed):
             (index, _, _), slims = keyed
-            history = KeyHistory(groups[index].features)
-            answers, _, _ = history.apply(PendingEvent(time_us, rank, event_id, values)
-                                          for event_id, rank, time_us, values in slims)
-            return [(pending.event_id, (index, answer)) for pending, answer in answers]
+            slims = list(slims)
+            times = {event_id: time_us for _, event_id, rank, time_us, _ in slims if rank == REQUEST}
+            return [(times[event_id] // _JOIN_SPAN_US, (event_id, part))
+                    for event_id, part in answer_shard(groups[index], index, slims)]
 
         def join(keyed):
             _, parts = keyed
-            request = joined_request(dict(parts), groups)
-            if request is None:  # every request is in its own parts: this would be an engine bug
-                raise RuntimeError(f"request {keyed[0]!r} lost a part: {sorted(dict(parts))}")
-            return request
+            by_request: dict[str, dict[int, object]] = {}
+            for event_id, (index, payload) in parts:
+                by_request.setdefault(event_id, {})[index] = payload
+            joined = []
+            for event_id, collected in by_request.items():
+                request = joined_request(collected, groups)
+                if request is None:  # every request is in its own parts: this would be an engine bug
+                    raise RuntimeError(f"request {event_id!r} lost a part: {sorted(collected)}")
+                joined.append(request)
+            return joined
 
-        scattered = items | "Scatter" >> beam.FlatMap(scatter).with_output_types(
-            tuple[tuple[int, str, int], tuple], **{_REQUESTS: tuple[str, tuple]}).with_outputs(_REQUESTS, main="keyed")
-        answers = (scattered.keyed
-                   | "GroupBuckets" >> beam.GroupByKey()
-                   | "Answer" >> beam.FlatMap(answer).with_output_types(tuple[str, tuple]))
-        return ((answers, scattered[_REQUESTS])
+        lists = beam.combiners.ToListCombineFn()
+        answers = (items
+                   | "Scatter" >> beam.FlatMap(scatter).with_output_types(tuple[tuple[int, int, int], tuple])
+                   | "GatherBuckets" >> beam.CombinePerKey(lists)
+                   | "Answer" >> beam.FlatMap(answers_of).with_output_types(tuple[int, tuple]))
+        requests = (items
+                    | "Requests" >> beam.Filter(lambda item: item[RANK] == REQUEST)
+                    | "ByHour" >> beam.Map(lambda item: (item[TIME] // _JOIN_SPAN_US, (item[ID], (REQUEST_PART, item))))
+                    .with_output_types(tuple[int, tuple]))
+        return ((answers, requests)
                 | "MergeParts" >> beam.Flatten()
-                | "GroupParts" >> beam.GroupByKey()
-                | "Join" >> beam.Map(join))
+                | "GatherParts" >> beam.CombinePerKey(lists)
+                | "Join" >> beam.FlatMap(join))
