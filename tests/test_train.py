@@ -102,7 +102,10 @@ class _Record(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_rerun_resumes_from_the_last_epoch(flights_batch, tmp_path):
-    params = train.Params(data_dir=str(flights_batch["output"]), model_dir=str(tmp_path), **{**SMALL, "epochs": 3})
+    # Without the weights' moving average: with it (the default), the weights restored after an interruption
+    # are not bit for bit those at the interruption (noted in the README), which this test would not tell apart.
+    params = train.Params(data_dir=str(flights_batch["output"]), model_dir=str(tmp_path),
+                          **{**SMALL, "epochs": 3, "ema_momentum": 0.0})
     spec = training_spec(params.data_dir)
     inputs = model_inputs(spec)
     crash = _Crash()
