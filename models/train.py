@@ -157,9 +157,9 @@ def parse_args(argv: Sequence[str]) -> Params:
     return Params(
         data_dir=args.data_dir, model_dir=args.model_dir or join(args.data_dir, "model"),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule, ema_momentum=args.ema_momentum, hidden_units=hidden, embedding_dim=args.embedding_dim,
-        cross_bins=args.cross_bins, sequence_units=args.sequence_units, numeric_bins=args.numeric_bins,
-        dropout=args.dropout, loss=args.loss, patience=args.patience,
+        lr_schedule=args.lr_schedule, ema_momentum=args.ema_momentum, hidden_units=hidden,
+        embedding_dim=args.embedding_dim, cross_bins=args.cross_bins, sequence_units=args.sequence_units,
+        numeric_bins=args.numeric_bins, dropout=args.dropout, loss=args.loss, patience=args.patience,
         shuffle_buffer=args.shuffle_buffer, adapt_examples=args.adapt_examples, seed=args.seed,
         baseline_model=not args.no_baseline_model)
 
@@ -349,7 +349,8 @@ def _print_summary(metrics: dict, version_dir: str | Path) -> None:
     for name, values in rows:
         lines.append(f"  {name:34} {values['eval']['mae']:9.2f} {values['eval']['rmse']:10.2f} "
                      f"{values['test']['mae']:9.2f} {values['test']['rmse']:10.2f}")
-    lines.append(f"  exported to {version_dir}/saved_model (metrics.json, params.json, spec.json, stats.json beside it)")
+    lines.append(f"  exported to {version_dir}/saved_model "
+                 "(metrics.json, params.json, spec.json, stats.json beside it)")
     print("\n".join(lines), flush=True)
 
 
