@@ -5,8 +5,9 @@ the batch branch -> the trained SavedModel -> predictions in BigQuery.
       -> ParseEvents (the batch parser; event time checked, then stamped)   -> dead letters
       -> DeduplicateEvents (once per (event_id, role); conflicting copies)  -> dead letters
       -> WindowedFeatures(spec) (the batch transform: point-in-time [t - W, t))
-      -> EncodeExamples (the batch encoder, no label)
-      -> RunInference (SavedModel, serving_default on whole batches) -> dead letters
+      -> EncodeExamples (the batch encoder, no label; each encoded batch one KeyedBatch element)
+      -> RunInference (SavedModel, serving_default once per KeyedBatch)     -> dead letters
+      -> PerRequest (exactly one prediction per request)
       -> WriteToBigQuery predictions (streaming inserts) -> refused rows: dead letters
     dead letters -> WriteToBigQuery dead-letter table (payload, attributes, error, time)
     optional: the features each prediction was made from (--served_features_table, a sample by
@@ -42,7 +43,7 @@ from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
@@ -52,7 +53,7 @@ from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_colu
                              prediction_row, row_table, served_features_row, served_features_schema, table_schema)
 from models.export import SpecMismatch
 from models.inference import (ModelLocation, SavedModelHandler, WatchLatest, load_checked_model, locate_model,
-                              version_of)
+                              per_request, version_of)
 from models.model_updates import WatchLatestModel
 from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
 from transforms.examples import EncodeExamples, decode_example
@@ -154,7 +155,8 @@ class StreamingOptions(CommonOptions):
                  "(default 1000; 0: per event time).")
         parser.add_argument(
             "--inference_batch_size", type=int, default=1024,
-            help="Largest batch of examples per model call (default 1024).")
+            help="Largest batch of examples per model call (default 1024): EncodeExamples' batches, "
+                 "each a model call.")
         parser.add_argument(
             "--duration_s", type=float, default=0,
             help="DirectRunner only: stop after this many seconds and print the summary (default: run until "
@@ -250,11 +252,12 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
     examples = (
         unique["events"]
         | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms)
-        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True)
+        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True, max_batch_size=inference_batch_size)
     )
-    handler = KeyedModelHandler(SavedModelHandler(model_path, spec, max_batch_size=inference_batch_size,
-                                                  watch=watch))
-    predictions, failed = examples | "RunInference" >> RunInference(handler).with_exception_handling()
+    # Each encoded batch is one element and one model call, until each request gets its prediction.
+    predicted, failed = examples | "RunInference" >> RunInference(
+        SavedModelHandler(model_path, spec, watch=watch)).with_exception_handling()
+    predictions = predicted | "PerRequest" >> beam.FlatMap(per_request)
     refused_models = [messages | "WatchModel" >> WatchLatestModel(
         watch.model_dir, spec, version_of(model_path), watch.poll_s, watch.clock)] if watch else []
     failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(

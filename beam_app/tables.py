@@ -82,10 +82,11 @@ def dead_letter_row(dead: DeadLetter, processed_at_us: int) -> dict[str, Any]:
     }
 
 
-def failed_inference_letters(batch: list[tuple[RequestKey, bytes]], error: tuple) -> list[DeadLetter]:
-    """A batch RunInference could not score, with (exception type, repr,
-    traceback lines) as `with_exception_handling` gives them -> one dead
-    letter per example (the payload is the tf.Example, base64, to replay it)."""
+def failed_inference_letters(batch: Iterable[tuple[RequestKey, bytes]], error: tuple) -> list[DeadLetter]:
+    """A batch RunInference could not score (a KeyedBatch, or any (key,
+    example) pairs), with (exception type, repr, traceback lines) as
+    `with_exception_handling` gives them -> one dead letter per example (the
+    payload is the tf.Example, base64, to replay it)."""
     reason = f"inference failed: {error[1]}"
     return [DeadLetter(f"event:{key.event_id}", base64.b64encode(example).decode(), reason, "inference")
             for key, example in batch]

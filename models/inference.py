@@ -6,6 +6,9 @@ so Beam's TensorFlow handlers fail on ours; `SavedModelHandler` loads it with
 across the DoFn's threads) and calls the `serving_default` signature on a
 whole batch of serialized tf.Examples, the same bytes the batch branch
 writes. One call per batch is what makes it fast: about 10x a per-row call.
+Its elements are batches too (`KeyedBatch` in, `KeyedPredictions` out, one
+each per model call; `per_request` unbatches): Beam's per-element cost,
+about as much as the model's per example, is then paid once per batch.
 
 A model path may name the SavedModel itself, a training run's version
 directory (`<model_dir>/<version>/`), or the model directory, whose LATEST
@@ -24,11 +27,14 @@ import logging
 import posixpath
 import threading
 import time
+from itertools import repeat
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from transforms.events import DeadLetter
+from transforms.examples import KeyedBatch, keyed_batch
 from transforms.spec import FeatureSpec
 
 MODEL_STAGE = "model"  # the dead-letter stage of a refused model version
@@ -77,7 +83,13 @@ class LoadedModel:
 
 
 def load_checked_model(path: str, spec: FeatureSpec) -> LoadedModel:
-    """Loads the SavedModel at `path`; SpecMismatch if it was trained on another spec."""
+    """Loads the SavedModel at `path`, ready to serve: SpecMismatch if it was
+    trained on another spec, ValueError if it cannot score an example of it.
+
+    The signature's first call costs about half a second more than the next
+    ones (TensorFlow prepares the function on its first run), so the load
+    makes it, on `placeholder_example`: the first batch served, at start or
+    after a model swap, is not the slow one."""
     import tensorflow as tf
 
     from models.export import check_model_spec
@@ -85,7 +97,32 @@ def load_checked_model(path: str, spec: FeatureSpec) -> LoadedModel:
     location = locate_model(path)
     loaded = tf.saved_model.load(location.saved_model)
     check_model_spec(loaded, spec, where=f"model {location.saved_model}")
-    return LoadedModel(loaded, loaded.signatures["serving_default"], location.version)
+    model = LoadedModel(loaded, loaded.signatures["serving_default"], location.version)
+    try:
+        predict([placeholder_example(spec)], model)
+    except tf.errors.OpError as err:
+        raise ValueError(f"model {location.saved_model} cannot score an example of spec {spec.name!r}: "
+                         f"{err.message}") from None
+    return model
+
+
+def placeholder_example(spec: FeatureSpec) -> bytes:
+    """A serialized tf.Example (no label) that parses under the spec: every
+    column of transforms/examples.py there, each value 0 (b"" for strings)."""
+    import tensorflow as tf
+
+    from transforms.examples import example_columns
+
+    def feature(dtype: str, size: int):
+        if dtype == "bytes":
+            return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""] * size))
+        if dtype == "int64":
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[0] * size))
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[0.0] * size))
+
+    features = {column.name: feature(column.dtype, column.size) for column in example_columns(spec)
+                if column.role != "label"}
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
 def read_latest(model_dir: str) -> Optional[str]:
@@ -172,18 +209,37 @@ class WatchLatest(NamedTuple):
     clock: Callable[[], float] = time.time  # injectable: tests drive the polls
 
 
-class SavedModelHandler(ModelHandler[bytes, float, Any]):
-    """bytes (a serialized tf.Example without label) -> PredictionResult(example,
-    prediction as float, model version). Wrap it in `KeyedModelHandler` to
-    carry each example's key through.
+class KeyedPredictions(NamedTuple):
+    """What SavedModelHandler answers for one KeyedBatch: its keys and
+    examples, a prediction per example in the same order, and the model
+    version that made them (one per batch: a batch is one model call)."""
+
+    keys: tuple[Any, ...]
+    examples: tuple[bytes, ...]
+    predictions: tuple[float, ...]
+    model_version: str
+
+
+class SavedModelHandler(ModelHandler[KeyedBatch, KeyedPredictions, Any]):
+    """KeyedBatch (keyed serialized tf.Examples without label,
+    transforms/examples.py) -> KeyedPredictions: one signature call and one
+    output per batch; `per_request` then gives each request its (key,
+    PredictionResult), exactly one.
+
+    Each element is already a batch, so RunInference's own batching is off
+    (`should_skip_batching`) and Beam's per-element cost around the model is
+    paid once per batch, not once per example. Batch where the examples are
+    encoded (`EncodeExamples(keyed=True)` emits KeyedBatches) or, for keyed
+    examples that come one by one, with `KeyedBatches`. RunInference's
+    metrics still count examples (the `len` of a KeyedBatch); a batch that
+    fails comes out of `with_exception_handling()` whole, as (KeyedBatch,
+    error), and each of its requests is a dead letter (beam_app/tables.py).
 
     watch: the model directory whose LATEST may move on while the job runs:
     each batch is predicted by the newest accepted version (ServingModel)."""
 
-    def __init__(self, model_path: str, spec: FeatureSpec, min_batch_size: int = 1, max_batch_size: int = 1024,
-                 max_batch_duration_secs: Optional[int] = None, watch: Optional[WatchLatest] = None):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
-                         max_batch_duration_secs=max_batch_duration_secs)
+    def __init__(self, model_path: str, spec: FeatureSpec, watch: Optional[WatchLatest] = None):
+        super().__init__()
         self._model_path = model_path
         self._spec = spec
         self._watch = watch
@@ -195,12 +251,15 @@ class SavedModelHandler(ModelHandler[bytes, float, Any]):
         return ServingModel(ModelCheck(self._watch.model_dir, self._spec), loaded, self._watch.poll_s,
                             self._watch.clock)
 
-    def run_inference(self, batch: Sequence[bytes], model,
-                      inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:
-        return predict(batch, model if isinstance(model, LoadedModel) else model.model())
+    def should_skip_batching(self) -> bool:
+        return True  # each element is a batch
 
-    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
-        return sum(len(example) for example in batch)
+    def run_inference(self, batch: KeyedBatch, model,
+                      inference_args: Optional[dict[str, Any]] = None) -> list[KeyedPredictions]:
+        return [predict_keyed(batch, model if isinstance(model, LoadedModel) else model.model())]
+
+    def get_num_bytes(self, batch: KeyedBatch) -> int:
+        return sum(map(len, batch.examples))
 
     def get_metrics_namespace(self) -> str:
         return "inference"
@@ -210,14 +269,44 @@ class SavedModelHandler(ModelHandler[bytes, float, Any]):
             self._model_path = model_path
 
 
-def predict(batch: Sequence[bytes], model: LoadedModel) -> list[PredictionResult]:
-    """One signature call for the whole batch."""
+class KeyedBatches(beam.PTransform):
+    """PCollection[(key, bytes)] -> PCollection[KeyedBatch] of up to
+    max_batch_size examples each (BatchElements: the size adapts to the
+    runner; in streaming a batch never waits beyond its bundle), for
+    `SavedModelHandler` where keyed examples come one by one."""
+
+    def __init__(self, min_batch_size: int = 1, max_batch_size: int = 1024, label: Optional[str] = None):
+        super().__init__(label)
+        self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+
+    def expand(self, pairs):
+        return (pairs
+                | "Batch" >> beam.BatchElements(**self._batching)
+                | "ToKeyedBatch" >> beam.Map(keyed_batch).with_output_types(KeyedBatch))
+
+
+def predict(examples: Sequence[bytes], model: LoadedModel) -> list[float]:
+    """One signature call for the whole batch -> one prediction per example, in order."""
     import tensorflow as tf
 
-    if not batch:  # the signature cannot take an empty batch
+    if not examples:  # the signature cannot take an empty batch
         return []
-    predictions = model.serve(examples=tf.constant(list(batch), dtype=tf.string))["prediction"].numpy()
-    if predictions.shape != (len(batch),):
+    predictions = model.serve(examples=tf.constant(examples, dtype=tf.string))["prediction"].numpy()
+    if predictions.shape != (len(examples),):
         raise ValueError(f"model {model.version} returned predictions of shape {predictions.shape} "
-                         f"for a batch of {len(batch)}: expected one per example")
-    return [PredictionResult(example, float(value), model.version) for example, value in zip(batch, predictions)]
+                         f"for a batch of {len(examples)}: expected one per example")
+    return predictions.tolist()
+
+
+def predict_keyed(batch: KeyedBatch, model: LoadedModel) -> KeyedPredictions:
+    """A KeyedBatch -> its KeyedPredictions (one signature call)."""
+    return KeyedPredictions(batch.keys, batch.examples, tuple(predict(batch.examples, model)), model.version)
+
+
+def per_request(predictions: KeyedPredictions) -> list[tuple[Any, PredictionResult]]:
+    """KeyedPredictions -> (key, PredictionResult(example, prediction, model
+    version)) for each request of the batch, in order: exactly one each."""
+    # _make, not PredictionResult(...): its __new__ is a Python call per example
+    results = map(PredictionResult._make, zip(predictions.examples, predictions.predictions,
+                                               repeat(predictions.model_version)))
+    return list(zip(predictions.keys, results))

@@ -9,19 +9,21 @@ import shutil
 
 import apache_beam as beam
 import pytest
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
                              failed_row_letter, prediction_row)
 from transforms.events import DeadLetter
-from transforms.examples import RequestKey
+from transforms.examples import KeyedBatch, RequestKey, keyed_batch
 
 tf = pytest.importorskip("tensorflow")
 
 from models.export import SpecMismatch  # noqa: E402
-from models.inference import SavedModelHandler, load_checked_model, locate_model  # noqa: E402
+from models.inference import (KeyedBatches, KeyedPredictions, LoadedModel, SavedModelHandler,  # noqa: E402
+                              load_checked_model, locate_model, per_request, placeholder_example, predict,
+                              predict_keyed)
 from models.data import split_files  # noqa: E402
 
 
@@ -56,34 +58,75 @@ def _matches_within_float32(expected: dict):
     return check
 
 
+def test_a_keyed_batch_is_its_pairs_in_order():
+    batch = keyed_batch([(RequestKey("a", 1), b"x"), (RequestKey("b", 2), b"y")])
+    assert batch == KeyedBatch((RequestKey("a", 1), RequestKey("b", 2)), (b"x", b"y"))
+    assert len(batch) == 2  # what RunInference's metrics count: examples, not elements
+    assert list(batch) == [(RequestKey("a", 1), b"x"), (RequestKey("b", 2), b"y")]
+    with pytest.raises(ValueError, match="2 keys and 1 examples"):
+        KeyedBatch(("a", "b"), (b"x",))
+
+
+def _length_model(version: str) -> LoadedModel:
+    """A stand-in for the signature: the prediction is the example's length."""
+    def serve(examples):
+        return {"prediction": tf.strings.length(examples)}
+    return LoadedModel(None, serve, version)
+
+
+def test_a_keyed_batch_gives_each_request_exactly_its_own_prediction():
+    batch = KeyedBatch(("k1", "k2", "k3"), (b"a", b"bbb", b"cc"))
+    predicted = predict_keyed(batch, _length_model("v7"))
+    assert predicted == KeyedPredictions(("k1", "k2", "k3"), (b"a", b"bbb", b"cc"), (1, 3, 2), "v7")
+    assert per_request(predicted) == [
+        ("k1", PredictionResult(b"a", 1, "v7")), ("k2", PredictionResult(b"bbb", 3, "v7")),
+        ("k3", PredictionResult(b"cc", 2, "v7"))]
+    assert per_request(predict_keyed(KeyedBatch((), ()), _length_model("v7"))) == []
+
+
+def test_a_model_that_does_not_answer_one_prediction_per_example_fails_the_batch():
+    model = LoadedModel(None, lambda examples: {"prediction": tf.zeros([1])}, "v1")
+    with pytest.raises(ValueError, match=r"shape \(1,\) for a batch of 2"):
+        predict_keyed(KeyedBatch(("a", "b"), (b"x", b"y")), model)
+
+
+def test_a_failed_keyed_batch_is_a_dead_letter_per_request():
+    batch = KeyedBatch((RequestKey("a", 1), RequestKey("b", 2)), (b"x", b"y"))
+    letters = failed_inference_letters(batch, ("ValueError", "ValueError('boom')", []))
+    assert [(d.source, base64.b64decode(d.raw), d.reason, d.stage) for d in letters] == [
+        ("event:a", b"x", "inference failed: ValueError('boom')", "inference"),
+        ("event:b", b"y", "inference failed: ValueError('boom')", "inference")]
+
+
 @pytest.mark.slow
-def test_keyed_run_inference_equals_the_signature_called_directly(trained_model, flights_spec):
+def test_run_inference_on_keyed_batches_equals_the_signature_called_directly(trained_model, flights_spec):
     params, version_dir = trained_model
     examples = _test_examples(params.data_dir, 300)
     direct = tf.saved_model.load(str(version_dir / "saved_model")).signatures["serving_default"](
         examples=tf.constant(examples))["prediction"].numpy()
     expected = {f"k{i}": (float(value), version_dir.name) for i, value in enumerate(direct)}
-    handler = KeyedModelHandler(SavedModelHandler(str(version_dir), flights_spec, max_batch_size=64))
     with TestPipeline() as p:
         results = (
             p
             | beam.Create([(f"k{i}", example) for i, example in enumerate(examples)])
-            | RunInference(handler)
+            | KeyedBatches(max_batch_size=64)
+            | RunInference(SavedModelHandler(str(version_dir), flights_spec))
+            | beam.FlatMap(per_request)
             | beam.MapTuple(lambda key, result: (key, result.inference, result.model_id))
         )
-        assert_that(results, _matches_within_float32(expected))
+        assert_that(results, _matches_within_float32(expected))  # one prediction per request, no more
 
 
 @pytest.mark.slow
 def test_bytes_that_are_not_an_example_fail_the_batch_into_dead_letters(trained_model, flights_spec):
     params, version_dir = trained_model
     good = _test_examples(params.data_dir, 2)
-    handler = KeyedModelHandler(SavedModelHandler(str(version_dir), flights_spec, min_batch_size=10,
-                                                  max_batch_size=10))
     with TestPipeline() as p:
         elements = [(RequestKey("ok1", 1), good[0]), (RequestKey("bad", 2), b"not a tf.Example"),
                     (RequestKey("ok2", 3), good[1])]
-        predictions, failed = (p | beam.Create(elements) | RunInference(handler).with_exception_handling())
+        predictions, failed = (p | beam.Create(elements) | KeyedBatches(min_batch_size=10, max_batch_size=10)
+                               | RunInference(SavedModelHandler(str(version_dir), flights_spec))
+                               .with_exception_handling())
         letters = failed.failed_inferences | beam.FlatMapTuple(failed_inference_letters)
         assert_that(predictions, equal_to([]), label="NoPredictions")
 
@@ -104,6 +147,12 @@ def test_a_model_of_another_spec_is_refused_at_load(trained_model, flights_spec)
     with pytest.raises(SpecMismatch, match="retrain on data written with this spec"):
         load_checked_model(str(version_dir), other)
     assert load_checked_model(str(version_dir), flights_spec).version == version_dir.name
+
+
+def test_the_placeholder_the_load_warms_the_model_with_is_an_example_of_the_spec(trained_model, flights_spec):
+    _, version_dir = trained_model
+    model = load_checked_model(str(version_dir), flights_spec)
+    assert len(predict([placeholder_example(flights_spec)], model)) == 1
 
 
 def test_prediction_row_has_every_schema_field_in_bigquery_form():

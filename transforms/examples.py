@@ -20,12 +20,14 @@ protos in Python costs about 10x more. The batch job applies the two halves
 itself, `RecordBatches` (FeatureRow -> pa.RecordBatch) then
 `EncodeRecordBatches` (-> bytes), so that `transforms/feature_stats.py`
 describes the very batches that are encoded; `EncodeExamples` is the two in
-one (keyed, for streaming, it encodes from the rows, which carry the key).
+one (keyed, for streaming, it encodes from the rows, which carry the key,
+and emits each encoded batch as one `KeyedBatch`, what RunInference takes).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional, Sequence
+import dataclasses
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -218,9 +220,38 @@ class RequestKey(NamedTuple):
     time_us: int
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyedBatch:
+    """Keyed serialized tf.Examples as one element: the examples of a batch in
+    one tuple, their keys (RequestKey in the streaming job) in another, in the
+    same order. What RunInference takes in the streaming job (one model call
+    each, models/inference.py): Beam's per-element cost is paid once per batch
+    up to the model. A sequence of its (key, example) pairs: `len` is how many
+    examples, iterating gives the pairs."""
+
+    keys: tuple[Any, ...]
+    examples: tuple[bytes, ...]
+
+    def __post_init__(self):
+        if len(self.keys) != len(self.examples):
+            raise ValueError(f"a keyed batch of {len(self.keys)} keys and {len(self.examples)} examples")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[tuple[Any, bytes]]:
+        return zip(self.keys, self.examples)
+
+
+def keyed_batch(pairs: Iterable[tuple[Any, bytes]]) -> KeyedBatch:
+    """(key, serialized tf.Example) pairs -> one KeyedBatch of them, in their order."""
+    pairs = list(pairs)
+    return KeyedBatch(tuple(key for key, _ in pairs), tuple(example for _, example in pairs))
+
+
 class _EncodeKeyedBatchDoFn(beam.DoFn):
-    """list[FeatureRow] -> their serialized tf.Examples keyed by RequestKey
-    (the rows carry the key; a RecordBatch does not)."""
+    """list[FeatureRow] -> one KeyedBatch: their serialized tf.Examples keyed
+    by RequestKey (the rows carry the key; a RecordBatch does not)."""
 
     def __init__(self, spec: FeatureSpec, with_label: bool):
         self._spec = spec
@@ -232,10 +263,11 @@ class _EncodeKeyedBatchDoFn(beam.DoFn):
 
         self._encoder = RecordBatchToExamplesEncoder()
 
-    def process(self, rows: list[FeatureRow]) -> Iterable:
+    def process(self, rows: list[FeatureRow]) -> Iterable[KeyedBatch]:
         serialized = self._encoder.encode(rows_to_record_batch(self._spec, rows, self._with_label))
         self._encoded.inc(len(serialized))
-        return [(RequestKey(row.event.event_id, row.event.time_us), example) for row, example in zip(rows, serialized)]
+        return [KeyedBatch(tuple(RequestKey(row.event.event_id, row.event.time_us) for row in rows),
+                           tuple(serialized))]
 
 
 class _EncodeRecordBatchDoFn(beam.DoFn):
@@ -288,12 +320,15 @@ class EncodeRecordBatches(beam.PTransform):
 
 class EncodeExamples(beam.PTransform):
     """PCollection[FeatureRow] -> PCollection[bytes] (serialized tf.train.Example),
-    or with keyed=True PCollection[(RequestKey, bytes)].
+    or with keyed=True PCollection[KeyedBatch]: each encoded batch as one
+    element, its examples keyed by RequestKey (what the streaming job's
+    RunInference takes as it comes: one model call per batch).
 
-    Batches rows for the C++ encoder; the batch size adapts to the runner
-    (in streaming, a batch never waits beyond the bundle). Unkeyed, it is
-    `RecordBatches` then `EncodeRecordBatches` (the batch job applies the two
-    itself, to describe the same batches in stats.json)."""
+    Batches rows for the C++ encoder, up to max_batch_size; the batch size
+    adapts to the runner (in streaming, a batch never waits beyond the
+    bundle: BatchElements emits what it holds at the end of each bundle).
+    Unkeyed, it is `RecordBatches` then `EncodeRecordBatches` (the batch job
+    applies the two itself, to describe the same batches in stats.json)."""
 
     def __init__(self, spec: FeatureSpec, with_label: bool = True, keyed: bool = False, max_batch_size: int = 4096,
                  label: Optional[str] = None):
@@ -314,5 +349,5 @@ class EncodeExamples(beam.PTransform):
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
             | "Encode" >> beam.ParDo(_EncodeKeyedBatchDoFn(self._spec, self._with_label)).with_output_types(
-                tuple[RequestKey, bytes])
+                KeyedBatch)
         )
