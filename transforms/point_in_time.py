@@ -10,24 +10,28 @@ count_distinct are 0, last_k is (), every other aggregate is None (missing).
 keeps only what a future window can reach, so its size is bounded by the
 longest window, not by the key's whole history. Every aggregate depends only
 on the set of observations in the window, never on the order they were
-added (sums use `math.fsum`, ties on time are broken by event_id), so batch
-and streaming give bit-identical values.
+added (sums are exact, ties on time are broken by event_id), so batch and
+streaming give bit-identical values.
 
 An aggregate reads a *series*: the observations where its input fields are
 all present, with their values (one value, or a (numerator, denominator)
 pair for a ratio), sorted by (time, event_id). Features reading the same
-fields share a series. A new aggregate is one function in `AGGREGATE_FUNCTIONS`
-(and its rule in transforms/spec.py).
+fields share a series. No aggregate scans its window: sums come from exact
+integer prefix sums, min/max and distinct counts from sliding indexes
+(transforms/window_index.py), the rest read O(k) entries, so a request costs
+the same with a thousand observations in its window or a million
+(bench/engine_bench.py). The engine that scanned (tests/scan_engine.py) is
+the reference they equal bit for bit. A new aggregate is one function in
+`AGGREGATE_FUNCTIONS` (and its rule in transforms/spec.py).
 """
 
 from __future__ import annotations
 
 import bisect
-import math
-import operator
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from transforms.spec import AGGREGATE_RULES, WindowedFeature
+from transforms.window_index import ExactSums, SlidingDistinct, SlidingExtreme
 
 REQUEST, OBSERVATION = 0, 1  # sort rank at equal times: a request never sees an observation at its own t
 _US = 1_000_000
@@ -47,60 +51,107 @@ class PendingEvent(NamedTuple):
         return self.time_us, self.rank, self.event_id
 
 
-# An aggregate: (values, times, lo, hi, t_us, k, ratios) -> its value over the
-# non-empty window [lo, hi) of a series (values and times sorted by (time,
-# event_id)); ratios: each value's float.as_integer_ratio(), kept beside the
-# values for the aggregates that need exact arithmetic (`EXACT`), else None.
-Aggregate = Callable[[list, list, int, int, int, Optional[int], Optional[list]], object]
-EXACT = frozenset({"stddev"})
+class SeriesView:
+    """What an aggregate may read of its series (times and values, sorted by
+    (time, event_id)) and the indexes (transforms/window_index.py) it may ask
+    for; the history keeps them in step with every insertion and eviction."""
+
+    def __init__(self, times: list, values: list, indexes: list):
+        self.times, self.values, self._indexes = times, values, indexes
+        self._sums: dict[tuple, ExactSums] = {}
+
+    def _index(self, index):
+        self._indexes.append(index)
+        return index
+
+    def sums(self, component: Optional[int] = None, squares: bool = False) -> ExactSums:
+        """Exact prefix sums of the values (or of component i of tuple values), shared by the series' features."""
+        if (component, squares) not in self._sums:
+            self._sums[component, squares] = self._index(ExactSums(self.values, component, squares))
+        return self._sums[component, squares]
+
+    def extreme(self, largest: bool) -> SlidingExtreme:
+        return self._index(SlidingExtreme(self.values, largest))  # one per feature: it follows that feature's window
+
+    def distinct(self) -> SlidingDistinct:
+        return self._index(SlidingDistinct(self.values))
 
 
-def _stddev(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int], ratios: list) -> float:
-    """Population standard deviation, exactly rounded: every value is an
-    integer multiple of 2**-e for the window's largest e (0 for whole
-    numbers), so the sums are exact integers and the square root is taken in
-    integers (no intermediate double to underflow or overflow): bit for bit
-    the same whatever the order of the values."""
-    numerators, denominators = zip(*ratios[lo:hi])
-    bits = max(denominators).bit_length() - 1  # the largest e: denominators are powers of 2
-    scaled = numerators if not bits else [
-        numerator << (bits - denominator.bit_length() + 1) for numerator, denominator in zip(numerators, denominators)]
-    n = hi - lo
-    total = sum(scaled)
-    numerator = n * sum(map(operator.mul, scaled, scaled)) - total * total  # n^2 var, in units of 2**-2e
-    return _exact_sqrt_ratio(numerator, n, bits) if numerator else 0.0
+# An aggregate: (its series, k) -> a function (lo, hi, t_us) -> its value over
+# the non-empty window [lo, hi) of the series, for a request at t_us. None of
+# them scans the window: the cost of a request does not grow with the
+# window's population (bench/engine_bench.py); every one equals the scan of
+# the window's slice (tests/scan_engine.py) bit for bit.
+Aggregate = Callable[[SeriesView, Optional[int]], Callable[[int, int, int], object]]
 
 
-def _exact_sqrt_ratio(numerator: int, n: int, bits: int) -> float:
-    """sqrt(numerator) / (n * 2**bits), correctly rounded to a double."""
-    shift = max(0, 66 - numerator.bit_length() // 2 + n.bit_length())  # 66+ bits of the root before rounding
-    scaled, remainder = divmod(numerator << (2 * shift), n * n)
-    root = math.isqrt(scaled)  # floor(sqrt(numerator * 4**shift / n**2)), exactly
-    if remainder or root * root != scaled:  # inexact: a sticky bit so that one rounding is the right one
-        return (2 * root + 1) / (1 << (shift + bits + 1))
-    return root / (1 << (shift + bits))
+def _sum(series: SeriesView, k):
+    total = series.sums().total
+    return lambda lo, hi, t_us: total(lo, hi)
 
 
-def _ratio(values: list, times: list, lo: int, hi: int, t_us: int, k: Optional[int], ratios) -> Optional[float]:
-    pairs = values[lo:hi]
-    denominator = math.fsum(pair[1] for pair in pairs)
-    return math.fsum(pair[0] for pair in pairs) / denominator if denominator else None  # nothing to divide: missing
+def _mean(series: SeriesView, k):
+    total = series.sums().total
+    return lambda lo, hi, t_us: total(lo, hi) / (hi - lo)  # the rounded sum divided: what fsum(slice) / n gives
+
+
+def _ratio(series: SeriesView, k):
+    numerator, denominator = series.sums(0).total, series.sums(1).total
+
+    def ratio(lo, hi, t_us):
+        total = denominator(lo, hi)
+        return numerator(lo, hi) / total if total else None  # nothing to divide: missing
+    return ratio
+
+
+def _stddev(series: SeriesView, k):
+    """Population standard deviation, exactly rounded: from exact sums of
+    the values and of their squares, the square root taken in integers (no
+    intermediate double to underflow or overflow)."""
+    return lambda lo, hi, t_us, stddev=series.sums(squares=True).stddev: stddev(lo, hi)
+
+
+def _extreme(largest: bool) -> Aggregate:
+    def aggregate(series: SeriesView, k):
+        query = series.extreme(largest).query
+        return lambda lo, hi, t_us: query(lo, hi)
+    return aggregate
+
+
+def _count_distinct(series: SeriesView, k):
+    query = series.distinct().query
+    return lambda lo, hi, t_us: query(lo, hi)
+
+
+def _last(series: SeriesView, k):
+    # The series is sorted by (time, event_id): its last element is the latest
+    # observation, ties on time going to the larger event_id.
+    values = series.values
+    return lambda lo, hi, t_us: float(values[hi - 1])
+
+
+def _time_since_last(series: SeriesView, k):
+    times = series.times
+    return lambda lo, hi, t_us: (t_us - times[hi - 1]) / _US
+
+
+def _last_k(series: SeriesView, k):
+    values = series.values
+    return lambda lo, hi, t_us: tuple(float(v) for v in values[max(lo, hi - k):hi][::-1])
 
 
 AGGREGATE_FUNCTIONS: dict[str, Aggregate] = {
-    "count": lambda values, times, lo, hi, t_us, k, ratios: float(hi - lo),
-    "sum": lambda values, times, lo, hi, t_us, k, ratios: math.fsum(values[lo:hi]),
-    "mean": lambda values, times, lo, hi, t_us, k, ratios: math.fsum(values[lo:hi]) / (hi - lo),
-    "min": lambda values, times, lo, hi, t_us, k, ratios: float(min(values[lo:hi])),
-    "max": lambda values, times, lo, hi, t_us, k, ratios: float(max(values[lo:hi])),
+    "count": lambda series, k: lambda lo, hi, t_us: float(hi - lo),
+    "sum": _sum,
+    "mean": _mean,
+    "min": _extreme(largest=False),
+    "max": _extreme(largest=True),
     "ratio": _ratio,
     "stddev": _stddev,
-    # The series is sorted by (time, event_id): its last element is the latest
-    # observation, ties on time going to the larger event_id.
-    "last": lambda values, times, lo, hi, t_us, k, ratios: float(values[hi - 1]),
-    "time_since_last": lambda values, times, lo, hi, t_us, k, ratios: (t_us - times[hi - 1]) / _US,
-    "last_k": lambda values, times, lo, hi, t_us, k, ratios: tuple(float(v) for v in values[max(lo, hi - k):hi][::-1]),
-    "count_distinct": lambda values, times, lo, hi, t_us, k, ratios: float(len(set(values[lo:hi]))),
+    "last": _last,
+    "time_since_last": _time_since_last,
+    "last_k": _last_k,
+    "count_distinct": _count_distinct,
 }
 assert set(AGGREGATE_FUNCTIONS) == set(AGGREGATE_RULES)
 
@@ -121,8 +172,8 @@ def aggregate(function: str, values: Sequence, times: Optional[Sequence[int]] = 
     if not values:
         return empty_value(function)
     times = list(times) if times is not None else [0] * len(values)
-    ratios = [float(v).as_integer_ratio() for v in values] if function in EXACT else None
-    return AGGREGATE_FUNCTIONS[function](list(values), times, 0, len(values), t_us, k, ratios)
+    series = SeriesView(times, list(values), [])
+    return AGGREGATE_FUNCTIONS[function](series, k)(0, len(values), t_us)
 
 
 def history_series(features: Sequence[WindowedFeature]) -> tuple[tuple[str, ...], ...]:
@@ -141,32 +192,53 @@ def series_value(values: tuple, index: tuple[int, ...]) -> object:
     return None if None in parts else parts
 
 
+def search_from(times: list, x: int, guess: int, hi: int) -> int:
+    """bisect_left(times, x, 0, hi), from a guess: O(log distance) from it,
+    and a few neighbouring reads when requests come in time order (a search
+    from the middle of a million times misses the cache at every step)."""
+    if guess > hi or (guess and times[guess - 1] >= x):
+        return bisect.bisect_left(times, x, 0, min(guess, hi))
+    lo, step = guess, 1  # every time before lo is < x
+    while lo + step <= hi and times[lo + step - 1] < x:
+        lo += step
+        step <<= 1
+    return bisect.bisect_left(times, x, lo, min(lo + step - 1, hi))
+
+
 class KeyHistory:
     """Observations of one key, per series, sorted by (time, event_id); answers requests.
 
     `times[0]` holds every observation's time (for count); `times[i + 1]`,
-    `values[i + 1]` and `ids[i + 1]` hold the observations in `series[i]`.
+    `values[i + 1]` and `ids[i + 1]` hold the observations in `series[i]`,
+    and `indexes[i + 1]` the window indexes its features asked for.
     Lists indexed by position, not dicts keyed by series: a tuple key is
     hashed at every lookup, and lookups run for every feature of every request.
+    Every list is changed in place: the indexes and the plan hold them.
     """
 
     def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
         self.features = tuple(features)
         self.series = history_series(features)
-        # Per feature, what features_at needs, resolved once: it runs for every request.
-        position = {series: index + 1 for index, series in enumerate(self.series)}
-        self._plan = tuple((position.get(f.inputs, 0), f.window_s * _US, AGGREGATE_FUNCTIONS[f.aggregate],
-                            empty_value(f.aggregate), f.k) for f in self.features)
-        self._exact = frozenset(position[f.inputs] for f in self.features if f.aggregate in EXACT)
-        # Kept: the longest window, plus how far behind a request may still arrive
-        # and be answered exactly.
-        self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
         self.times: list[list[int]] = [[] for _ in range(len(self.series) + 1)]
         self.values: list[list] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.ids: list[list[str]] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
-        # Exact ratios of the values of the series an EXACT aggregate reads (None for the others):
-        # derived, so not in the state.
-        self.ratios: list[Optional[list]] = [[] if i in self._exact else None for i in range(len(self.series) + 1)]
+        self.indexes: list[list] = [[] for _ in range(len(self.series) + 1)]  # derived, so not in the state
+        views = [SeriesView(times, values, indexes) for times, values, indexes in zip(self.times, self.values,
+                                                                                     self.indexes)]
+        # What features_at needs, resolved once: it runs for every request. Features
+        # reading one series over one window share the two bisections that find it.
+        position = {series: index + 1 for index, series in enumerate(self.series)}
+        windows: dict[tuple[int, int], list] = {}
+        for slot, f in enumerate(self.features):
+            index = position.get(f.inputs, 0)
+            windows.setdefault((index, f.window_s * _US), []).append(
+                (slot, AGGREGATE_FUNCTIONS[f.aggregate](views[index], f.k), empty_value(f.aggregate)))
+        self._plan = tuple((self.times[index], window_us, tuple(answers))
+                           for (index, window_us), answers in windows.items())
+        self._starts = [0] * len(self._plan)  # where each window started last: a guess, checked at every use
+        # Kept: the longest window, plus how far behind a request may still arrive
+        # and be answered exactly.
+        self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
 
     def add_observation(self, time_us: int, values: tuple, event_id: str = "") -> None:
@@ -180,30 +252,40 @@ class KeyHistory:
                 times.insert(at, time_us)
                 ids.insert(at, event_id)
                 self.values[index].insert(at, value)
-                if index in self._exact:
-                    self.ratios[index].insert(at, float(value).as_integer_ratio())
+                for window_index in self.indexes[index]:
+                    window_index.insert(at, value)
 
     def features_at(self, t_us: int) -> tuple:
         """Every feature of the group for a request at t, in `features` order."""
-        out = []
-        for index, window_us, function, empty, k in self._plan:
-            times = self.times[index]
-            lo = bisect.bisect_left(times, t_us - window_us)
-            hi = bisect.bisect_left(times, t_us)
-            out.append(function(self.values[index], times, lo, hi, t_us, k, self.ratios[index]) if hi > lo else empty)
+        out = [None] * len(self.features)
+        # What the history is sure to hold: a request later than lateness_s sees no older
+        # observation, whether or not it has been evicted yet (a no-op for every other request).
+        floor = -1 << 62 if self.processed_through_us is None else self.processed_through_us - self.horizon_us
+        starts = self._starts
+        for plan, (times, window_us, answers) in enumerate(self._plan):
+            # A request in time order comes after every observation: no search for the window's end;
+            # and its window starts near where the previous one did.
+            hi = len(times) if not times or times[-1] < t_us else bisect.bisect_left(times, t_us)
+            lo = starts[plan] = search_from(times, max(t_us - window_us, floor), starts[plan], hi)
+            if hi > lo:
+                for slot, answer, _ in answers:
+                    out[slot] = answer(lo, hi, t_us)
+            else:
+                for slot, _, empty in answers:
+                    out[slot] = empty
         return tuple(out)
 
     def evict_before(self, time_us: int) -> None:
         """Forget observations older than any window of a request at or after time_us can reach."""
         cutoff = time_us - self.horizon_us
-        for times, values, ids, ratios in zip(self.times, self.values, self.ids, self.ratios):
+        for times, values, ids, indexes in zip(self.times, self.values, self.ids, self.indexes):
             drop = bisect.bisect_left(times, cutoff)
             if drop:
                 del times[:drop]
                 del values[:drop]  # a no-op on values[0], always empty
                 del ids[:drop]
-                if ratios is not None:
-                    del ratios[:drop]
+                for window_index in indexes:
+                    window_index.drop_front(drop)
 
     def apply(self, events: Iterable[PendingEvent]) -> tuple[list[tuple[PendingEvent, tuple]], int, int]:
         """Applies events in processing order (`PendingEvent.order`).
@@ -212,8 +294,10 @@ class KeyHistory:
         observations were late: older than an event this key had already
         applied. Late observations still join the history (they count for
         later requests). A late request is answered from the history, exactly
-        if it is no later than `lateness_s`; beyond that its oldest
-        observations may have been evicted.
+        if it is no later than `lateness_s`; beyond that, from the
+        observations since the horizon before the latest event applied
+        (`horizon_us`: the longest window plus lateness_s), whenever the
+        older ones are evicted.
         """
         answers: list[tuple[PendingEvent, tuple]] = []
         late_requests = late_observations = 0
@@ -227,17 +311,25 @@ class KeyHistory:
                 self.processed_through_us = event.time_us
             if event.rank == REQUEST:
                 answers.append((event, self.features_at(event.time_us)))
-                oldest = self.times[0]
-                if oldest and oldest[0] < self.processed_through_us - self.horizon_us:
-                    self.evict_before(self.processed_through_us)  # memory stays bounded within a long run
+                self._trim()
             else:
                 self.add_observation(event.time_us, event.values, event.event_id)
-        if self.processed_through_us is not None:
-            self.evict_before(self.processed_through_us)
+        self._trim()
         return answers, late_requests, late_observations
 
-    # State round trip: plain lists and ints, so Beam's fast coders carry it.
+    def _trim(self) -> None:
+        """Memory stays bounded in a long run (by 4/3 of what the horizon holds);
+        but a drop moves every entry kept, so the history is trimmed only once a
+        quarter of it can go: else each request would cost O(window) again."""
+        oldest = self.times[0]
+        if oldest and oldest[len(oldest) >> 2] < self.processed_through_us - self.horizon_us:
+            self.evict_before(self.processed_through_us)
+
+    # State round trip: plain lists and ints, so Beam's fast coders carry it; only
+    # what a future window can reach.
     def to_state(self) -> tuple:
+        if self.processed_through_us is not None:
+            self.evict_before(self.processed_through_us)
         return (self.processed_through_us, self.times[0], tuple(self.times[1:]), tuple(self.values[1:]),
                 tuple(self.ids[1:]))
 
@@ -247,9 +339,10 @@ class KeyHistory:
         history = cls(features, lateness_s)
         if state is not None:
             history.processed_through_us, all_times, series_times, series_values, series_ids = state
-            history.times = [list(all_times), *(list(t) for t in series_times)]
-            history.values = [[], *(list(v) for v in series_values)]
-            history.ids = [[], *(list(i) for i in series_ids)]
-            history.ratios = [[float(v).as_integer_ratio() for v in values] if i in history._exact else None
-                              for i, values in enumerate(history.values)]
+            history.times[0][:] = all_times
+            for index, (times, values, ids) in enumerate(zip(series_times, series_values, series_ids), start=1):
+                history.times[index][:], history.values[index][:], history.ids[index][:] = times, values, ids
+            for indexes in history.indexes:
+                for window_index in indexes:
+                    window_index.rebuild()
         return history
