@@ -7,8 +7,9 @@ across the DoFn's threads) and calls the `serving_default` signature on a
 whole batch of serialized tf.Examples, the same bytes the batch branch
 writes. One call per batch is what makes it fast: about 10x a per-row call.
 Its elements are batches too (`KeyedBatch` in, `KeyedPredictions` out, one
-each per model call; `per_request` unbatches): Beam's per-element cost,
-about as much as the model's per example, is then paid once per batch.
+each per model call; `per_request` unbatches): Beam's per-element cost
+(microseconds an element, a sizeable part of the model's) is then paid once
+per batch up to the model.
 
 A model path may name the SavedModel itself, a training run's version
 directory (`<model_dir>/<version>/`), or the model directory, whose LATEST
