@@ -2,9 +2,9 @@
 
 Every event goes to each (kind, key) group that reads it, slim (a request:
 its id and time; an observation: the group's series values), keyed by
-(group, shard of its key value, time bucket); a lifted combine gathers each
-key's slims into one list (each bundle sends a list per key, not an element
-per event: the DirectRunner's cost is per element). Each observation is also
+(group, shard of its key value, time bucket), gathered into one list per key
+per bundle before the shuffle (`GatherInBundle`: the DirectRunner's cost is
+per element, and each event makes several slims). Each observation is also
 copied into the later buckets whose requests can still see it, so a bucket
 holds one span plus the longest window, however long the history: memory
 stays bounded per key and buckets run in parallel. The answers then meet
@@ -28,12 +28,13 @@ from typing import Iterable
 
 import apache_beam as beam
 
-from transforms.feature_layout import ID, RANK, TIME, VALUES, FeatureGroup, fill, key_of, reads, to_pending
+from transforms.feature_layout import ID, RANK, TIME, VALUES, FeatureGroup, fill, to_pending
+from transforms.gather import GatherInBundle
 from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent, series_value
 from transforms.unbounded_features import REQUEST_PART, joined_request
 
 _US = 1_000_000
-MIN_BUCKET_S = 86_400  # buckets: at least a day, so copies of observations stay a small share
+MIN_BUCKET_S = 7 * 86_400  # buckets: at least a week: few histories per key, copies a small share
 
 
 def bucket_span_us(group: FeatureGroup) -> int:
@@ -81,9 +82,9 @@ class BucketedFeatures(beam.PTransform):
     event goes to each group that reads it as a slim tuple (a request: its
     id and time; an observation: that group's series values), keyed by
     (group, shard of its key value, time bucket), and the slims of a key are
-    gathered into lists by a lifted combine (each bundle sends one list per
-    key, not an element per event). The answers then meet their request an
-    hour of request time at a time, joined by the streaming path's own
+    gathered into lists in each bundle before the shuffle. The answers then
+    meet their request an hour of request time at a time (one list per hour
+    per answered bucket), joined by the streaming path's own
     `joined_request`."""
 
     def __init__(self, groups: tuple[FeatureGroup, ...]):
@@ -95,33 +96,50 @@ class BucketedFeatures(beam.PTransform):
         plans = tuple((index, group, max(f.window_s for f in group.features) * _US, bucket_span_us(group))
                       for index, group in enumerate(groups))
 
+        # Per group, resolved once: (index, request key positions, observation key positions,
+        # observation rank, series positions, horizon, span); the scatter runs for every event.
+        scatters = tuple((index, group.key_index[0], group.key_index[1], group.observation_rank, group.series_index,
+                          horizon_us, span_us) for index, group, horizon_us, span_us in plans)
+
         def scatter(item):
-            rank = item[RANK]
-            for index, group, horizon_us, span_us in plans:
-                if not reads(item, group):
+            rank, values, time_us, event_id = item[RANK], item[VALUES], item[TIME], item[ID]
+            for index, request_key, observation_key, observation_rank, series_index, horizon_us, span_us in scatters:
+                if rank == REQUEST:
+                    positions = request_key
+                elif rank == observation_rank:
+                    positions = observation_key
+                else:
+                    continue  # another kind's observation
+                # The key value, within this step: a composite one as a tuple (unambiguous, and hashed
+                # and coded natively; key_of's JSON form is for state keys).
+                key = values[positions[0]] if len(positions) == 1 else tuple(values[i] for i in positions)
+                if key is None or (type(key) is tuple and None in key):
                     continue
-                key = key_of(item, group)
-                if key is None:
-                    continue
-                shard = zlib.crc32(key.encode()) % SHARDS
-                slim = (key, item[ID], REQUEST, item[TIME], ()) if rank == REQUEST else (
-                    key, item[ID], OBSERVATION, item[TIME],
-                    tuple(series_value(item[VALUES], i) for i in group.series_index))
-                for bucket in buckets_of(item[TIME], rank, horizon_us, span_us):
+                shard = zlib.crc32((key if type(key) is str else "\x1f".join(map(str, key))).encode()) % SHARDS
+                slim = (key, event_id, REQUEST, time_us, ()) if rank == REQUEST else (
+                    key, event_id, OBSERVATION, time_us, tuple(series_value(values, i) for i in series_index))
+                for bucket in buckets_of(time_us, rank, horizon_us, span_us):
                     yield (index, shard, bucket), slim
 
         def answers_of(keyed):
-            (index, _, _), slims = keyed
-            slims = list(slims)
+            (index, _, _), parts = keyed
+            slims = [slim for part in parts for slim in part]
             times = {event_id: time_us for _, event_id, rank, time_us, _ in slims if rank == REQUEST}
-            return [(times[event_id] // _JOIN_SPAN_US, (event_id, part))
-                    for event_id, part in answer_shard(groups[index], index, slims)]
+            by_hour: dict[int, list] = {}
+            for event_id, part in answer_shard(groups[index], index, slims):
+                by_hour.setdefault(times[event_id] // _JOIN_SPAN_US, []).append((event_id, part))
+            return by_hour.items()
+
+        def by_hour(item):
+            if item[RANK] == REQUEST:
+                yield item[TIME] // _JOIN_SPAN_US, (item[ID], (REQUEST_PART, item))
 
         def join(keyed):
-            _, parts = keyed
+            _, lists = keyed
             by_request: dict[str, dict[int, object]] = {}
-            for event_id, (index, payload) in parts:
-                by_request.setdefault(event_id, {})[index] = payload
+            for parts in lists:
+                for event_id, (index, payload) in parts:
+                    by_request.setdefault(event_id, {})[index] = payload
             joined = []
             for event_id, collected in by_request.items():
                 request = joined_request(collected, groups)
@@ -130,16 +148,12 @@ class BucketedFeatures(beam.PTransform):
                 joined.append(request)
             return joined
 
-        lists = beam.combiners.ToListCombineFn()
         answers = (items
-                   | "Scatter" >> beam.FlatMap(scatter).with_output_types(tuple[tuple[int, int, int], tuple])
-                   | "GatherBuckets" >> beam.CombinePerKey(lists)
-                   | "Answer" >> beam.FlatMap(answers_of).with_output_types(tuple[int, tuple]))
-        requests = (items
-                    | "Requests" >> beam.Filter(lambda item: item[RANK] == REQUEST)
-                    | "ByHour" >> beam.Map(lambda item: (item[TIME] // _JOIN_SPAN_US, (item[ID], (REQUEST_PART, item))))
-                    .with_output_types(tuple[int, tuple]))
+                   | "Scatter" >> beam.ParDo(GatherInBundle(scatter))
+                   | "GatherBuckets" >> beam.GroupByKey()
+                   | "Answer" >> beam.FlatMap(answers_of).with_output_types(tuple[int, list]))
+        requests = items | "ByHour" >> beam.ParDo(GatherInBundle(by_hour))
         return ((answers, requests)
                 | "MergeParts" >> beam.Flatten()
-                | "GatherParts" >> beam.CombinePerKey(lists)
+                | "GatherParts" >> beam.GroupByKey()
                 | "Join" >> beam.FlatMap(join))

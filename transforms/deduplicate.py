@@ -24,6 +24,7 @@ already refuses for requests (transforms/event_time.py).
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
@@ -35,6 +36,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms.events import DeadLetter, Event, event_from_json, event_to_json, time_us_to_rfc3339
 from transforms.feature_layout import state_key
+from transforms.gather import GatherInBundle
 
 _US = 1_000_000
 STAGE = "duplicate"  # the dead-letter stage of conflicting copies
@@ -129,20 +131,38 @@ class _Counters:
         self.conflicts = _RoleCounters("conflicts")
 
 
+_BATCH_SHARDS = 64  # identities per shuffle key in batch: all copies of one identity meet in one shard
+
+
+def _by_identity_shard(event: Event):
+    # A plain tuple, not the Event: Beam's fast coder pickles NamedTuples.
+    yield zlib.crc32(identity(event).encode()) % _BATCH_SHARDS, tuple(event)
+
+
 class _ResolveBatch(beam.DoFn):
-    """(identity, [Event]) -> the kept Event | DeadLetter (tagged) per conflicting copy."""
+    """(shard, [[event as a tuple]]) -> the kept Event of each identity |
+    DeadLetter (tagged) per conflicting copy."""
 
     def setup(self):
         self._counters = _Counters()
 
     def process(self, keyed):
-        _, copies = keyed
-        kept, duplicates, conflicts = resolve_copies(copies)
-        self._counters.duplicates[kept.role].inc(duplicates)
-        self._counters.conflicts[kept.role].inc(len(conflicts))
-        for copy, reason in conflicts:
-            yield beam.pvalue.TaggedOutput(STAGE, conflict_letter(copy, reason))
-        yield kept
+        _, lists = keyed
+        copies: dict[str, list[Event]] = {}
+        for events in lists:
+            for fields in events:
+                event = Event(*fields)
+                copies.setdefault(identity(event), []).append(event)
+        for same in copies.values():
+            if len(same) == 1:  # almost every identity: nothing to resolve
+                yield same[0]
+                continue
+            kept, duplicates, conflicts = resolve_copies(same)
+            self._counters.duplicates[kept.role].inc(duplicates)
+            self._counters.conflicts[kept.role].inc(len(conflicts))
+            for copy, reason in conflicts:
+                yield beam.pvalue.TaggedOutput(STAGE, conflict_letter(copy, reason))
+            yield kept
 
 
 class _DeduplicateLive(beam.DoFn):
@@ -232,8 +252,7 @@ class DeduplicateEvents(beam.PTransform):
                 raise ValueError("DeduplicateEvents: a warm-start history is for unbounded input only")
             outputs = (
                 events
-                | "ByIdentity" >> beam.Map(lambda event: (identity(event), event)).with_output_types(
-                    tuple[str, Any])
+                | "ByIdentity" >> beam.ParDo(GatherInBundle(_by_identity_shard))
                 | "GroupCopies" >> beam.GroupByKey()
                 | "Resolve" >> beam.ParDo(_ResolveBatch()).with_outputs(STAGE, main="events")
             )

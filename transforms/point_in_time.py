@@ -28,6 +28,8 @@ the reference they equal bit for bit. A new aggregate is one function in
 from __future__ import annotations
 
 import bisect
+import functools
+import operator
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from transforms.spec import AGGREGATE_RULES, WindowedFeature
@@ -75,6 +77,9 @@ class SeriesView:
 
     def distinct(self) -> SlidingDistinct:
         return self._index(SlidingDistinct(self.values))
+
+
+_ORDER = operator.itemgetter(0, 1, 2)  # PendingEvent.order, without a Python call per event
 
 
 # An aggregate: (its series, k) -> a function (lo, hi, t_us) -> its value over
@@ -192,6 +197,23 @@ def series_value(values: tuple, index: tuple[int, ...]) -> object:
     return None if None in parts else parts
 
 
+@functools.lru_cache(maxsize=None)
+def _layout(features: tuple[WindowedFeature, ...]) -> tuple:
+    """What a history of these features needs that does not depend on its
+    observations, worked out once per group (a batch job makes a history per
+    key value and time bucket): the series, and per (series, window) the
+    features reading it, which share the two bisections finding the window:
+    (series, ((series position, window_us, ((slot, aggregate, k, empty), ...)), ...), longest window)."""
+    series = history_series(features)
+    position = {inputs: index + 1 for index, inputs in enumerate(series)}
+    windows: dict[tuple[int, int], list] = {}
+    for slot, f in enumerate(features):
+        windows.setdefault((position.get(f.inputs, 0), f.window_s * _US), []).append(
+            (slot, f.aggregate, f.k, empty_value(f.aggregate)))
+    return (series, tuple((index, window_us, tuple(answers)) for (index, window_us), answers in windows.items()),
+            max(f.window_s for f in features))
+
+
 def search_from(times: list, x: int, guess: int, hi: int) -> int:
     """bisect_left(times, x, 0, hi), from a guess: O(log distance) from it,
     and a few neighbouring reads when requests come in time order (a search
@@ -218,35 +240,32 @@ class KeyHistory:
 
     def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
         self.features = tuple(features)
-        self.series = history_series(features)
+        self.series, windows, longest_s = _layout(self.features)
         self.times: list[list[int]] = [[] for _ in range(len(self.series) + 1)]
         self.values: list[list] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.ids: list[list[str]] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.indexes: list[list] = [[] for _ in range(len(self.series) + 1)]  # derived, so not in the state
         views = [SeriesView(times, values, indexes) for times, values, indexes in zip(self.times, self.values,
                                                                                      self.indexes)]
-        # What features_at needs, resolved once: it runs for every request. Features
-        # reading one series over one window share the two bisections that find it.
-        position = {series: index + 1 for index, series in enumerate(self.series)}
-        windows: dict[tuple[int, int], list] = {}
-        for slot, f in enumerate(self.features):
-            index = position.get(f.inputs, 0)
-            windows.setdefault((index, f.window_s * _US), []).append(
-                (slot, AGGREGATE_FUNCTIONS[f.aggregate](views[index], f.k), empty_value(f.aggregate)))
-        self._plan = tuple((self.times[index], window_us, tuple(answers))
-                           for (index, window_us), answers in windows.items())
+        self._plan = tuple((self.times[index], window_us, tuple(
+            (slot, AGGREGATE_FUNCTIONS[aggregate](views[index], k), empty) for slot, aggregate, k, empty in answers))
+            for index, window_us, answers in windows)
         self._starts = [0] * len(self._plan)  # where each window started last: a guess, checked at every use
         # Kept: the longest window, plus how far behind a request may still arrive
         # and be answered exactly.
-        self.horizon_us = (max(f.window_s for f in features) + lateness_s) * _US
+        self.horizon_us = (longest_s + lateness_s) * _US
         self.processed_through_us: Optional[int] = None  # time of the latest event applied
 
     def add_observation(self, time_us: int, values: tuple, event_id: str = "") -> None:
-        bisect.insort(self.times[0], time_us)
+        all_times = self.times[0]
+        if not all_times or all_times[-1] <= time_us:  # in time order: the end
+            all_times.append(time_us)
+        else:
+            bisect.insort(all_times, time_us)
         for index, value in enumerate(values, start=1):
             if value is not None:
                 times, ids = self.times[index], self.ids[index]
-                at = bisect.bisect_right(times, time_us)
+                at = len(times) if not times or times[-1] < time_us else bisect.bisect_right(times, time_us)
                 while at and times[at - 1] == time_us and ids[at - 1] > event_id:  # ties: by event_id
                     at -= 1
                 times.insert(at, time_us)
@@ -301,7 +320,7 @@ class KeyHistory:
         """
         answers: list[tuple[PendingEvent, tuple]] = []
         late_requests = late_observations = 0
-        for event in sorted(events, key=PendingEvent.order):
+        for event in sorted(events, key=_ORDER):
             if self.processed_through_us is not None and event.time_us < self.processed_through_us:
                 if event.rank == REQUEST:
                     late_requests += 1

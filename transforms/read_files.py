@@ -126,6 +126,20 @@ class ReadRecords(ReadChunks):
             super().expand(pbegin)
             # A file is read by one worker; spread chunks of its lines so parsing
             # runs on all of them (chunks, not lines: far less to shuffle).
+            | "Compact" >> beam.Map(_compact)
             | "Spread" >> beam.Reshuffle()
-            | "Records" >> beam.FlatMap(lambda chunk: chunk).with_output_types(RawRecord)
+            | "Records" >> beam.FlatMap(_records).with_output_types(RawRecord)
         )
+
+
+def _compact(chunk: list[RawRecord]) -> tuple:
+    """A chunk as plain values, what a file's records share said once: Beam's
+    fast coder pickles NamedTuples, and would repeat the header per record."""
+    first = chunk[0]
+    return first.kind, first.header, first.source_name, [(record.source, record.text) for record in chunk]
+
+
+def _records(compact: tuple) -> Iterator[RawRecord]:
+    kind, header, source_name, lines = compact
+    for source, text in lines:
+        yield RawRecord(source, text, kind, header, source_name=source_name)
