@@ -351,3 +351,19 @@ def test_stddev_of_extreme_spreads():
     assert aggregate("stddev", [1e-160, 3e-160]) == statistics.pstdev([1e-160, 3e-160]) == 1e-160
     assert aggregate("stddev", [0.0, 2.4451692097634286e-256]) == statistics.pstdev([0.0, 2.4451692097634286e-256])
     assert aggregate("stddev", [1e200, -1e200]) == 1e200
+
+
+def test_a_request_beyond_the_lateness_sees_only_the_horizon_whatever_the_eviction():
+    """Later than lateness_s behind the latest event, a request is not answered
+    exactly: it reads the observations since the horizon (longest window 3 h
+    plus lateness 0), whether or not the older ones were evicted yet."""
+    events = [obs(0, 1.0, "a"), obs(H, 2.0, "b")] + [obs(5 * H + i * MIN, 4.0, f"c{i}") for i in range(10)]
+    late = req(3 * H + H // 2, "late")  # its 3 h window [0.5 h, 3.5 h) holds b; the horizon at 5 h 9 min starts later
+    held = KeyHistory(FEATURES)
+    held.apply(events)
+    assert 1 * H in held.times[0]  # b still held: less than a quarter of the history could go
+    restored = KeyHistory.from_state(FEATURES, held.to_state())  # the state keeps only the horizon
+    assert 1 * H not in restored.times[0]
+    (_, from_held), = held.apply([late])[0]
+    (_, from_state), = restored.apply([late])[0]
+    assert from_held == from_state == (0.0, None, None, None, None)  # b is behind the horizon either way

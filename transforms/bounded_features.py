@@ -149,10 +149,10 @@ class BucketedFeatures(beam.PTransform):
             return joined
 
         answers = (items
-                   | "Scatter" >> beam.ParDo(GatherInBundle(scatter))
+                   | "Scatter" >> beam.ParDo(GatherInBundle(scatter)).with_output_types(tuple[tuple[int, int, int], list])
                    | "GatherBuckets" >> beam.GroupByKey()
                    | "Answer" >> beam.FlatMap(answers_of).with_output_types(tuple[int, list]))
-        requests = items | "ByHour" >> beam.ParDo(GatherInBundle(by_hour))
+        requests = items | "ByHour" >> beam.ParDo(GatherInBundle(by_hour)).with_output_types(tuple[int, list])
         return ((answers, requests)
                 | "MergeParts" >> beam.Flatten()
                 | "GatherParts" >> beam.GroupByKey()

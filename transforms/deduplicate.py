@@ -252,7 +252,7 @@ class DeduplicateEvents(beam.PTransform):
                 raise ValueError("DeduplicateEvents: a warm-start history is for unbounded input only")
             outputs = (
                 events
-                | "ByIdentity" >> beam.ParDo(GatherInBundle(_by_identity_shard))
+                | "ByIdentity" >> beam.ParDo(GatherInBundle(_by_identity_shard)).with_output_types(tuple[int, list])
                 | "GroupCopies" >> beam.GroupByKey()
                 | "Resolve" >> beam.ParDo(_ResolveBatch()).with_outputs(STAGE, main="events")
             )
