@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.scan_engine import ScanKeyHistory  # noqa: E402
+from tests.scan_engine import ScanKeyHistory, bits  # noqa: E402
 from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent  # noqa: E402
 from transforms.spec import WindowedFeature  # noqa: E402
 
@@ -82,12 +82,6 @@ def measure(engine, history_events: list[PendingEvent], timed: list[PendingEvent
     return per_request, answers
 
 
-def _bits(value):
-    if isinstance(value, float):
-        return value.hex()
-    if isinstance(value, tuple):
-        return tuple(_bits(v) for v in value)
-    return value
 
 
 def main(argv=None) -> int:
@@ -111,7 +105,7 @@ def main(argv=None) -> int:
         probe, _ = measure(ScanKeyHistory, history_events, timed[:1])
         old_count = max(3, min(len(timed), int(args.budget_s * 1e6 / max(probe[0], 1.0))))
         old_us, old_answers = measure(ScanKeyHistory, history_events, timed[:old_count])
-        assert _bits(old_answers) == _bits(new_answers[:old_count]), f"the engines disagree at {n} observations"
+        assert bits(old_answers) == bits(new_answers[:old_count]), f"the engines disagree at {n} observations"
         row = {"observations": n, "old_us": statistics.median(old_us), "new_us": statistics.median(new_us),
                "old_requests": old_count, "new_requests": len(timed)}
         row["speedup"] = row["old_us"] / row["new_us"]

@@ -1,8 +1,9 @@
 """The engine as it was before windows cost O(1) per request: every aggregate
 scans its window's slice (`math.fsum` over the values in [t - W, t), `min`
-over them, a set of them). Kept verbatim as the reference the new engine must
-equal bit for bit (tests/test_point_in_time.py) and the "old" curve of
-bench/engine_bench.py. Not used by the product.
+over them, a set of them). Kept verbatim (its exact square root too, rather than
+imported: a reference shares no code with what it checks) as the reference
+the new engine must equal bit for bit (tests/test_window_engine.py) and the
+"old" curve of bench/engine_bench.py. Not used by the product.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from transforms.point_in_time import OBSERVATION, REQUEST, PendingEvent, empty_v
 from transforms.spec import AGGREGATE_RULES, WindowedFeature
 
 _US = 1_000_000
+
+
+def bits(value):
+    """Floats by their bits (0.0 and -0.0 differ), in any nesting: how the engines' answers are compared."""
+    if isinstance(value, float):
+        return value.hex()
+    if isinstance(value, tuple):
+        return tuple(bits(v) for v in value)
+    return value
 
 
 # An aggregate: (values, times, lo, hi, t_us, k, ratios) -> its value over the

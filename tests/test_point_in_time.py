@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.scan_engine import bits
 from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent, aggregate, series_value
 from transforms.spec import WindowedFeature
 
@@ -297,13 +298,6 @@ def _brute_force(feature, observations, t_us):
             "last": lambda: float(values[-1]), "stddev": lambda: statistics.pstdev(values)}[feature.aggregate]()
 
 
-def _bits(value):
-    """Floats by their bits (0.0 and -0.0 differ), in any nesting."""
-    if isinstance(value, float):
-        return value.hex()
-    if isinstance(value, tuple):
-        return tuple(_bits(v) for v in value)
-    return value
 
 
 # Any magnitude up to 1e6, subnormal ones too (an exact variance whose double would underflow), and
@@ -336,9 +330,9 @@ def test_features_equal_a_brute_force_scan_whatever_the_insertion_order(observat
         histories.append(history)
     for t in times:
         first, second = (history.features_at(t) for history in histories)
-        assert _bits(first) == _bits(second), t  # bit for bit, whatever the insertion order
+        assert bits(first) == bits(second), t  # bit for bit, whatever the insertion order
         restored = KeyHistory.from_state(FEATURES_ALL, histories[0].to_state())
-        assert _bits(restored.features_at(t)) == _bits(first)
+        assert bits(restored.features_at(t)) == bits(first)
         for feature, value in zip(FEATURES_ALL, first):
             expected = _brute_force(feature, observations, t)
             if feature.aggregate == "stddev" and value is not None and expected is not None:

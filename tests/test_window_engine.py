@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.scan_engine import ScanKeyHistory, _stddev
+from tests.scan_engine import ScanKeyHistory, _stddev, bits
 from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent, search_from
 from transforms.spec import WindowedFeature
 from transforms.window_index import ExactSums, SlidingDistinct, SlidingExtreme
@@ -38,13 +38,6 @@ FEATURES = (
 FIELDS = ("delay", "dest", "weight")
 
 
-def _bits(value):
-    """Floats by their bits (0.0 and -0.0 differ), in any nesting."""
-    if isinstance(value, float):
-        return value.hex()
-    if isinstance(value, tuple):
-        return tuple(_bits(v) for v in value)
-    return value
 
 
 _finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -93,7 +86,7 @@ def _run(engine, bundles, lateness_s, round_trip):
         if round_trip:
             history = engine.from_state(FEATURES, history.to_state(), lateness_s)
         answers, late_requests, late_observations = history.apply(bundle)
-        results.append(([(p.event_id, _bits(a)) for p, a in answers if p.event_id in exact],
+        results.append(([(p.event_id, bits(a)) for p, a in answers if p.event_id in exact],
                         late_requests, late_observations))
     return results, history.to_state()
 
@@ -152,10 +145,10 @@ def test_exact_sums_round_like_fsum_and_stddev_like_the_scan(values, data):
     sums = ExactSums(list(values), squares=True)
     expected = _fsum(values[lo:hi])
     if expected is not None:
-        assert _bits(sums.total(lo, hi)) == _bits(expected)
+        assert bits(sums.total(lo, hi)) == bits(expected)
     if hi > lo:
         ratios = [v.as_integer_ratio() for v in values]
-        assert _bits(sums.stddev(lo, hi)) == _bits(_stddev(values, [], lo, hi, 0, None, ratios))
+        assert bits(sums.stddev(lo, hi)) == bits(_stddev(values, [], lo, hi, 0, None, ratios))
 
 
 @settings(max_examples=200, deadline=None)
@@ -181,12 +174,12 @@ def test_sliding_indexes_follow_insertions_drops_and_any_window(values, inserts,
         lo, hi = _slices(values, data)
         if hi > lo:
             window = values[lo:hi]
-            assert _bits(minimum.query(lo, hi)) == _bits(float(min(window)))
-            assert _bits(maximum.query(lo, hi)) == _bits(float(max(window)))
+            assert bits(minimum.query(lo, hi)) == bits(float(min(window)))
+            assert bits(maximum.query(lo, hi)) == bits(float(max(window)))
             assert distinct.query(lo, hi) == float(len(set(window)))
             expected = _fsum(window)
             if expected is not None:
-                assert _bits(sums.total(lo, hi)) == _bits(expected)
+                assert bits(sums.total(lo, hi)) == bits(expected)
 
 
 @given(times=st.lists(st.integers(0, 50), max_size=40).map(sorted), x=st.integers(-1, 51), guess=st.integers(0, 45),
