@@ -157,7 +157,8 @@ def test_late_observation_is_used_by_later_requests(flights_spec):
         ]))
 
 
-def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec):
+@pytest.mark.parametrize("join_key", ["r1", "shard-0"], ids=["per_event_id", "one_shard"])
+def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec, join_key):
     from transforms.feature_layout import EventLayout, feature_groups
     from transforms.unbounded_features import REQUEST_PART, _JoinGroupsDoFn
 
@@ -167,6 +168,7 @@ def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec
     parts = [("r1", (REQUEST_PART, item)), ("r1", (REQUEST_PART, item)),  # the request twice
              ("r1", (0, (1.0, 10.0, 10.0, 10.0, 0.0))), ("r1", (0, (1.0, 10.0, 10.0, 10.0, 0.0))),  # origin twice
              ("r1", (1, (20.0,))), ("r1", (3, (15.0,))), ("r1", (4, (12.0,)))]
+    parts = [(join_key, (event_id, part)) for event_id, part in parts]
     with TestPipeline() as pipeline:
         joined = (pipeline
                   | beam.Create(parts).with_output_types(tuple[str, tuple])
@@ -175,3 +177,19 @@ def test_join_waits_for_every_group_even_when_a_part_is_redelivered(flights_spec
         assert_that(joined, equal_to([("r1", (1.0, 10.0, 10.0, 10.0, 20.0, None, None, None, 15.0, 12.0, 0.0))]))
 
 
+
+
+def test_take_joined_leaves_the_other_requests_of_a_shard_pending(flights_spec):
+    from transforms.feature_layout import EventLayout, feature_groups
+    from transforms.unbounded_features import REQUEST_PART, take_joined
+
+    groups = feature_groups(flights_spec)
+    layout = EventLayout.of(flights_spec)
+    r1, r2 = (layout.to_item(request(event_id, 30 * MIN_US), (None,) * 11) for event_id in ("r1", "r2"))
+    answers = [(0, (1.0, 10.0, 10.0, 10.0, 0.0)), (1, (20.0,)), (3, (15.0,)), (4, (12.0,))]
+    pending = [("r1", (REQUEST_PART, r1)), ("r2", (REQUEST_PART, r2)), *(("r2", part) for part in answers[:2]),
+               *(("r1", part) for part in answers)]
+    joined, rest = take_joined(pending, "r1", groups)
+    assert joined[-1] == (1.0, 10.0, 10.0, 10.0, 20.0, None, None, None, 15.0, 12.0, 0.0)
+    assert rest == [("r2", (REQUEST_PART, r2)), *(("r2", part) for part in answers[:2])]
+    assert take_joined(rest, "r2", groups) == (None, rest)  # r2 still waits for the route and dest parts

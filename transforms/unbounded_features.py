@@ -66,6 +66,20 @@ def expected_parts(request: tuple, groups: tuple[FeatureGroup, ...]) -> frozense
     return frozenset(index for index, group in enumerate(groups) if key_of(request, group) is not None)
 
 
+def take_joined(pending: list[tuple[str, tuple]], event_id: str, groups: tuple[FeatureGroup, ...]
+                ) -> tuple[Optional[tuple], list[tuple[str, tuple]]]:
+    """The parts a join state holds, as (event_id, (part index, part)) in
+    arrival order -> (the request of `event_id` with every group filled in,
+    and the parts of the other requests, which stay), or (None, pending)
+    while any part it waits for is missing. A state holds one event_id
+    (key_shards None) or the pending requests of a shard of them."""
+    collected = {index: part for id_, (index, part) in pending if id_ == event_id}
+    request = joined_request(collected, groups)
+    if request is None:
+        return None, pending
+    return request, [kept for kept in pending if kept[0] != event_id]
+
+
 def joined_request(collected: dict[int, object], groups: tuple[FeatureGroup, ...]) -> Optional[tuple]:
     """The parts received for one event_id, by part index -> the request with
     every group filled in, or None while any part it waits for is missing.
@@ -81,7 +95,7 @@ def joined_request(collected: dict[int, object], groups: tuple[FeatureGroup, ...
 
 
 class _PointInTimeDoFn(beam.DoFn):
-    """(state key, (group index, element)) -> (event_id, (group index, values))
+    """(state key, (group index, element)) -> (join key, (event_id, (group index, values)))
     for each request, released in time order once the watermark has passed
     it. Every group runs in this one step (a state key belongs to one group:
     its index leads the key), because each step costs the streaming
@@ -97,10 +111,12 @@ class _PointInTimeDoFn(beam.DoFn):
     # whatever is still buffered.
     DRAIN = TimerSpec("drain", TimeDomain.WATERMARK)
 
-    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, release_step_us: int):
+    def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, release_step_us: int,
+                 key_shards: Optional[int] = None):
         self._groups = groups
         self._lateness_s = allowed_lateness_s
         self._step_us = release_step_us
+        self._shards = key_shards
         self._late_requests = Metrics.counter("windowed_features", "late_requests")
         self._late_observations = Metrics.counter("windowed_features", "late_observations")
 
@@ -147,7 +163,8 @@ class _PointInTimeDoFn(beam.DoFn):
                 self._late_requests.inc(late_requests)
             if group.counts_late_observations:
                 self._late_observations.inc(late_observations)
-            outputs.extend(beam.window.TimestampedValue((pending.event_id, (index, answer)),
+            outputs.extend(beam.window.TimestampedValue((state_key(pending.event_id, self._shards),
+                                                         (pending.event_id, (index, answer))),
                                                         Timestamp(micros=pending.time_us))
                            for pending, answer in answers)
         histories.write(states)
@@ -163,8 +180,12 @@ class _PointInTimeDoFn(beam.DoFn):
 
 
 class _JoinGroupsDoFn(beam.DoFn):
-    """(event_id, part) -> the request element with every group's values, as
-    soon as `joined_request` finds them all in; then its state is cleared.
+    """(join key, (event_id, part)) -> the request element with every group's
+    values, as soon as `take_joined` finds them all in; then its parts leave
+    the state. The join key is the event_id (key_shards None) or a shard of
+    event_ids: on the DirectRunner every key is a bundle of its own through
+    every later step (up to a model call per request), so one shard lets the
+    requests a timer firing answers leave together.
     Its input is de-duplicated upstream (`DeduplicateEvents`: one request
     per event_id within the horizon), so no second request part comes after
     the join; keeping a marker per answered request would hold state for each
@@ -176,11 +197,14 @@ class _JoinGroupsDoFn(beam.DoFn):
         self._groups = groups
 
     def process(self, element, parts=beam.DoFn.StateParam(PARTS)):
-        _, part = element
-        parts.add(part)
-        request = joined_request(dict(parts.read()), self._groups)
+        _, (event_id, part) = element
+        parts.add((event_id, part))
+        pending = list(parts.read())
+        request, rest = take_joined(pending, event_id, self._groups)
         if request is not None:
             parts.clear()
+            for kept in rest:
+                parts.add(kept)
             yield beam.window.TimestampedValue(request, Timestamp(micros=request[TIME]))
 
 
@@ -199,7 +223,7 @@ class _Route(beam.DoFn):
 
     def process(self, item):
         if item[RANK] == REQUEST:
-            yield beam.pvalue.TaggedOutput(_JOIN, (item[ID], (REQUEST_PART, item)))
+            yield beam.pvalue.TaggedOutput(_JOIN, (state_key(item[ID], self._shards), (item[ID], (REQUEST_PART, item))))
         for index, group in enumerate(self._groups):
             if reads(item, group):
                 key = key_of(item, group)
@@ -225,7 +249,7 @@ class StreamingFeatures(beam.PTransform):
         routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_output_types(
             keyed, **{tag: keyed for tag in (_JOIN, _POINTS)}).with_outputs(_JOIN, _POINTS)
         answers = routed[_POINTS] | "PointInTime" >> beam.ParDo(_PointInTimeDoFn(
-            self._groups, self._lateness_s, self._step_us)).with_input_types(keyed)
+            self._groups, self._lateness_s, self._step_us, self._shards)).with_input_types(keyed)
         return (
             (routed[_JOIN], answers)
             | "MergeParts" >> beam.Flatten().with_output_types(keyed)
