@@ -7,7 +7,7 @@ the batch branch -> the trained SavedModel -> predictions in BigQuery.
       -> WindowedFeatures(spec) (the batch transform: point-in-time [t - W, t))
       -> EncodeExamples (the batch encoder, no label; each encoded batch one KeyedBatch element)
       -> RunInference (SavedModel, serving_default once per KeyedBatch)     -> dead letters
-      -> PerRequest (exactly one prediction per request)
+      -> ToPredictionRows (per_request: exactly one prediction per request)
       -> WriteToBigQuery predictions (streaming inserts) -> refused rows: dead letters
     dead letters -> WriteToBigQuery dead-letter table (payload, attributes, error, time)
     optional: the features each prediction was made from (--served_features_table, a sample by
@@ -47,12 +47,13 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
+from beam_app.kept_model import KeptModelHandler
 from beam_app.options import CommonOptions, Input, configure_logging, print_help, quiet_tensorflow, resolve_inputs
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
                              event_row, events_schema, failed_inference_letters, failed_row_letter, in_served_sample,
                              prediction_row, row_table, served_features_row, served_features_schema, table_schema)
 from models.export import SpecMismatch
-from models.inference import (ModelLocation, SavedModelHandler, WatchLatest, load_checked_model, locate_model,
+from models.inference import (ModelLocation, WatchLatest, load_checked_model, locate_model,
                               per_request, version_of)
 from models.model_updates import WatchLatestModel
 from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
@@ -158,6 +159,12 @@ class StreamingOptions(CommonOptions):
             help="Largest batch of examples per model call (default 1024): EncodeExamples' batches, "
                  "each a model call.")
         parser.add_argument(
+            "--insert_shards", type=int, default=None,
+            help="Keys per BigQuery table that the streaming inserts are grouped by before each insertAll call: "
+                 "a call takes the rows of one key in one bundle. Default on the DirectRunner: 1, so the rows of "
+                 "a bundle go in one call instead of one call each (every key there is a bundle of its own); "
+                 "elsewhere Beam's 500.")
+        parser.add_argument(
             "--duration_s", type=float, default=0,
             help="DirectRunner only: stop after this many seconds and print the summary (default: run until "
                  "Ctrl-C).")
@@ -174,9 +181,11 @@ SERVED = "served_features"
 
 
 class _ToPredictionRow(beam.DoFn):
-    """(RequestKey, PredictionResult) -> a predictions table row, and (tagged
-    SERVED) for the requests in the sample, the example it was made from,
-    decoded: what the model received, not what we think we sent it."""
+    """KeyedPredictions (one model call's answers) -> per request (`per_request`:
+    exactly one each) a predictions table row, and (tagged SERVED) for the
+    requests in the sample, the example it was made from, decoded: what the
+    model received, not what we think we sent it. One step for both, as each
+    step costs the streaming DirectRunner per bundle."""
 
     def __init__(self, spec: FeatureSpec, clock: Callable[[], float], served_rate: Optional[float] = None,
                  job_started_us: int = 0):
@@ -187,16 +196,16 @@ class _ToPredictionRow(beam.DoFn):
         self._rows = Metrics.counter("predictions", "rows")
         self._served = Metrics.counter("predictions", "served_features_rows")
 
-    def process(self, keyed):
-        key, result = keyed
-        self._rows.inc()
+    def process(self, predictions):
         now_us = int(self._clock() * 1e6)
-        yield prediction_row(key, result.inference, result.model_id, self._spec.fingerprint, now_us)
-        if self._served_rate is not None and in_served_sample(key.event_id, self._served_rate):
-            self._served.inc()
-            yield beam.pvalue.TaggedOutput(SERVED, served_features_row(
-                key, decode_example(self._spec, result.example), result.model_id, self._spec.fingerprint, now_us,
-                self._job_started_us))
+        for key, result in per_request(predictions):
+            self._rows.inc()
+            yield prediction_row(key, result.inference, result.model_id, self._spec.fingerprint, now_us)
+            if self._served_rate is not None and in_served_sample(key.event_id, self._served_rate):
+                self._served.inc()
+                yield beam.pvalue.TaggedOutput(SERVED, served_features_row(
+                    key, decode_example(self._spec, result.example), result.model_id, self._spec.fingerprint,
+                    now_us, self._job_started_us))
 
 
 class _ToEventRow(beam.DoFn):
@@ -243,9 +252,8 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
     served_rate: also "served_features", rows of the features a sample of the predictions were made
     from (job_started_us: when this job started, in each row); archive_events: also "events", a row
     per accepted live event."""
-    records = messages | "ToRecords" >> beam.Map(message_to_record)
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
-    parsed = records | "ParseEvents" >> ParseEvents(spec, live=live)
+    parsed = messages | "ParseEvents" >> ParseEvents(spec, live=live, to_record=message_to_record)
     events = parsed["events"] if history is None else (parsed["events"], history)
     unique = events | "DeduplicateEvents" >> DeduplicateEvents(
         spec.max_window_s + allowed_lateness_s, key_shards)
@@ -256,13 +264,12 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
     )
     # Each encoded batch is one element and one model call, until each request gets its prediction.
     predicted, failed = examples | "RunInference" >> RunInference(
-        SavedModelHandler(model_path, spec, watch=watch)).with_exception_handling()
-    predictions = predicted | "PerRequest" >> beam.FlatMap(per_request)
+        KeptModelHandler(model_path, spec, watch=watch)).with_exception_handling()
     refused_models = [messages | "WatchModel" >> WatchLatestModel(
         watch.model_dir, spec, version_of(model_path), watch.poll_s, watch.clock)] if watch else []
     failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
         failed_inference_letters)
-    rows = predictions | "ToPredictionRows" >> beam.ParDo(
+    rows = predicted | "ToPredictionRows" >> beam.ParDo(
         _ToPredictionRow(spec, clock, served_rate, job_started_us)).with_outputs(SERVED, main="predictions")
     outputs = {
         "predictions": rows.predictions,
@@ -276,14 +283,17 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
     return outputs
 
 
-def _write_rows(rows, label: str, table, schema, test_client) -> beam.PCollection:
+def _write_rows(rows, label: str, table, schema, test_client, insert_shards: Optional[int] = None
+                ) -> beam.PCollection:
     """Streaming inserts with an explicit schema; returns the refused rows as
     (destination, row, errors). Only transient errors are retried: the
-    default retries a bad row forever."""
+    default retries a bad row forever. insert_shards: keys per table before
+    the insertAll calls (None: Beam's default)."""
+    shards = {} if insert_shards is None else {"num_streaming_keys": insert_shards - 1}  # Beam: randint(0, n)
     result = rows | label >> WriteToBigQuery(
         table=table, schema=schema, method=WriteToBigQuery.Method.STREAMING_INSERTS,
         create_disposition=BigQueryDisposition.CREATE_NEVER, write_disposition=BigQueryDisposition.WRITE_APPEND,
-        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, test_client=test_client)
+        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, test_client=test_client, **shards)
     return result.failed_rows_with_errors
 
 
@@ -320,16 +330,17 @@ class _LogUnwritable(beam.DoFn):
 
 
 def write_outputs(outputs: dict, tables: dict[str, tuple[str, tuple]], test_client=None,
-                  clock: Callable[[], float] = time.time) -> None:
+                  clock: Callable[[], float] = time.time, insert_shards: Optional[int] = None) -> None:
     """Every row to its table (`job_tables`) through one WriteToBigQuery (each
     of its steps costs the DirectRunner per bundle, even an empty one); rows
-    BigQuery refuses become dead letters, written by a second."""
+    BigQuery refuses become dead letters, written by a second.
+    insert_shards: keys per table before the insertAll calls (`insert_shards`; None: Beam's 500)."""
     destinations = _Destinations(tables)
     dead_letter_table = tables["dead_letters"][0]
     dead_letter_rows = outputs["dead_letters"] | "ToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
     rows = [outputs[name] for name in ("predictions", SERVED, "events") if name in outputs]
     refused = _write_rows((*rows, dead_letter_rows) | "AllRows" >> beam.Flatten(), "WriteRows",
-                          destinations.table, destinations.schema, test_client)
+                          destinations.table, destinations.schema, test_client, insert_shards)
     refused_predictions, refused_dead_letters = refused | "SplitRefused" >> beam.Partition(
         lambda failed, _: int(row_table(failed[1]) == "dead_letters"), 2)
     refused_rows = (
@@ -338,7 +349,7 @@ def write_outputs(outputs: dict, tables: dict[str, tuple[str, tuple]], test_clie
         | "RefusedToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
     )
     unwritable = _write_rows(refused_rows, "WriteRefusedRows", dead_letter_table,
-                             table_schema(DEAD_LETTERS_SCHEMA), test_client)
+                             table_schema(DEAD_LETTERS_SCHEMA), test_client, insert_shards)
     (refused_dead_letters, unwritable) | "Unwritable" >> beam.Flatten() | "LogUnwritable" >> beam.ParDo(
         _LogUnwritable())
 
@@ -383,6 +394,15 @@ def key_shards(options: StreamingOptions) -> Optional[int]:
         if options.key_shards < 0:
             raise UsageError(f"--key_shards must be 0 (a state per key value) or more, got {options.key_shards}")
         return options.key_shards or None
+    return 1 if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS else None
+
+
+def insert_shards(options: StreamingOptions) -> Optional[int]:
+    """--insert_shards, with the DirectRunner's default of 1 (see its help); None: Beam's default."""
+    if options.insert_shards is not None:
+        if options.insert_shards < 1:
+            raise UsageError(f"--insert_shards must be 1 or more, got {options.insert_shards}")
+        return options.insert_shards
     return 1 if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS else None
 
 
@@ -500,7 +520,7 @@ def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureS
                     options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
                     options.event_time_attribute, history, watch, served_rate, bool(options.events_table),
                     job_started_us=int(clock() * 1e6))
-    write_outputs(outputs, job_tables(options, spec), test_client, clock)
+    write_outputs(outputs, job_tables(options, spec), test_client, clock, insert_shards(options))
 
 
 def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,

@@ -79,7 +79,8 @@ def passthrough_job(bigquery_endpoint: str) -> None:
                 | beam.Map(to_row))
     streaming.write_outputs({"predictions": requests, "dead_letters": pipeline | beam.Create([])},
                             {"predictions": (PREDICTIONS, PREDICTIONS_SCHEMA), "dead_letters": (DEAD_LETTERS, DEAD_LETTERS_SCHEMA)},
-                            EndpointBigQueryClient("test-project", bigquery_endpoint))
+                            EndpointBigQueryClient("test-project", bigquery_endpoint),
+                            insert_shards=streaming.insert_shards(streaming.StreamingOptions(["--runner", "DirectRunner"])))
     result = pipeline.run()
     try:
         while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -180,10 +180,12 @@ class _ParseDoFn(beam.DoFn):
     """RawRecord -> Event (main) | DeadLetter (tagged), counted. With a
     LiveStamp, each event leaves stamped with its checked event time."""
 
-    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp], adapters: Mapping[str, CsvAdapter]):
+    def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp], adapters: Mapping[str, CsvAdapter],
+                 to_record: Optional[Callable[[Any], RawRecord]] = None):
         self._spec = spec
         self._live = live
         self._adapters = dict(adapters)
+        self._to_record = to_record
         self._records = Metrics.counter("parse", "records_read")
         self._ok = Metrics.counter("parse", "records_ok")
         self._dead = Metrics.counter("parse", "dead_letters")
@@ -194,6 +196,8 @@ class _ParseDoFn(beam.DoFn):
 
     def process(self, record: RawRecord, timestamp=beam.DoFn.TimestampParam):
         self._records.inc()
+        if self._to_record is not None:
+            record = self._to_record(record)
         events, dead = parse_or_dead_letter(self._parse, record, timestamp.micros, self._live)
         if dead is not None:
             self._dead.inc()
@@ -219,16 +223,23 @@ class ParseEvents(beam.PTransform):
     letter, and the job goes on.
 
     adapters: the CSV adapters of the spec's sources, by source name (NDJSON
-    needs none)."""
+    needs none).
+
+    to_record: makes the RawRecord of each input element (a Pub/Sub message)
+    in the same step, which on the streaming DirectRunner saves a bundle per
+    bundle; it must not raise (a record it cannot make cannot be a dead letter)."""
 
     def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp] = None,
-                 adapters: Optional[Mapping[str, CsvAdapter]] = None, label: Optional[str] = None):
+                 adapters: Optional[Mapping[str, CsvAdapter]] = None, label: Optional[str] = None,
+                 to_record: Optional[Callable[[Any], RawRecord]] = None):
         super().__init__(label)
         self._spec = spec
         self._live = live
         self._adapters = dict(adapters or {})
+        self._to_record = to_record
 
     def expand(self, records):
-        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live, self._adapters)).with_outputs(
+        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live, self._adapters,
+                                                            self._to_record)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}
