@@ -200,7 +200,7 @@ def _heartbeat(started: float, every_s: float):
 
     def beat():
         while not done.wait(every_s):
-            logging.info("pipeline running, %.0f s so far (the full flights data takes one to two minutes on 2 cores)",
+            logging.info("pipeline running, %.0f s so far (the full flights data takes two to three minutes on 2 cores)",
                          time.monotonic() - started)
 
     thread = threading.Thread(target=beat, daemon=True)
