@@ -200,7 +200,7 @@ class _ToPredictionRow(beam.DoFn):
         now_us = int(self._clock() * 1e6)
         for key, result in per_request(predictions):
             self._rows.inc()
-            yield prediction_row(key, result.inference, result.model_id, self._spec.fingerprint, now_us)
+            yield prediction_row(key, result.inference, result.model_id, self._spec.fingerprint, now_us, "streaming")
             if self._served_rate is not None and in_served_sample(key.event_id, self._served_rate):
                 self._served.inc()
                 yield beam.pvalue.TaggedOutput(SERVED, served_features_row(

@@ -2,7 +2,8 @@
 source every table is created from, by the job, the local demo and the
 deployment) and the pure functions that make their rows.
 
-- predictions: one row per request event.
+- predictions: one row per request event, from the streaming job or the
+  batch scoring job (`source` says which).
 - dead letters: everything the job could not turn into a prediction, with
   the reason: unparseable messages, failed inferences, rows BigQuery refused.
 - served features (optional): per prediction (or a sample of them), the
@@ -38,7 +39,12 @@ PREDICTIONS_SCHEMA: tuple[dict[str, str], ...] = (
      "description": "sha256 of the feature spec the features were computed with."},
     {"name": "processing_time", "type": "TIMESTAMP", "mode": "REQUIRED",
      "description": "When the job made the row (wall clock)."},
+    # NULLABLE: BigQuery adds only NULLABLE columns to an existing table (`bq update` with the schema).
+    {"name": "source", "type": "STRING", "mode": "NULLABLE",
+     "description": "The job that made the row: streaming (beam_app.streaming) or batch (beam_app.predict); "
+                    "null in rows written before the column existed."},
 )
+PREDICTION_SOURCES = ("streaming", "batch")
 
 DEAD_LETTERS_SCHEMA: tuple[dict[str, str], ...] = (
     {"name": "stage", "type": "STRING", "mode": "REQUIRED",
@@ -60,7 +66,9 @@ def table_schema(fields: tuple[dict[str, str], ...]) -> dict[str, Any]:
 
 
 def prediction_row(key: RequestKey, prediction: float, model_version: str, spec_fingerprint: str,
-                   processed_at_us: int) -> dict[str, Any]:
+                   processed_at_us: int, source: str) -> dict[str, Any]:
+    if source not in PREDICTION_SOURCES:
+        raise ValueError(f"a prediction's source is one of {PREDICTION_SOURCES}, not {source!r}")
     return {
         "event_id": key.event_id,
         "event_time": time_us_to_rfc3339(key.time_us),
@@ -68,6 +76,7 @@ def prediction_row(key: RequestKey, prediction: float, model_version: str, spec_
         "model_version": model_version,
         "spec_fingerprint": spec_fingerprint,
         "processing_time": time_us_to_rfc3339(processed_at_us),
+        "source": source,
     }
 
 

@@ -70,7 +70,7 @@ def passthrough_job(bigquery_endpoint: str) -> None:
 
     def to_row(message):
         key = RequestKey(message.attributes["event_id"], rfc3339_to_time_us(message.attributes["event_time"]))
-        return prediction_row(key, 0.0, "passthrough", "-", int(time.time() * 1e6))
+        return prediction_row(key, 0.0, "passthrough", "-", int(time.time() * 1e6), "streaming")
 
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner", "--streaming"]))
     requests = (pipeline

@@ -157,11 +157,13 @@ def test_the_placeholder_the_load_warms_the_model_with_is_an_example_of_the_spec
 
 def test_prediction_row_has_every_schema_field_in_bigquery_form():
     row = prediction_row(RequestKey("20130101-UA1545-EWR", 1357031700_000000), 12.5, "20261123T101500Z",
-                         "ab" * 32, 1_700_000_000_123_456)
+                         "ab" * 32, 1_700_000_000_123_456, "batch")
     assert row == {"event_id": "20130101-UA1545-EWR", "event_time": "2013-01-01T09:15:00Z", "prediction": 12.5,
                    "model_version": "20261123T101500Z", "spec_fingerprint": "ab" * 32,
-                   "processing_time": "2023-11-14T22:13:20.123456Z"}
+                   "processing_time": "2023-11-14T22:13:20.123456Z", "source": "batch"}
     assert list(row) == [field["name"] for field in PREDICTIONS_SCHEMA]
+    with pytest.raises(ValueError, match="streaming"):
+        prediction_row(RequestKey("x", 0), 1.0, "v", "f", 0, "backfill")
 
 
 def test_dead_letter_rows_keep_payload_attributes_and_reason():
