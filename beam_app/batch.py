@@ -38,15 +38,18 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
+from beam_app.bigquery_input import (QUERY_INPUT, Endpoints, ReadBigQueryRecords, check_table, is_bigquery_input,
+                                     parse_input_table)
 from beam_app.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
                               quiet_tensorflow, resolve_inputs)
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.examples import EncodeRecordBatches, RecordBatches, example_columns, is_labeled
 from transforms.feature_stats import FeatureStatistics, statistics_document
+from transforms.events import datetime_to_time_us
 from transforms.parse import DEAD_LETTERS, ParseEvents, role_counter
 from transforms.read_files import ReadRecords, matched_files
 from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
@@ -58,7 +61,7 @@ from transforms.windowed_features import WindowedFeatures
 class BatchOptions(CommonOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        add_input_arguments(parser, "History to read")
+        add_input_arguments(parser, "History to read", bigquery=True)
         parser.add_argument(
             "--output", default="./output",
             help="Directory for the TFRecords, dead letters, spec.json and summary.json (default: ./output). "
@@ -211,20 +214,79 @@ def _heartbeat(started: float, every_s: float):
         done.set()
 
 
-def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], input_format: str):
-    """Every input's RawRecords, in one PCollection."""
+def bigquery_endpoints(options) -> Optional[Endpoints]:
+    """--bigquery_endpoint and --bigquery_grpc_endpoint, both or neither (Google's)."""
+    rest, grpc = getattr(options, "bigquery_endpoint", None), getattr(options, "bigquery_grpc_endpoint", None)
+    if (rest is None) != (grpc is None):
+        raise SpecError("BigQuery inputs at another endpoint need both --bigquery_endpoint (REST) and "
+                        "--bigquery_grpc_endpoint (the Storage Read API): the read uses both")
+    return Endpoints(rest, grpc) if rest is not None else None
+
+
+def _input_time_us(options, name: str) -> Optional[int]:
+    text = getattr(options, name, None)
+    if text is None:
+        return None
+    return datetime_to_time_us(parse_utc_date(text, f"--{name}"))
+
+
+def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], options):
+    """Every input's RawRecords, in one PCollection: files through ReadRecords,
+    BigQuery tables and --input_query through ReadBigQueryRecords. `options`:
+    any options object with add_input_arguments' flags (bigquery=True for
+    BigQuery inputs)."""
+    query = getattr(options, "input_query", None)
+    since_us, until_us = _input_time_us(options, "input_since"), _input_time_us(options, "input_until")
+    tables = [i for i in inputs if is_bigquery_input(i.pattern)]
+    if (since_us is not None or until_us is not None) and not tables:
+        raise SpecError("--input_since/--input_until filter BigQuery inputs (bq:TABLE or --input_query) only")
+    if query is not None and not any(i.pattern == QUERY_INPUT for i in inputs):
+        raise SpecError("--input_query given but not among the inputs: resolve_inputs(spec, options.input, "
+                        "query=options.input_query, bigquery=True)")
+    endpoints = bigquery_endpoints(options) if tables else None
+    project = options.view_as(GoogleCloudOptions).project
+
+    def read(i: Input):
+        if i.pattern == QUERY_INPUT:
+            return ReadBigQueryRecords(query=query, since_us=since_us, until_us=until_us, endpoints=endpoints,
+                                       project=project)
+        if is_bigquery_input(i.pattern):
+            return ReadBigQueryRecords(table=i.pattern, since_us=since_us, until_us=until_us, endpoints=endpoints,
+                                       project=project)
+        return ReadRecords(i.pattern, options.input_format, i.source_name)
+
+    def label(index: Optional[int], i: Input) -> str:
+        if is_bigquery_input(i.pattern):
+            return "ReadBigQuery" if index is None else f"ReadBigQuery_{index}"
+        return "ReadRecords" if index is None else f"ReadRecords_{index}_{i.source_name or 'events'}"
+
     if len(inputs) == 1:
-        return pipeline | "ReadRecords" >> ReadRecords(inputs[0].pattern, input_format, inputs[0].source_name)
-    return ([pipeline | f"ReadRecords_{index}_{i.source_name or 'events'}" >> ReadRecords(
-        i.pattern, input_format, i.source_name) for index, i in enumerate(inputs)]
+        return pipeline | label(None, inputs[0]) >> read(inputs[0])
+    return ([pipeline | label(index, i) >> read(i) for index, i in enumerate(inputs)]
             | "MergeInputs" >> beam.Flatten())
+
+
+def input_names(inputs: list[Input], options) -> list[str]:
+    """What the summary's "input" lists: the files each glob matches (raising
+    FileNotFoundError when none), the BigQuery tables (checked to exist with
+    the columns of events: SpecError saying what to do) and bq:query."""
+    names = []
+    for i in inputs:
+        if i.pattern == QUERY_INPUT:
+            names.append(QUERY_INPUT)
+        elif is_bigquery_input(i.pattern):
+            check_table(parse_input_table(i.pattern), bigquery_endpoints(options))
+            names.append(i.pattern)
+        else:
+            names.extend(matched_files(i.pattern))
+    return names
 
 
 def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec, split: SplitSpec,
               inputs: list[Input], output: str) -> None:
     """Every step of the job, as run() runs it (the offline Dataflow translation
     test builds it the same way): the read, `build` and the writes."""
-    outputs = build(read_inputs(pipeline, inputs, options.input_format), spec, split,
+    outputs = build(read_inputs(pipeline, inputs, options), spec, split,
                     with_stats=not options.no_stats)
     for name in SPLITS:
         outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
@@ -267,11 +329,11 @@ def run(argv: Optional[list[str]] = None) -> dict:
     started = time.monotonic()
     spec = load_spec(options.spec)
     split = split_from_options(spec, options)
-    inputs = resolve_inputs(spec, options.input)
-    files = [path for i in inputs for path in matched_files(i.pattern)]
+    inputs = resolve_inputs(spec, options.input, query=options.input_query, bigquery=True)
+    files = input_names(inputs, options)
     output = options.output.rstrip("/")
     _clear_previous_outputs(output)
-    logging.info("spec %s (%s), %d input file(s): %s", spec.name, spec.fingerprint[:12], len(files),
+    logging.info("spec %s (%s), %d input(s): %s", spec.name, spec.fingerprint[:12], len(files),
                  ", ".join(i.pattern if i.source_name is None else f"{i.source_name}={i.pattern}" for i in inputs))
 
     pipeline = beam.Pipeline(options=options)

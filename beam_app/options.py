@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_app.bigquery_input import PREFIX, QUERY_INPUT, BigQueryInputError, is_bigquery_input, parse_input_table
 from transforms.read_files import resolve_input
 from transforms.spec import FeatureSpec, SpecError, shipped_specs
 
@@ -23,28 +24,61 @@ class CommonOptions(PipelineOptions):
                  "or a path to a spec YAML/JSON file.")
 
 
-def add_input_arguments(parser, what: str) -> None:
-    """--input and --input_format, read the same way by every entry point that reads events."""
+def add_input_arguments(parser, what: str, bigquery: bool = False) -> None:
+    """--input and --input_format, read the same way by every entry point that
+    reads events; with `bigquery`, BigQuery inputs too (bq:TABLE, --input_query,
+    the time filter and the endpoints), read by beam_app.batch.read_inputs."""
+    tables = " or bq:PROJECT.DATASET.TABLE (also bq:PROJECT:DATASET.TABLE), a BigQuery table of events" \
+        if bigquery else ""
     parser.add_argument(
         "--input", default=None, action="append",
         help=f"{what}: a path or glob (local or gs://) of NDJSON events, or of CSV files read by the adapter "
              "of the spec's first source; SOURCE=PATH for another source of the spec (flights_weather: "
-             "weather=PATH). Repeat for several. Default: every source's embedded data set.")
+             f"weather=PATH){tables}. Repeat for several. Default: every source's embedded data set.")
     parser.add_argument(
         "--input_format", default="auto", choices=("auto", "csv", "json"),
         help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+    if not bigquery:
+        return
+    parser.add_argument(
+        "--input_query", default=None, metavar="SQL",
+        help="Instead of --input: a BigQuery standard SQL query whose rows are events (columns event_id, "
+             "role or kind, event_time and the spec's fields), run in --project.")
+    parser.add_argument(
+        "--input_since", default=None, metavar="TIME",
+        help="BigQuery inputs: only rows with event_time at or after this UTC date (2013-11-01) or RFC 3339 time.")
+    parser.add_argument(
+        "--input_until", default=None, metavar="TIME",
+        help="BigQuery inputs: only rows with event_time before this UTC date or RFC 3339 time (excluded).")
+    parser.add_argument(
+        "--bigquery_endpoint", default=None, metavar="URL",
+        help="BigQuery REST API of another BigQuery than Google's, e.g. http://127.0.0.1:9050 for the local "
+             "emulator, reached without credentials; needs --bigquery_grpc_endpoint. Default: Google's.")
+    parser.add_argument(
+        "--bigquery_grpc_endpoint", default=None, metavar="HOST:PORT",
+        help="Its BigQuery Storage Read API (gRPC, plaintext), e.g. 127.0.0.1:9051. Default: Google's.")
 
 
 class Input(NamedTuple):
-    """A path or glob to read, and the spec's source whose CSV adapter reads it (None: the first)."""
+    """A path or glob to read, and the spec's source whose CSV adapter reads it (None: the first);
+    or a BigQuery table (bq:PROJECT.DATASET.TABLE) or query (bq:query) of events."""
 
     pattern: str
     source_name: Optional[str] = None
 
 
-def resolve_inputs(spec: FeatureSpec, given: Optional[Sequence[str]]) -> list[Input]:
+def resolve_inputs(spec: FeatureSpec, given: Optional[Sequence[str]], query: Optional[str] = None,
+                   bigquery: bool = False) -> list[Input]:
     """The --input values (or, none given, every source's default input) as
-    Inputs, with package: paths resolved; raises SpecError saying what to pass."""
+    Inputs, with package: paths resolved; raises SpecError saying what to pass.
+    With `bigquery`, a bq: value is an Input whose pattern is bq:PROJECT.DATASET.TABLE,
+    and `query` (--input_query) the one Input bq:query."""
+    if query is not None:
+        if not bigquery:
+            raise SpecError("--input_query: this entry point reads files only")
+        if given:
+            raise SpecError("pass --input or --input_query, not both")
+        return [Input(QUERY_INPUT, None)]
     sources = {source.name: source for source in spec.sources}
     if not given:
         inputs = [Input(resolve_input(s.default_input), s.name) for s in spec.sources if s.default_input]
@@ -54,7 +88,15 @@ def resolve_inputs(spec: FeatureSpec, given: Optional[Sequence[str]]) -> list[In
     inputs = []
     for value in given:
         name, separator, path = value.partition("=")
-        if separator and name in sources:
+        if is_bigquery_input(value):
+            if not bigquery:
+                raise SpecError(f"--input {value!r}: this entry point reads files only; "
+                                "python -m beam_app.batch reads BigQuery tables")
+            try:
+                inputs.append(Input(PREFIX + parse_input_table(value), None))
+            except BigQueryInputError as err:
+                raise SpecError(str(err)) from None
+        elif separator and name in sources:
             inputs.append(Input(resolve_input(path), name))
         elif separator and "/" not in name and "." not in name:
             raise SpecError(f"--input {value!r}: {name!r} is not a source of spec {spec.name!r}; "
