@@ -17,7 +17,7 @@ DUCKDB_PLATFORM ?= $(if $(filter aarch64 arm64,$(shell uname -m)),linux_arm64,li
 DUCKDB_EXTENSIONS := $(foreach name,icu spatial ducklake,\
 	$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/$(name).duckdb_extension)
 
-.PHONY: venv venv-bq run demo test test-fast bench clean deploy deploy-dry-run
+.PHONY: venv venv-bq run demo loop test test-fast bench clean deploy deploy-dry-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,13 @@ run: $(VENV)/.installed
 demo: $(VENV)/.installed venv-bq
 	test -e output/model/LATEST || $(MAKE) run
 	$(BIN)/python -m beam_app.local_demo
+
+# The closed loop on the emulators (beam_app/loop.py): v1 trained, served and archived, v2 trained from the
+# archive in BigQuery and taken up by the running job, batch predictions against the served ones, a timeline.
+# A few minutes; `make loop LOOP_FLAGS="--events 200"` passes flags (python -m beam_app.loop --help).
+LOOP_FLAGS ?=
+loop: $(VENV)/.installed venv-bq
+	$(BIN)/python -m beam_app.loop $(LOOP_FLAGS)
 
 test: $(VENV)/.installed-test venv-bq
 	$(BIN)/python -m pytest tests
