@@ -283,3 +283,24 @@ def test_a_missing_table_or_one_without_roles_says_what_to_do(archive, bigquery_
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: --input bq:{PROJECT}.{DATASET}.nope: no such")
+
+
+def test_on_dataflow_the_same_flag_is_beams_own_read(tmp_path):
+    """Without endpoints the job reads through Beam's ReadFromBigQuery as it is (DIRECT_READ, its temporary
+    dataset clean-up included), translated offline by the DataflowRunner as tests/test_dataflow_job does."""
+    from tests.test_dataflow_job import staged_pipeline, step_names, translate
+
+    argv = [f"--input=bq:{PROJECT}:{DATASET}.events", "--input_since=2013-11-01", "--spec=flights_weather",
+            "--output=gs://test-bucket/batch"]
+
+    def build(pipeline, options):
+        job = options.view_as(batch.BatchOptions)
+        spec = load_spec(job.spec)
+        inputs = resolve_inputs(spec, job.input, query=job.input_query, bigquery=True)
+        batch.construct(pipeline, job, spec, batch.split_from_options(spec, job), inputs, job.output)
+
+    steps = step_names(staged_pipeline(translate(build, argv, tmp_path)))
+    read = [name for name in steps if name.startswith("ReadBigQuery/")]
+    assert "ReadBigQuery/ReadFromBigQuery/MapProjectToCleanup" in read  # Beam's _expand_direct_read
+    assert "ReadBigQuery/RowsToRecords" in read
+    assert not [name for name in read if "DropTemporaryDatasets" in name]  # the emulator's clean-up is not there
