@@ -125,3 +125,143 @@ def test_bad_flags_say_what_is_wrong(capsys):
     assert "--hidden_units" in capsys.readouterr().err
     assert train.parse_args(["--data_dir", "d"]).model_dir.endswith("d/model")
     assert dataclasses.asdict(train.parse_args([]))["loss"] == "mae"
+
+
+def _model_dir_with(version_dir, root):
+    """A model directory of its own holding a copy of version_dir, LATEST naming it: a warm start
+    writes there without moving the session fixture's LATEST."""
+    import shutil
+
+    model_dir = root / "models"
+    shutil.copytree(version_dir, model_dir / version_dir.name)
+    (model_dir / "LATEST").write_text(version_dir.name + "\n")
+    return model_dir
+
+
+class _FirstPredictions(keras.callbacks.Callback):
+    """The model's predictions on `features` when training begins, before any step."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def on_train_begin(self, logs=None):
+        self.predictions = self.model(self.features, training=False).numpy()
+
+
+def _served(saved_model, records):
+    return tf.saved_model.load(str(saved_model)).signatures["serving_default"](
+        examples=tf.constant(records))["prediction"].numpy()
+
+
+@pytest.mark.slow
+def test_warm_start_continues_the_latest_version(trained_model, tmp_path):
+    old_params, old_version = trained_model
+    model_dir = _model_dir_with(old_version, tmp_path)
+    data_dir = old_params.data_dir
+    spec = training_spec(data_dir)
+    records = [record.numpy() for record in
+               tf.data.TFRecordDataset(split_files(data_dir, "eval"), compression_type="GZIP").take(300)]
+    inputs = model_inputs(spec)
+    parse_spec = {name: f for name, f in parse_feature_spec(spec).items() if name in inputs.names}
+    first = _FirstPredictions(tf.io.parse_example(records, parse_spec))
+    # Another architecture asked for: the version's is kept (its weights fit no other).
+    params = train.Params(data_dir=data_dir, model_dir=str(model_dir), warm_start_from=str(model_dir),
+                          **{**SMALL, "epochs": 1, "learning_rate": 0.0005, "hidden_units": (8,)})
+    version_dir = train.run(params, extra_callbacks=[first])
+
+    # The weights were loaded: before any step the model predicts what the old version serves.
+    np.testing.assert_allclose(first.predictions, _served(old_version / "saved_model", records), rtol=1e-5,
+                               atol=1e-4)
+    assert (model_dir / "LATEST").read_text().strip() == version_dir.name != old_version.name
+    assert version_dir.parent == model_dir and (version_dir / train.KERAS_MODEL).exists()
+    metrics = json.loads((version_dir / "metrics.json").read_text())
+    old_metrics = json.loads((old_version / "metrics.json").read_text())
+    assert metrics["warm_start_from"] == {"version": old_version.name, "path": str(model_dir / old_version.name)}
+    # The same splits, so the old version's own errors.
+    for split in ("eval", "test"):
+        assert metrics["before_warm_start"][split]["mae"] == pytest.approx(old_metrics["model"][split]["mae"],
+                                                                           rel=1e-5)
+    # Early stopping counts the version continued: the new one is no worse on eval (float32 sums apart).
+    assert metrics["model"]["eval"]["mae"] <= metrics["before_warm_start"]["eval"]["mae"] + 1e-3
+    assert metrics["epochs_run"] == 1 and "without_windowed_features" not in metrics
+    written = json.loads((version_dir / "params.json").read_text())
+    assert written["warm_start_from"] == str(model_dir / old_version.name)
+    assert written["hidden_units"] == [32, 16] and written["learning_rate"] == 0.0005
+    assert not written["baseline_model"]
+    served = _served(version_dir / "saved_model", records)
+    assert served.shape == (300,) and np.isfinite(served).all()
+
+
+@pytest.mark.slow
+def test_warm_start_keeps_the_version_when_training_makes_eval_worse(trained_model, tmp_path):
+    old_params, old_version = trained_model
+    model_dir = _model_dir_with(old_version, tmp_path)
+    # A rate that wrecks the weights in a step: no epoch beats the version continued.
+    params = train.Params(data_dir=old_params.data_dir, model_dir=str(model_dir), warm_start_from=str(model_dir),
+                          **{**SMALL, "epochs": 1, "learning_rate": 50.0, "ema_momentum": 0.0})
+    version_dir = train.run(params)
+    records = [record.numpy() for record in tf.data.TFRecordDataset(
+        split_files(old_params.data_dir, "test"), compression_type="GZIP").take(300)]
+    np.testing.assert_allclose(_served(version_dir / "saved_model", records),
+                               _served(old_version / "saved_model", records), rtol=1e-6)
+    metrics = json.loads((version_dir / "metrics.json").read_text())
+    assert metrics["model"]["test"]["mae"] == pytest.approx(metrics["before_warm_start"]["test"]["mae"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_warm_start_refuses_a_version_of_another_spec(trained_model, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    old_params, old_version = trained_model
+    model_dir = _model_dir_with(old_version, tmp_path)
+    # The version as if trained on a spec with another window: its spec.json says so.
+    written = json.loads((model_dir / old_version.name / "spec.json").read_text())
+    written["spec"]["windowed_features"][0]["window"] = "2h"
+    other = spec_from_dict(written["spec"])
+    written["fingerprint"] = other.fingerprint
+    (model_dir / old_version.name / "spec.json").write_text(json.dumps(written))
+    before = sorted(path.name for path in model_dir.iterdir())
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "models.train", "--data_dir", old_params.data_dir, "--warm_start_from", str(model_dir)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert completed.returncode != 0
+    error = completed.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: --warm_start_from") and other.fingerprint[:12] in error
+    assert training_spec(old_params.data_dir).fingerprint[:12] in error and "Train from scratch" in error
+    assert sorted(path.name for path in model_dir.iterdir()) == before  # nothing written, LATEST unmoved
+    assert (model_dir / "LATEST").read_text().strip() == old_version.name
+
+
+@pytest.mark.slow
+def test_warm_start_flags_come_from_the_version(trained_model, tmp_path, capsys):
+    old_params, old_version = trained_model
+    model_dir = _model_dir_with(old_version, tmp_path)
+    version_dir = model_dir / old_version.name
+    base = ["--data_dir", "new_data", "--warm_start_from"]
+
+    params = train.parse_args([*base, str(model_dir)])
+    assert (params.hidden_units, params.batch_size, params.shuffle_buffer) == ((32, 16), 256, 2000)  # the version's
+    assert (params.learning_rate, params.epochs) == (train.WARM_LEARNING_RATE, train.WARM_EPOCHS)
+    assert params.model_dir == str(model_dir) and not params.baseline_model
+    # The version directory or its saved_model: the same version, the same model directory.
+    for path in (version_dir, version_dir / "saved_model"):
+        assert train.locate_warm_start(str(path)).version_dir == str(version_dir)
+        assert train.parse_args([*base, str(path)]).model_dir == str(model_dir)
+    given = train.parse_args([*base, str(model_dir), "--learning_rate", "0.01", "--batch_size", "128",
+                              "--hidden_units", "32,16", "--model_dir", str(tmp_path / "elsewhere")])
+    assert (given.learning_rate, given.batch_size, given.model_dir) == (0.01, 128, str(tmp_path / "elsewhere"))
+
+    with pytest.raises(SystemExit):
+        train.parse_args([*base, str(model_dir), "--hidden_units", "64"])
+    assert "--hidden_units 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args([*base, str(tmp_path / "nothing")])
+    assert "neither a model directory" in capsys.readouterr().err
+    (version_dir / train.KERAS_MODEL).unlink()  # as a version exported before warm starts
+    with pytest.raises(SystemExit):
+        train.parse_args([*base, str(model_dir)])
+    assert "train once from scratch" in capsys.readouterr().err
