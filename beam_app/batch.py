@@ -269,11 +269,11 @@ def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], options):
 def input_names(inputs: list[Input], options) -> list[str]:
     """What the summary's "input" lists: the files each glob matches (raising
     FileNotFoundError when none), the BigQuery tables (checked to exist with
-    the columns of events: SpecError saying what to do) and bq:query."""
+    the columns of events: SpecError saying what to do) and "bq:query: SQL"."""
     names = []
     for i in inputs:
         if i.pattern == QUERY_INPUT:
-            names.append(QUERY_INPUT)
+            names.append(f"{QUERY_INPUT}: {getattr(options, 'input_query', None)}")
         elif is_bigquery_input(i.pattern):
             check_table(parse_input_table(i.pattern), bigquery_endpoints(options))
             names.append(i.pattern)

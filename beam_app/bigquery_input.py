@@ -40,7 +40,7 @@ from apache_beam.io.gcp.bigquery import (ReadFromBigQuery, _CustomBigQueryStorag
 from apache_beam.io.iobase import SourceBundle
 from apache_beam.metrics import Metrics
 
-from transforms.events import ENVELOPE, RawRecord, datetime_to_time_us, time_us_to_rfc3339
+from transforms.events import ENVELOPE, RawRecord, time_us_to_rfc3339
 from transforms.spec import SpecError
 
 PREFIX = "bq:"
@@ -70,7 +70,9 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         # TIMESTAMP columns come back aware (UTC); a DATETIME has no zone and stays without one, so that
         # the parser says an event_time needs an offset instead of guessing one.
-        return time_us_to_rfc3339(datetime_to_time_us(value)) if value.tzinfo else value.isoformat()
+        # isoformat, not strftime: BigQuery's years 1-999 keep their four digits.
+        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if value.tzinfo else \
+            value.isoformat()
     if isinstance(value, (dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):  # NUMERIC: the parser's numbers are int or float
@@ -149,8 +151,11 @@ class Endpoints(NamedTuple):
         from google.cloud import bigquery_storage_v1
         from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
-        transport = BigQueryReadGrpcTransport(channel=grpc.insecure_channel(self.grpc),
-                                              credentials=AnonymousCredentials())
+        # Unlimited message sizes, as the transport sets on the channels it makes itself: with gRPC's
+        # default 4 MiB, a ReadRows response of the emulator's (~5 MB for 54k flights events) fails the read.
+        channel = grpc.insecure_channel(self.grpc, options=[("grpc.max_send_message_length", -1),
+                                                            ("grpc.max_receive_message_length", -1)])
+        transport = BigQueryReadGrpcTransport(channel=channel, credentials=AnonymousCredentials())
         return bigquery_storage_v1.BigQueryReadClient(transport=transport)
 
 

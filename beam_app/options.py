@@ -28,13 +28,14 @@ def add_input_arguments(parser, what: str, bigquery: bool = False) -> None:
     """--input and --input_format, read the same way by every entry point that
     reads events; with `bigquery`, BigQuery inputs too (bq:TABLE, --input_query,
     the time filter and the endpoints), read by beam_app.batch.read_inputs."""
-    tables = " or bq:PROJECT.DATASET.TABLE (also bq:PROJECT:DATASET.TABLE), a BigQuery table of events" \
-        if bigquery else ""
+    tables = (" Or bq:PROJECT.DATASET.TABLE (bq:PROJECT:DATASET.TABLE too): a BigQuery table of events, the "
+              "streaming job's --events_table or any table with event_id, role (or kind), event_time and the "
+              "spec's fields.") if bigquery else ""
     parser.add_argument(
         "--input", default=None, action="append",
         help=f"{what}: a path or glob (local or gs://) of NDJSON events, or of CSV files read by the adapter "
              "of the spec's first source; SOURCE=PATH for another source of the spec (flights_weather: "
-             f"weather=PATH){tables}. Repeat for several. Default: every source's embedded data set.")
+             f"weather=PATH).{tables} Repeat for several. Default: every source's embedded data set.")
     parser.add_argument(
         "--input_format", default="auto", choices=("auto", "csv", "json"),
         help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
@@ -46,7 +47,8 @@ def add_input_arguments(parser, what: str, bigquery: bool = False) -> None:
              "role or kind, event_time and the spec's fields), run in --project.")
     parser.add_argument(
         "--input_since", default=None, metavar="TIME",
-        help="BigQuery inputs: only rows with event_time at or after this UTC date (2013-11-01) or RFC 3339 time.")
+        help="BigQuery inputs: only rows whose event_time (a TIMESTAMP column) is at or after this UTC date "
+             "(2013-11-01) or RFC 3339 time.")
     parser.add_argument(
         "--input_until", default=None, metavar="TIME",
         help="BigQuery inputs: only rows with event_time before this UTC date or RFC 3339 time (excluded).")

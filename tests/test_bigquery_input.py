@@ -258,7 +258,7 @@ def test_a_query_with_a_kind_column_and_a_day_filter(archive, bigquery_emulator)
     summary = _run(archive, "query", "--project", PROJECT, "--input_query", query, "--input_since", "2013-11-01")
     kept = [row for row in _in_range(archive["rows"], "2013-11-01T00:00:00Z", "9999-01-01T00:00:00Z")
             if row["origin"] == "JFK"]
-    assert summary["input"] == ["bq:query"]
+    assert summary["input"] == [f"bq:query: {query}"]
     assert summary["records_read"] == len(kept) > 100
     damaged = {letter["source"].rsplit(":", 1)[1] for letter in _dead_letters(archive["root"] / "query")}
     assert damaged == {row["event_id"] for row in kept if row["event_id"] in archive["damaged"]}
@@ -304,3 +304,28 @@ def test_on_dataflow_the_same_flag_is_beams_own_read(tmp_path):
     assert "ReadBigQuery/ReadFromBigQuery/MapProjectToCleanup" in read  # Beam's _expand_direct_read
     assert "ReadBigQuery/RowsToRecords" in read
     assert not [name for name in read if "DropTemporaryDatasets" in name]  # the emulator's clean-up is not there
+
+
+@pytest.mark.slow
+def test_a_read_response_over_grpcs_default_4_mib(bigquery_emulator):
+    """The emulator answers a stream of up to 100k rows in one ReadRows message: the channel must take
+    messages over gRPC's default 4 MiB receive limit, as the Storage API client's own channels do."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from beam_app.bigquery_input import Endpoints, ReadBigQueryRecords
+
+    spec, table = load_spec("flights"), f"{PROJECT}.{DATASET}.wide"
+    client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
+    ensure_table(client, table, events_schema(spec))
+    rows = [{"event_id": f"20131101-UA{n}-EWR", "role": "observation", "event_time": "2013-11-01T10:00:00Z",
+             "processing_time": "2026-01-01T00:00:00Z", "tailnum": f"{n:06d}" + "N" * 3000} for n in range(2000)]
+    for start in range(0, len(rows), 500):
+        assert not client.insert_rows_json(table, rows[start:start + 500])
+    assert sum(len(json.dumps(row)) for row in rows) > 6_000_000
+
+    endpoints = Endpoints(bigquery_emulator.endpoint, f"127.0.0.1:{bigquery_emulator.grpc_port}")
+    with beam.Pipeline("DirectRunner") as pipeline:
+        tails = (pipeline | ReadBigQueryRecords(table=f"bq:{table}", endpoints=endpoints)
+                 | beam.Map(lambda record: json.loads(record.text)["tailnum"][:6]))
+        assert_that(tails, equal_to([f"{n:06d}" for n in range(2000)]))
