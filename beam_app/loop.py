@@ -122,6 +122,7 @@ class Timeline:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self.started = clock()
+        self.started_utc = dt.datetime.now(dt.timezone.utc)
         self.entries: list[dict[str, Any]] = []
 
     def elapsed(self) -> float:
@@ -131,6 +132,13 @@ class Timeline:
         entry = {"t_s": round(self.elapsed(), 1), "utc": utc_now(), "what": what, **details}
         self.entries.append(entry)
         print(f"[{entry['t_s']:6.0f} s] {what}", flush=True)
+
+    def insert(self, when: dt.datetime, what: str, **details: Any) -> None:
+        """An event seen afterwards (a row's processing time), in its place."""
+        entry = {"t_s": round((when - self.started_utc).total_seconds(), 1),
+                 "utc": when.isoformat(timespec="seconds").replace("+00:00", "Z"), "what": what, **details}
+        self.entries.append(entry)
+        self.entries.sort(key=lambda e: e["t_s"])
 
 
 def utc_now() -> str:
@@ -199,23 +207,42 @@ def _json_value(value: Any) -> Any:
 
 # --- steps as commands -------------------------------------------------------------------------------------------
 
+class Step(NamedTuple):
+    name: str
+    args: list[str]  # after `python`
+    log: Path
+
+
 def run_command(name: str, args: list[str], log: Path, timeline: Timeline, timeout_s: float) -> None:
-    """`python <args>` with its output in `log`, in a process group of its own: the DirectRunner's worker
-    processes go with it if the loop is stopped. Raises LoopError with the log's tail when it fails."""
-    command = [sys.executable, *args]
-    print(f"  $ python {' '.join(args)}\n    (log: {log})", flush=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    run_commands([Step(name, args, log)], timeline, timeout_s)
+
+
+def run_commands(steps: list[Step], timeline: Timeline, timeout_s: float) -> None:
+    """`python <args>` of each step at once, each with its output in its log and in a process group of its
+    own (the DirectRunner's worker processes go with it if the loop is stopped); waits for all. Raises
+    LoopError with the log's tail of the first that fails or runs past timeout_s."""
+    started = time.monotonic()
+    processes = []
     try:
-        process.wait(timeout_s)
-    except BaseException:
-        _kill_group(process)
-        raise
-    if process.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise LoopError(f"{name} failed (exit {process.returncode}); the end of {log}:\n{tail}")
-    timeline.mark(f"{name} done", seconds=round(timeline.elapsed(), 1))
+        for step in steps:
+            print(f"  $ python {' '.join(step.args)}\n    (log: {step.log})", flush=True)
+            with open(step.log, "w") as out:
+                processes.append(subprocess.Popen(
+                    [sys.executable, *step.args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
+        for step, process in zip(steps, processes):
+            try:
+                process.wait(max(1.0, started + timeout_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise LoopError(f"{step.name} did not finish within {timeout_s:.0f} s; its log: {step.log}") from None
+            if process.returncode != 0:
+                tail = "\n".join(step.log.read_text(errors="replace").splitlines()[-25:])
+                raise LoopError(f"{step.name} failed (exit {process.returncode}); the end of {step.log}:\n{tail}")
+            timeline.mark(f"{step.name} done", seconds=round(time.monotonic() - started, 1))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                _kill_group(process)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -347,9 +374,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "the logs, loop.json (default %(default)s). Its earlier contents are replaced.")
     parser.add_argument("--train_start", default="2013-11-16", help="First day of v1's training data "
                         "(local dates of the flights, 2013; default %(default)s).")
-    parser.add_argument("--train_days", type=int, default=14,
+    parser.add_argument("--train_days", type=int, default=7,
                         help="Days of v1's training data; the last but one is eval, the last test (default "
-                             "%(default)s: about 12,000 flights, 25,000 events).")
+                             "%(default)s: about 6,000 flights, 12,000 events).")
     parser.add_argument("--replay_start", default="2013-12-02T11:00:00Z",
                         help="Where stretch A starts, UTC (default %(default)s: after v1's days).")
     parser.add_argument("--events", type=int, default=300,
@@ -386,12 +413,16 @@ def publish_events(name: str, events: list, work: Path, rate: float) -> tuple[Pa
     """Publishes `events` rebased to now; returns the record of what went out and its request ids."""
     from beam_app import publish
     from beam_app.local_demo import TOPIC
+    from beam_app.options import configure_logging
 
     source = write_events(work / f"{name}.ndjson", events)
     record = work / f"published_{name}.ndjson"
-    with open(work / f"publish_{name}.log", "w") as log, contextlib.redirect_stdout(log):
+    # Its summary and progress go to a log of their own: the loop prints one line per stretch.
+    with open(work / f"publish_{name}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         summary = publish.run(["--topic", TOPIC, "--input", str(source), "--input_format", "json",
                                "--rebase_to_now", "--rate", str(rate), "--record", str(record)])
+    configure_logging()  # publish's log handler wrote to the redirected stderr
     if summary["published"] != len(events):
         raise LoopError(f"published {summary['published']} of {len(events)} events of {name} "
                         f"(see {work / f'publish_{name}.log'})")
@@ -457,6 +488,11 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
     start_us = rfc3339_to_time_us(args.replay_start)
     stretch_a, stretch_b = stretches(start_us, args.events, args.after_swap_events)
     training = ["--epochs", str(args.epochs), *SMALL_TRAINING]
+    # The architecture and preprocessing are v1's (models.train refuses others); the archive is a few hundred
+    # examples: small batches give it more than one step an epoch, and no moving average of the weights, which
+    # over so few steps would export v1's weights again.
+    warm_training = ["--epochs", str(2 * args.epochs), "--batch_size", "32", "--ema_momentum", "0",
+                     "--no_baseline_model"]
 
     # 1. v1 on the first stretch: a time split inside it.
     first = dt.date.fromisoformat(args.train_start)
@@ -513,14 +549,22 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
             require(missing, "warm-start v2 from v1", "warm_start")
             run_command("training v2 (warm start from v1)",
                         ["-m", "models.train", "--data_dir", str(work / "data_v2"), "--model_dir", str(model_dir),
-                         "--warm_start_from", str(model_dir), *training], work / "train_v2.log", timeline,
+                         "--warm_start_from", str(model_dir), *warm_training], work / "train_v2.log", timeline,
                         timeout_s=900)
             v2 = latest_version(model_dir)
             if v2 == v1:
                 raise LoopError(f"training v2 left LATEST at v1 ({v1})")
+            metrics = json.loads((model_dir / v2 / "metrics.json").read_text())
             summary["v2"] = {"version": v2, "latest_written": dt.datetime.now(dt.timezone.utc).isoformat(),
-                             "warm_start_from": v1}
-            timeline.mark(f"v2 = {v2} in {model_dir}/LATEST (warm start from {v1}); the job is not restarted")
+                             "warm_start_from": metrics.get("warm_start_from", {}).get("version"),
+                             "eval_mae": metrics["model"]["eval"]["mae"],
+                             "eval_mae_before_warm_start": metrics.get("before_warm_start", {}).get("eval", {}).get(
+                                 "mae")}
+            if summary["v2"]["warm_start_from"] != v1:
+                raise LoopError(f"v2 ({v2}) says it continued {summary['v2']['warm_start_from']}, not v1 ({v1})")
+            timeline.mark(f"v2 = {v2} in {model_dir}/LATEST (warm start from {v1}; eval MAE on the archive's "
+                          f"split {_number(summary['v2']['eval_mae_before_warm_start'])} before, "
+                          f"{_number(summary['v2']['eval_mae'])} after); the job is not restarted")
         except LoopError as err:
             summary["failed_steps"].append(str(err))
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -557,13 +601,14 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
         batch: dict[str, dict[str, float]] = {}
         try:
             require(missing, "score the archive in batch", "batch_predict", "bigquery_input")
-            for version in sorted({row["model_version"] for row in served_rows}):
-                out = work / f"predict_{version}"
-                run_command(f"batch predictions with {version}",
-                            ["-m", "beam_app.predict", "--runner", "DirectRunner", "--input", f"bq:{archive_table}",
-                             *bq_args, "--model", str(model_dir / version), "--output", str(out)],
-                            work / f"predict_{version}.log", timeline, timeout_s=900)
-                batch[version] = read_batch_predictions(out)
+            # One run per version, at once: most of each run is starting Beam and loading TensorFlow.
+            versions = sorted({row["model_version"] for row in served_rows})
+            run_commands([Step(f"batch predictions with {version}",
+                               ["-m", "beam_app.predict", "--runner", "DirectRunner", "--input", f"bq:{archive_table}",
+                                *bq_args, "--model", str(model_dir / version), "--output",
+                                str(work / f"predict_{version}")], work / f"predict_{version}.log")
+                          for version in versions], timeline, timeout_s=900)
+            batch = {version: read_batch_predictions(work / f"predict_{version}") for version in versions}
         except LoopError as err:
             summary["failed_steps"].append(str(err))
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -587,8 +632,17 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
         summary["swap"] = {"from": v1, "to": v2, "latest_written": latest_written,
                            "v2_first_served": by_version[v2]["began_serving"],
                            "v1_rows_in_stretch_b": sum(served_by.get(i) == v1 for i in requests_b)}
+    for entry in summary["versions"]:
+        after = ""
+        if entry.get("latest_written"):
+            after = f", {(entry['began_serving'] - entry['latest_written']).total_seconds():.1f} s after LATEST named it"
+        timeline.insert(entry["began_serving"], f"{entry['version']} began serving (first prediction row{after})")
     summary["mae"] = {"before_swap": by_version.get(v1, {}).get("mae"),
                       "after_swap": by_version.get(v2, {}).get("mae") if v2 else None}
+    if v2 in batch and v1 in batch:
+        diffs = [abs(batch[v2][i] - batch[v1][i]) for i in batch[v1] if i in batch[v2]]
+        summary["v2_against_v1"] = {"requests": len(diffs), "differ": sum(d > PARITY_ABS for d in diffs),
+                                    "max_abs_diff": max(diffs, default=0.0)}
     if batch:
         summary["parity"] = parity(served_rows, batch, set(labels))
         if not summary["parity"]["passed"]:
@@ -609,16 +663,21 @@ def print_report(summary: dict) -> None:
                     f"{_number(entry['mae']):>7}")
             others = entry.get("mae_of_other_versions_on_these_rows") or {}
             if others:
-                line += "   (on these rows " + ", ".join(f"{v}: {_number(m)}" for v, m in others.items()) + ")"
+                line += "   (on the same rows " + ", ".join(f"{v}: {_number(m)}" for v, m in others.items()) + ")"
             print(line)
         mae_ = summary.get("mae", {})
         print(f"  MAE before the swap {_number(mae_.get('before_swap'))}, after {_number(mae_.get('after_swap'))} "
-              "(different flights: the line above compares on the same rows)")
+              "(different flights; each line's brackets compare versions on the same rows)")
     if "parity" in summary:
         p = summary["parity"]
         print(f"\nparity: {p['compared']} served predictions against beam_app.predict with the version that served "
               f"each; max |diff| {p['max_abs_diff']:.2e}, {p['differ_count']} beyond the tolerance, "
               f"{p['missing_count']} missing in batch -> {'equal' if p['passed'] else 'NOT EQUAL'}")
+    if "v2_against_v1" in summary:
+        d = summary["v2_against_v1"]
+        print(f"v2 against v1 on the archive's {d['requests']} requests: {d['differ']} predictions differ, "
+              f"max |diff| {d['max_abs_diff']:.3f}"
+              + (" (early stopping kept v1's weights: no epoch beat them on eval)" if not d["differ"] else ""))
     print(f"\nloop {'finished' if summary['passed'] else 'FAILED'} in {summary['seconds']:.0f} s; "
           f"everything in {summary['output']}/ (loop.json)")
     for failure in summary["failed_steps"]:
