@@ -304,7 +304,8 @@ class RecordBatches(beam.PTransform):
         spec, with_label = self._spec, self._with_label
         return (
             rows
-            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
+            | "Batch" >> beam.BatchElements(
+                min_batch_size=min(64, self._max_batch_size), max_batch_size=self._max_batch_size)
             | "ToRecordBatch" >> beam.Map(lambda batch: rows_to_record_batch(spec, batch, with_label)
                                           ).with_output_types(pa.RecordBatch)
         )
@@ -347,7 +348,8 @@ class EncodeExamples(beam.PTransform):
             )
         return (
             rows
-            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self._max_batch_size)
+            | "Batch" >> beam.BatchElements(
+                min_batch_size=min(64, self._max_batch_size), max_batch_size=self._max_batch_size)
             | "Encode" >> beam.ParDo(_EncodeKeyedBatchDoFn(self._spec, self._with_label)).with_output_types(
                 KeyedBatch)
         )

@@ -1,0 +1,387 @@
+"""Batch scoring: history -> the features both jobs compute -> the SavedModel -> predictions.
+
+    history (files like the batch job's --input, or a BigQuery table: --input bq:...)
+      -> ParseEvents, DeduplicateEvents      the batch job's: same validation, same dead letters
+      -> ScoringRange                         requests in [--start, --end), and the observations they can see
+      -> WindowedFeatures(spec)               the bounded path of the batch job: point-in-time [t - W, t)
+      -> EncodeExamples (no label, keyed)     the streaming job's encoder and batches
+      -> RunInference (SavedModelHandler)     the streaming job's handler; a failed batch: dead letters
+      -> prediction rows                      the predictions table's schema, source = "batch"
+      -> --output DIR (NDJSON or Parquet files) or --predictions_table (BigQuery, streaming inserts)
+
+Every request in the range gets exactly one prediction or one dead letter,
+and the summary checks that the counts add up. What it is for: backfilling
+the predictions table, evaluating a version on history, and comparing with
+what the streaming job served (the same event gets the same features in both,
+so the same prediction from the same version).
+
+Score the embedded flights of December with the newest model:
+
+    python -m beam_app.predict --runner DirectRunner --model output/model \\
+        --start 2013-12-01 --output output/predictions
+
+Score the streaming job's events archive into the predictions table:
+
+    python -m beam_app.predict --runner DirectRunner --model output/model \\
+        --input bq:my-project.features.events --predictions_table my-project:features.predictions \\
+        --dead_letter_table my-project:features.dead_letters
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from typing import Callable, Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
+
+from beam_app.adapters import load_adapters
+from beam_app.batch import read_inputs, use_all_cores_locally
+from beam_app.job_report import counters, heartbeat
+from beam_app.options import (CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow,
+                              resolve_inputs)
+from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, failed_inference_letters, prediction_row)
+from models.inference import ModelLocation, SavedModelHandler, load_checked_model, locate_model, per_request
+from transforms.deduplicate import STAGE as DUPLICATE_STAGE
+from transforms.deduplicate import DeduplicateEvents
+from transforms.events import Event, rfc3339_to_time_us, time_us_to_rfc3339
+from transforms.examples import EncodeExamples
+from transforms.parse import DEAD_LETTERS, ParseEvents
+from transforms.spec import FeatureSpec, SpecError, load_spec, parse_utc_date
+from transforms.windowed_features import WindowedFeatures
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+REQUEST = "request"
+FORMATS = ("ndjson", "parquet")
+
+
+class PredictOptions(CommonOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        add_input_arguments(parser, "History to score", bigquery=True)
+        parser.add_argument(
+            "--model", default=None,
+            help="The trained model: the --model_dir of `python -m models.train` (the version LATEST names when "
+                 "the job starts), a version directory in it, or a saved_model directory; local or gs://.")
+        parser.add_argument(
+            "--start", default=None,
+            help="Score the requests at or after this time (UTC date like 2013-12-01, or an RFC 3339 time). "
+                 "Observations before it still feed the windows. Default: from the first request.")
+        parser.add_argument(
+            "--end", default=None, help="Score the requests before this time (same forms). Default: to the last.")
+        parser.add_argument(
+            "--output", default=None,
+            help="Directory for the predictions as files: predictions/predictions-*.{ndjson|parquet} and "
+                 "dead_letters/*.ndjson, and summary.json; earlier outputs of this job in it are replaced.")
+        parser.add_argument(
+            "--output_format", default="ndjson", choices=FORMATS,
+            help="With --output: one JSON object per line (default), or Parquet (timestamps as UTC microseconds).")
+        parser.add_argument(
+            "--predictions_table", default=None,
+            help="Or a BigQuery table for the predictions (the streaming job's schema): "
+                 "<project>:<dataset>.<table>. Needs --dead_letter_table.")
+        parser.add_argument(
+            "--dead_letter_table", default=None,
+            help="With --predictions_table: the BigQuery table for dead letters (the streaming job's schema).")
+        parser.add_argument(
+            "--create_tables", action="store_true",
+            help="With --predictions_table: create the dataset and tables if missing.")
+        parser.add_argument(
+            "--inference_batch_size", type=int, default=1024,
+            help="Largest batch of examples per model call (default 1024).")
+
+
+class UsageError(ValueError):
+    """A flag is missing or wrong: the message says which and what to give."""
+
+
+def time_flag(value: Optional[str], flag: str) -> Optional[int]:
+    """--start/--end -> microseconds since the epoch (None: unbounded)."""
+    if value is None:
+        return None
+    return (parse_utc_date(value, flag) - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def in_scoring_range(event: Event, start_us: Optional[int], end_us: Optional[int], reach_us: int) -> bool:
+    """Whether the job needs the event: a request in [start, end), or an
+    observation some such request can see: windows are [t - W, t), so one at
+    or after end, or before start - (the longest window), reaches none."""
+    if end_us is not None and event.time_us >= end_us:
+        return False
+    if start_us is None:
+        return True
+    return event.time_us >= (start_us if event.role == REQUEST else start_us - reach_us)
+
+
+class _ScoringRange(beam.DoFn):
+    def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int):
+        self._range = (start_us, end_us, reach_us)
+        self._in_range = Metrics.counter("predict", "requests_in_range")
+        self._outside = Metrics.counter("predict", "requests_outside_range")
+
+    def process(self, event: Event):
+        keep = in_scoring_range(event, *self._range)
+        if event.role == REQUEST:
+            (self._in_range if keep else self._outside).inc()
+        if keep:
+            yield event
+
+
+class _ToPredictionRows(beam.DoFn):
+    """KeyedPredictions -> one predictions row per request (`per_request`), source "batch"."""
+
+    def __init__(self, spec: FeatureSpec, clock: Callable[[], float]):
+        self._fingerprint = spec.fingerprint
+        self._clock = clock
+        self._rows = Metrics.counter("predictions", "rows")
+
+    def process(self, predictions):
+        now_us = int(self._clock() * 1e6)
+        for key, result in per_request(predictions):
+            self._rows.inc()
+            yield prediction_row(key, result.inference, result.model_id, self._fingerprint, now_us, "batch")
+
+
+class _CountDeadLetters(beam.DoFn):
+    def __init__(self):
+        self._counters = {}
+
+    def process(self, dead):
+        if dead.stage not in self._counters:
+            self._counters[dead.stage] = Metrics.counter("dead_letters", dead.stage)
+        self._counters[dead.stage].inc()
+        yield dead
+
+
+def build(records, spec: FeatureSpec, model_path: str, start_us: Optional[int] = None, end_us: Optional[int] = None,
+          inference_batch_size: int = 1024, clock: Callable[[], float] = time.time, handler=None) -> dict:
+    """PCollection[RawRecord] -> {"predictions": PCollection[predictions row dict],
+    "dead_letters": PCollection[DeadLetter]} (parse, duplicate and inference
+    stages, each counted). No I/O. handler: the ModelHandler (default: the
+    streaming job's SavedModelHandler on model_path)."""
+    parsed = records | "ParseEvents" >> ParseEvents(spec, adapters=load_adapters(spec))
+    unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0)
+    examples = (
+        unique["events"]
+        | "ScoringRange" >> beam.ParDo(_ScoringRange(start_us, end_us, spec.max_window_s * 1_000_000))
+        | "WindowedFeatures" >> WindowedFeatures(spec)
+        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True, max_batch_size=inference_batch_size)
+    )
+    predicted, failed = examples | "RunInference" >> RunInference(
+        handler or SavedModelHandler(model_path, spec)).with_exception_handling()
+    failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
+        failed_inference_letters)
+    return {
+        "predictions": predicted | "ToPredictionRows" >> beam.ParDo(_ToPredictionRows(spec, clock)),
+        DEAD_LETTERS: ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences)
+                       | "MergeDeadLetters" >> beam.Flatten()
+                       | "CountDeadLetters" >> beam.ParDo(_CountDeadLetters())),
+    }
+
+
+def parquet_schema():
+    """The predictions table's columns as Parquet: timestamps in UTC microseconds."""
+    import pyarrow as pa
+
+    types = {"STRING": pa.string(), "FLOAT64": pa.float64(), "TIMESTAMP": pa.timestamp("us", tz="UTC")}
+    return pa.schema([pa.field(f["name"], types[f["type"]], nullable=f["mode"] == "NULLABLE")
+                      for f in PREDICTIONS_SCHEMA])
+
+
+def parquet_row(row: dict) -> dict:
+    """A predictions row (RFC 3339 strings) -> Parquet values (microseconds for the timestamps)."""
+    times = {f["name"] for f in PREDICTIONS_SCHEMA if f["type"] == "TIMESTAMP"}
+    return {name: rfc3339_to_time_us(value) if name in times else value for name, value in row.items()}
+
+
+def write_files(outputs: dict, output: str, output_format: str) -> None:
+    import json
+
+    predictions = outputs["predictions"]
+    path = FileSystems.join(output, "predictions", "predictions")
+    if output_format == "parquet":
+        (predictions
+         | "ToParquetRows" >> beam.Map(parquet_row)
+         | "WritePredictions" >> beam.io.WriteToParquet(path, parquet_schema(), file_name_suffix=".parquet"))
+    else:
+        (predictions
+         | "PredictionsToJson" >> beam.Map(lambda row: json.dumps(row, sort_keys=False))
+         | "WritePredictions" >> beam.io.WriteToText(path, file_name_suffix=".ndjson"))
+    (outputs[DEAD_LETTERS]
+     | "DeadLettersToJson" >> beam.Map(lambda dead: dead.to_json())
+     | "WriteDeadLetters" >> beam.io.WriteToText(FileSystems.join(output, "dead_letters", "dead_letters"),
+                                                 file_name_suffix=".ndjson"))
+
+
+def _check_options(options: PredictOptions) -> None:
+    if not options.model:
+        raise UsageError("--model is required: the --model_dir of `python -m models.train`, or a version in it")
+    if bool(options.output) == bool(options.predictions_table):
+        raise UsageError("give exactly one of --output DIR (files) or --predictions_table P:D.T (BigQuery)")
+    if options.predictions_table and not options.dead_letter_table:
+        raise UsageError("--predictions_table needs --dead_letter_table P:D.T for what could not be scored")
+    if options.predictions_table and options.predictions_table == options.dead_letter_table:
+        raise UsageError("--predictions_table and --dead_letter_table need a table each")
+    if options.inference_batch_size < 1:
+        raise UsageError(f"--inference_batch_size must be 1 or more, got {options.inference_batch_size}")
+
+
+def scoring_range(options: PredictOptions) -> tuple[Optional[int], Optional[int]]:
+    start_us, end_us = time_flag(options.start, "--start"), time_flag(options.end, "--end")
+    if start_us is not None and end_us is not None and end_us <= start_us:
+        raise UsageError(f"--end ({options.end}) must be after --start ({options.start})")
+    return start_us, end_us
+
+
+def summarize(counts: dict[str, int]) -> dict:
+    """The counts a user reads, and whether they add up (every request in range: a prediction or a dead letter)."""
+    c = lambda name: counts.get(name, 0)  # noqa: E731
+    dead = {stage: c(f"dead_letters/{stage}") for stage in ("parse", "duplicate", "inference")}
+    summary = {
+        "records_read": c("parse/records_read"),
+        "requests": c("parse/requests"),
+        "duplicates": sum(value for name, value in counts.items() if name.startswith("duplicates/")),
+        "requests_in_range": c("predict/requests_in_range"),
+        "requests_outside_range": c("predict/requests_outside_range"),
+        "feature_rows": c("windowed_features/feature_rows"),
+        "predictions": c("predictions/rows"),
+        "dead_letters": dead,
+        "late_requests": c("windowed_features/late_requests"),
+    }
+    summary["checks"] = {
+        "records_read == records parsed + parse dead letters":
+            c("parse/records_read") == c("parse/records_ok") + dead["parse"],
+        "feature_rows == requests_in_range": c("windowed_features/feature_rows") == c("predict/requests_in_range"),
+        "requests_in_range == predictions + inference dead letters":
+            c("predict/requests_in_range") == c("predictions/rows") + dead["inference"],
+    }
+    return summary
+
+
+def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time) -> dict:
+    """Scores the history; returns the summary it prints (and writes, with --output)."""
+    configure_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = PredictOptions(argv)
+    options.view_as(SetupOptions).save_main_session = False
+    _check_options(options)
+    use_all_cores_locally(options, argv)
+    started = time.monotonic()
+    spec = load_spec(options.spec)
+    start_us, end_us = scoring_range(options)
+    location: ModelLocation = locate_model(options.model)
+    load_checked_model(location.saved_model, spec)  # another spec's model fails here, not in the workers
+    inputs = resolve_inputs(spec, options.input, query=options.input_query, bigquery=True)
+    logging.info("scoring with model %s (spec %s %s), requests in [%s, %s)", location.version, spec.name,
+                 spec.fingerprint[:12], "start" if start_us is None else time_us_to_rfc3339(start_us),
+                 "end" if end_us is None else time_us_to_rfc3339(end_us))
+
+    pipeline = beam.Pipeline(options=options)
+    outputs = build(read_inputs(pipeline, inputs, options), spec, location.saved_model,
+                    start_us, end_us, options.inference_batch_size, clock)
+    if options.output:
+        output = options.output.rstrip("/")
+        _clear_previous_outputs(output)
+        write_files(outputs, output, options.output_format)
+    else:
+        _write_tables(outputs, options, spec, clock)
+    with heartbeat(started, every_s=15, expected="the full flights data takes about four minutes on 2 cores"):
+        result = pipeline.run()
+        result.wait_until_finish()
+
+    summary = summarize(counters(result))
+    seconds = time.monotonic() - started
+    summary.update(seconds=round(seconds, 1), examples_per_s=round(summary["predictions"] / seconds, 1),
+                   model=location.saved_model, model_version=location.version,
+                   spec={"name": spec.name, "fingerprint": spec.fingerprint},
+                   input=[i.pattern for i in inputs],
+                   range={"start": None if start_us is None else time_us_to_rfc3339(start_us),
+                          "end": None if end_us is None else time_us_to_rfc3339(end_us)})
+    if options.output:
+        summary["outputs"] = {name: sorted(m.path for m in FileSystems.match(
+            [FileSystems.join(output, name, "*")])[0].metadata_list) for name in ("predictions", "dead_letters")}
+        _write_summary(FileSystems.join(output, "summary.json"), summary)
+    else:
+        summary["outputs"] = {"predictions": options.predictions_table, "dead_letters": options.dead_letter_table}
+    _print_summary(summary)
+    return summary
+
+
+def _write_tables(outputs: dict, options: PredictOptions, spec: FeatureSpec, clock) -> None:
+    """The streaming job's writes (one WriteToBigQuery, refused rows -> dead letters), to these two tables."""
+    from beam_app.bigquery_client import (EndpointBigQueryClient, bigquery_client, ensure_table, parse_table_spec,
+                                          table_exists)
+    from beam_app.streaming import write_outputs
+
+    tables = {"predictions": (options.predictions_table, PREDICTIONS_SCHEMA),
+              "dead_letters": (options.dead_letter_table, DEAD_LETTERS_SCHEMA)}
+    project = parse_table_spec(options.predictions_table)[0]
+    for table, schema in tables.values():
+        client = bigquery_client(parse_table_spec(table)[0], options.bigquery_endpoint)
+        if options.create_tables:
+            ensure_table(client, table, schema)
+        elif not table_exists(client, table):
+            raise UsageError(f"BigQuery table {table} does not exist: run with --create_tables")
+    test_client = EndpointBigQueryClient(project, options.bigquery_endpoint) if options.bigquery_endpoint else None
+    local = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
+    write_outputs(outputs, tables, test_client, clock, insert_shards=1 if local else None)
+
+
+def _clear_previous_outputs(output: str) -> None:
+    patterns = [FileSystems.join(output, d, "*") for d in ("predictions", "dead_letters")]
+    patterns.append(FileSystems.join(output, "summary.json"))
+    stale = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    import json
+
+    with FileSystems.create(path) as out:
+        out.write((json.dumps(summary, indent=2) + "\n").encode())
+
+
+def _print_summary(summary: dict) -> None:
+    dead = summary["dead_letters"]
+    lines = [
+        f"batch scoring finished in {summary['seconds']} s with model {summary['model_version']} "
+        f"({summary['examples_per_s']:,} predictions/s)",
+        f"  records read        {summary['records_read']:>9,}   parse dead letters {dead['parse']:,}",
+        f"  requests            {summary['requests']:>9,}   in range {summary['requests_in_range']:,}, "
+        f"outside {summary['requests_outside_range']:,}, duplicates dropped {summary['duplicates']:,} "
+        f"(conflicting copies: {dead['duplicate']:,} dead letters)",
+        f"  predictions         {summary['predictions']:>9,}   inference dead letters {dead['inference']:,}",
+        f"  output              predictions {summary['outputs']['predictions']}"
+        + (f", dead letters {summary['outputs']['dead_letters']}" if summary["outputs"]["dead_letters"] else ""),
+    ]
+    failed = [name for name, ok in summary["checks"].items() if not ok]
+    lines.append("  counts add up       yes" if not failed else f"  COUNTS DO NOT ADD UP: {failed}")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    quiet_tensorflow()
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print_help("python -m beam_app.predict", __doc__, (CommonOptions, PredictOptions),
+                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
+                   "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers ...")
+        return
+    from models.export import SpecMismatch  # imports TensorFlow: after quiet_tensorflow, and not for --help
+
+    try:
+        summary = run(sys.argv[1:])
+    except (UsageError, SpecError, SpecMismatch, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    if not all(summary["checks"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
