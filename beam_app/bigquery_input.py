@@ -39,6 +39,7 @@ from apache_beam.io.gcp.bigquery import (ReadFromBigQuery, _CustomBigQueryStorag
                                          _CustomBigQueryStorageStreamSource, _ReadReadRowsResponsesWithFastAvro)
 from apache_beam.io.iobase import SourceBundle
 from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import Lineage
 
 from transforms.events import ENVELOPE, RawRecord, time_us_to_rfc3339
 from transforms.spec import SpecError
@@ -86,19 +87,25 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+_AS_IS = frozenset({str, int, float, bool})  # most values: written without a call (the read's hot path)
+
+
 def row_to_json_line(row: Mapping[str, Any]) -> str:
     """A table row -> the flat JSON line of an NDJSON event: NULL is a missing
     field, `kind` is the role where the table has no `role` column, the
     envelope first. Pure; never raises on a row BigQuery can hold (non-finite
     floats are written as Python's json writes them, NaN, which its reader
     takes back and the parser refuses with the field's name)."""
-    body = dict(row)
-    if "role" not in body and "kind" in body:
-        body["role"] = body.pop("kind")
-    ordered = {key: body[key] for key in ENVELOPE if key in body}
-    ordered.update((key, value) for key, value in body.items() if key not in ordered)
-    return json.dumps({key: _json_value(value) for key, value in ordered.items() if value is not None},
-                      separators=(",", ":"), ensure_ascii=False)
+    role = "role" if "role" in row or "kind" not in row else "kind"
+    body = {}
+    for key in ENVELOPE:
+        value = row.get(role if key == "role" else key)
+        if value is not None:
+            body[key] = value if type(value) in _AS_IS else _json_value(value)
+    for key, value in row.items():
+        if value is not None and key not in body and key != role:
+            body[key] = value if type(value) in _AS_IS else _json_value(value)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
 def row_to_record(row: Mapping[str, Any], label: str) -> RawRecord:
@@ -205,6 +212,8 @@ class _EndpointStorageSource(_CustomBigQueryStorageSource):
                 self.table_reference = self._execute_query(bq)
             if not self.table_reference.projectId:
                 self.table_reference.projectId = self._get_project()
+            Lineage.sources().add("bigquery", self.table_reference.projectId, self.table_reference.datasetId,
+                                  self.table_reference.tableId)
             requested = bq_storage.types.ReadSession()
             requested.table = (f"projects/{self.table_reference.projectId}/datasets/"
                                f"{self.table_reference.datasetId}/tables/{self.table_reference.tableId}")
