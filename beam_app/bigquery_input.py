@@ -15,13 +15,21 @@ The read is Beam's BigQuery Storage Read API source (`ReadFromBigQuery`,
 method DIRECT_READ: a read session, its streams, Avro decoding). Beam gives it
 no endpoint argument: it builds `BigQueryReadClient()` and the apitools
 `BigqueryV2` client itself, for Google's endpoints with the default
-credentials, and google-api-core reads no environment variable that would
-point the Storage API's gRPC channel elsewhere. So with an endpoint (the local
+credentials. The Storage client's only environment variables
+(GOOGLE_API_USE_CLIENT_CERTIFICATE, GOOGLE_API_USE_MTLS_ENDPOINT,
+GOOGLE_CLOUD_UNIVERSE_DOMAIN) can at most make its host
+bigquerystorage.<domain>:443, over TLS with credentials: never a plaintext
+127.0.0.1:PORT; apitools' BigqueryV2 URL has no variable. So with an endpoint (the local
 emulator, see beam_app.local_stack) the source is `_EndpointStorageSource`, a
 subclass of Beam's own source that builds those two clients for the endpoint,
-without credentials, over a plaintext gRPC channel; session, streams and
-decoding stay Beam's. Without an endpoint it is Beam's `ReadFromBigQuery`
-itself, unchanged: what runs on Dataflow.
+without credentials, over a plaintext gRPC channel. Beam builds them inside
+`split` and `read_avro`, so those two are restated with the endpoint's
+clients (the same read session request, one source per stream); the query
+job into a temporary dataset, the table size and the Avro decoding are
+Beam's own methods and classes, and the temporary dataset is dropped by its
+label after the read, as Beam's clean-up step does for Google's. Without an
+endpoint it is Beam's `ReadFromBigQuery` itself, unchanged: what runs on
+Dataflow.
 """
 
 from __future__ import annotations
