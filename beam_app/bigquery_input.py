@@ -291,14 +291,14 @@ class ReadBigQueryRecords(beam.PTransform):
 
     def expand(self, pbegin):
         arguments = self._read_arguments()
+        if self._query is not None and self._project is None:
+            raise BigQueryInputError("--input_query needs --project: the project its query job runs in")
         if self._endpoints is None:
             rows = pbegin | "ReadFromBigQuery" >> ReadFromBigQuery(method=ReadFromBigQuery.Method.DIRECT_READ,
                                                                    project=self._project, **arguments)
         else:
             labels = {"type": f"bq_direct_read_{uuid.uuid4().hex[:10]}"}
-            project = self._project or (self._table.split(".")[0] if self._table else None)
-            if project is None:
-                raise BigQueryInputError("--input_query needs --project: the project its query job runs in")
+            project = self._project or self._table.split(".")[0]
             rows = pbegin | "ReadFromBigQuery" >> beam.io.Read(_EndpointStorageSource(
                 self._endpoints, project=project, pipeline_options=pbegin.pipeline.options,
                 bigquery_dataset_labels=labels, **arguments))

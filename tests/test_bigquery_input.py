@@ -121,6 +121,17 @@ def test_table_specs_and_the_time_filter():
         time_restriction(until, since)
 
 
+def test_a_query_needs_a_project_and_a_read_one_source():
+    import apache_beam as beam
+
+    from beam_app.bigquery_input import ReadBigQueryRecords
+
+    with pytest.raises(BigQueryInputError, match="--input_query needs --project"):
+        beam.Pipeline() | ReadBigQueryRecords(query="SELECT 1")
+    with pytest.raises(BigQueryInputError, match="one of the two"):
+        ReadBigQueryRecords(table="bq:p.d.t", query="SELECT 1")
+
+
 def test_bigquery_inputs_resolve_only_where_they_are_read(flights_spec):
     assert resolve_inputs(flights_spec, ["bq:p:d.t", "/a.csv"], bigquery=True) == [Input("bq:p.d.t"), Input("/a.csv")]
     assert resolve_inputs(flights_spec, None, query="SELECT 1", bigquery=True) == [Input("bq:query")]
