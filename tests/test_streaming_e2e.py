@@ -19,7 +19,7 @@ from tests.flights_slice import flights_lines, weather_lines
 
 tf = pytest.importorskip("tensorflow")
 
-from beam_app import batch, consistency, publish  # noqa: E402
+from beam_app import batch, consistency, predict, publish  # noqa: E402
 from beam_app.bigquery_client import bigquery_client  # noqa: E402
 from models.data import split_files  # noqa: E402
 from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339  # noqa: E402
@@ -160,6 +160,18 @@ def _batch_reference(spec: str, recorded: Path, output: Path, version_dir: Path)
     return reference
 
 
+def _batch_scoring(spec: str, recorded: Path, output: Path, version_dir: Path) -> dict[str, dict]:
+    """beam_app.predict on the file the publisher wrote: event_id -> its predictions row."""
+    summary = predict.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--spec", spec,
+                           "--input", str(recorded), "--input_format", "json", "--model", str(version_dir),
+                           "--output", str(output)])
+    assert all(summary["checks"].values()), summary["checks"]
+    rows = [json.loads(line) for path in sorted((output / "predictions").glob("*.ndjson"))
+            for line in path.read_text().splitlines()]
+    assert all(row["source"] == "batch" for row in rows)
+    return {row["event_id"]: row for row in rows}
+
+
 def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: list[str], events: int,
                       malformed: list[Malformed], bigquery_emulator, tmp_path: Path) -> Streamed:
     """Topic, subscription and tables of their own (`name`: the emulators are shared by the session);
@@ -217,6 +229,7 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         job.stop_event.set()
         # The batch reference while the job stops.
         reference = _batch_reference(spec, recorded, tmp_path / "batch", version_dir)
+        scored = _batch_scoring(spec, recorded, tmp_path / "predict", version_dir)
     finally:
         job.stop()
     summary = job.summary
@@ -256,6 +269,16 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
                   if streamed[event_id]["prediction"] != pytest.approx(value, rel=1e-5, abs=1e-5)}
     assert set(mismatched) <= late, f"{len(mismatched)} of {len(reference)} predictions differ from batch: " \
                                     f"{[(k, v) for k, v in mismatched.items() if k not in late][:5]}"
+    # Parity with batch scoring (beam_app.predict) on the same file: every request, labeled or not, scored once
+    # by the same version, the same prediction (but where the stream saw an observation late).
+    assert set(scored) == requests
+    assert {row["model_version"] for row in scored.values()} == {version_dir.name}
+    differ = {event_id for event_id, row in scored.items()
+              if streamed[event_id]["prediction"] != pytest.approx(row["prediction"], rel=1e-5, abs=1e-5)}
+    assert differ <= late, f"{len(differ)} of {len(scored)} batch predictions differ from streaming: " \
+                           f"{sorted(differ - late)[:5]}"
+    print(f"batch scoring vs streaming: {len(scored) - len(differ)} of {len(scored)} predictions equal, "
+          f"{len(differ)} differ, each explained by a late observation")
 
     # The conflicting copy: a dead letter naming both versions.
     (conflict_letter,) = [row for row in dead if row["stage"] == "duplicate"]
