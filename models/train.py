@@ -41,10 +41,10 @@ out-of-vocabulary bucket, as at serving time. So the architecture and the
 preprocessing settings (--hidden_units ... --adapt_examples) are the
 version's (another value on the command line is refused), the other settings
 the version's unless given, and the learning rate and epochs have defaults
-of their own (a lower rate; the bench/warm_start_bench.py measurement is in
-the README). Early stopping on eval counts the version itself as the epoch
-before the first: when no epoch beats it on eval, the new version keeps its
-weights. The baseline without windowed features is not retrained (nor
+of their own (a quarter of the rate, half the epochs: measured by
+bench/warm_start_bench.py, see WARM_LEARNING_RATE). Early stopping on eval
+counts the version itself as the epoch before the first: when no epoch
+beats it on eval, the new version keeps its weights. The baseline without windowed features is not retrained (nor
 reported) on a warm start; metrics.json records the version continued
 (`warm_start_from`) and its errors on the new eval and test splits
 (`before_warm_start`).
@@ -73,7 +73,9 @@ from transforms.spec import FeatureSpec, presence_name
 ADAPT_SEED = 0  # the preprocessing sample must be the same on a resumed run
 LR_FLOOR = 0.05  # --lr_schedule cosine ends at this share of the learning rate
 KERAS_MODEL = "keras_model.keras"  # the trainable model in each version directory, what a warm start loads
-# A warm start's defaults (bench/warm_start_bench.py: eval MAE of October's warm start from Jan..Sep).
+# A warm start's defaults, chosen on eval MAE (bench/warm_start_bench.py: v1 trained on Jan..Sep, eval 10.869,
+# warm-started on October, eval November): rate 0.0005 x 4 epochs 10.859, x 8 10.864, 0.0002 x 4 10.862; at
+# 0.001 and 0.002 no epoch beat v1, which early stopping then kept (10.869). From scratch on Jan..Oct: 10.851.
 WARM_LEARNING_RATE = 0.0005
 WARM_EPOCHS = 4
 # The settings that make the model what it is: a warm start takes the version's.
