@@ -635,7 +635,11 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
     for entry in summary["versions"]:
         after = ""
         if entry.get("latest_written"):
-            after = f", {(entry['began_serving'] - entry['latest_written']).total_seconds():.1f} s after LATEST named it"
+            first_b = dt.datetime.fromisoformat(read_ndjson(records_b[0])[0]["event_time"].replace("Z", "+00:00"))
+            entry["stretch_b_first_published"] = first_b
+            # The job swaps at its first model call after LATEST changed: the first request after it decides.
+            after = (f", {(entry['began_serving'] - entry['latest_written']).total_seconds():.1f} s after LATEST "
+                     f"named it, {(entry['began_serving'] - first_b).total_seconds():.1f} s after stretch B began")
         timeline.insert(entry["began_serving"], f"{entry['version']} began serving (first prediction row{after})")
     summary["mae"] = {"before_swap": by_version.get(v1, {}).get("mae"),
                       "after_swap": by_version.get(v2, {}).get("mae") if v2 else None}

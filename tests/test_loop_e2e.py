@@ -19,10 +19,6 @@ from pathlib import Path
 
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-
-from tests.test_streaming_e2e import _batch_reference  # noqa: E402
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -32,6 +28,9 @@ def _ndjson(*paths: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
+    pytest.importorskip("tensorflow")
+    from tests.test_streaming_e2e import _batch_reference
+
     out = tmp_path / "loop"
     done = subprocess.run([sys.executable, "-m", "beam_app.loop", "--output", str(out), "--train_days", "3",
                            "--events", "120", "--after_swap_events", "60", "--rate", "20"],
@@ -95,3 +94,44 @@ def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
         differ = {i: (mine[i], reference[i]) for i in checked
                   if mine[i] != pytest.approx(reference[i], rel=1e-5, abs=1e-5)}
         assert not differ, f"{version}: {list(differ.items())[:3]}"
+
+
+def test_parity_takes_each_served_row_against_the_batch_prediction_of_its_own_version():
+    import datetime as dt
+
+    from beam_app.loop import parity
+
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    served = [{"event_id": "a", "model_version": "v1", "prediction": 10.0, "processing_time": at},
+              {"event_id": "b", "model_version": "v2", "prediction": 5.0, "processing_time": at}]
+    # a: |diff| 1e-6 <= 1e-5 x 10; b: 2e-5 <= 1e-5 x 5.00002. The other version's numbers do not matter.
+    batch = {"v1": {"a": 10.000001, "b": 70.0}, "v2": {"a": 30.0, "b": 5.00002}}
+    result = parity(served, batch, {"a", "b"})
+    assert result["passed"] and result["compared"] == 2 and result["differ_count"] == 0
+    assert result["max_abs_diff"] == pytest.approx(2e-5)
+    assert result["per_version"]["v1"]["compared"] == result["per_version"]["v2"]["compared"] == 1
+
+    batch["v2"]["b"] = 5.001  # 1e-3 > 1e-5 x 5.001
+    assert parity(served, batch, {"a", "b"})["differ_count"] == 1
+    del batch["v2"]["a"]  # v2 did not score every archived request: not passed, though no served row differs
+    batch["v2"]["b"] = 5.0
+    assert not parity(served, batch, {"a", "b"})["passed"]
+    assert parity(served, {"v1": batch["v1"]}, {"a", "b"})["missing_count"] == 1
+
+
+def test_versions_served_in_the_order_they_began_with_the_mae_of_their_labeled_rows():
+    import datetime as dt
+
+    from beam_app.loop import versions_served
+
+    at = [dt.datetime(2026, 12, 1, 0, 0, s, tzinfo=dt.timezone.utc) for s in range(3)]
+    served = [{"event_id": "c", "model_version": "v2", "prediction": 7.0, "processing_time": at[2]},
+              {"event_id": "a", "model_version": "v1", "prediction": 10.0, "processing_time": at[0]},
+              {"event_id": "b", "model_version": "v1", "prediction": 4.0, "processing_time": at[1]}]
+    labels = {"a": 12.0, "b": None, "c": 1.0}  # b: a cancelled flight, no label
+    v1_entry, v2_entry = versions_served(served, labels, {"v1": {"a": 10.0, "b": 4.0, "c": 2.0}})
+    assert (v1_entry["version"], v1_entry["rows"], v1_entry["labeled_rows"], v1_entry["mae"]) == ("v1", 2, 1, 2.0)
+    assert (v1_entry["began_serving"], v1_entry["last_served"]) == (at[0], at[1])
+    assert (v2_entry["version"], v2_entry["rows"], v2_entry["mae"]) == ("v2", 1, 6.0)
+    assert v2_entry["mae_of_other_versions_on_these_rows"] == {"v1": 1.0}  # |2 - 1|
+    assert "mae_of_other_versions_on_these_rows" not in v1_entry
