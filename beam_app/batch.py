@@ -24,25 +24,23 @@ or on your own files (CSV through the spec's adapter, or NDJSON events):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import os
 import sys
-import threading
 import time
 from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
 from beam_app.bigquery_input import (QUERY_INPUT, Endpoints, ReadBigQueryRecords, check_table, is_bigquery_input,
                                      parse_input_table)
+from beam_app.job_report import counters, heartbeat
 from beam_app.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
                               quiet_tensorflow, resolve_inputs)
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
@@ -153,15 +151,6 @@ def use_all_cores_locally(options: BatchOptions, argv: list[str]) -> None:
             direct.direct_running_mode = "multi_processing"
 
 
-def _counters(result) -> dict[str, int]:
-    counters: dict[str, int] = {}
-    for counter in result.metrics().query(MetricsFilter())["counters"]:
-        name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
-        value = counter.committed if counter.committed is not None else counter.attempted
-        counters[name] = counters.get(name, 0) + (value or 0)
-    return counters
-
-
 def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
     """The counts a user reads, and whether they add up (nothing lost silently)."""
     c = lambda name: counters.get(name, 0)  # noqa: E731
@@ -194,24 +183,6 @@ def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
     }
     summary["checks"] = checks
     return summary
-
-
-@contextlib.contextmanager
-def _heartbeat(started: float, every_s: float):
-    """The DirectRunner reports nothing until it is done: say that we are alive."""
-    done = threading.Event()
-
-    def beat():
-        while not done.wait(every_s):
-            logging.info("pipeline running, %.0f s so far (the full flights data takes two to three minutes on 2 cores)",
-                         time.monotonic() - started)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
 
 
 def bigquery_endpoints(options) -> Optional[Endpoints]:
@@ -338,11 +309,11 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
     pipeline = beam.Pipeline(options=options)
     construct(pipeline, options, spec, split, inputs, output)
-    with _heartbeat(started, every_s=15):
+    with heartbeat(started, every_s=15, expected="the full flights data takes about three minutes on 2 cores"):
         result = pipeline.run()
         result.wait_until_finish()
 
-    summary = summarize(_counters(result), spec)
+    summary = summarize(counters(result), spec)
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["spec"] = {"name": spec.name, "fingerprint": spec.fingerprint}
     summary["input"] = files
