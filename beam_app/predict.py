@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import posixpath
 import sys
 import time
 from typing import Callable, Optional
@@ -348,6 +349,13 @@ def _write_summary(path: str, summary: dict) -> None:
         out.write((json.dumps(summary, indent=2) + "\n").encode())
 
 
+def _where(output) -> str:
+    """A table, or the directory of a list of files and how many."""
+    if isinstance(output, str):
+        return output
+    return f"{posixpath.dirname(output[0])}/ ({len(output)} files)" if output else "(none)"
+
+
 def _print_summary(summary: dict) -> None:
     dead = summary["dead_letters"]
     lines = [
@@ -358,8 +366,8 @@ def _print_summary(summary: dict) -> None:
         f"outside {summary['requests_outside_range']:,}, duplicates dropped {summary['duplicates']:,} "
         f"(conflicting copies: {dead['duplicate']:,} dead letters)",
         f"  predictions         {summary['predictions']:>9,}   inference dead letters {dead['inference']:,}",
-        f"  output              predictions {summary['outputs']['predictions']}"
-        + (f", dead letters {summary['outputs']['dead_letters']}" if summary["outputs"]["dead_letters"] else ""),
+        f"  output              predictions {_where(summary['outputs']['predictions'])}, "
+        f"dead letters {_where(summary['outputs']['dead_letters'])}",
     ]
     failed = [name for name, ok in summary["checks"].items() if not ok]
     lines.append("  counts add up       yes" if not failed else f"  COUNTS DO NOT ADD UP: {failed}")
