@@ -43,7 +43,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.batch import read_inputs, use_all_cores_locally
+from beam_app.batch import input_names, read_inputs, use_all_cores_locally
 from beam_app.job_report import counters, heartbeat
 from beam_app.options import (CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow,
                               resolve_inputs)
@@ -276,9 +276,11 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
     started = time.monotonic()
     spec = load_spec(options.spec)
     start_us, end_us = scoring_range(options)
-    location: ModelLocation = locate_model(options.model)
-    load_checked_model(location.saved_model, spec)  # another spec's model fails here, not in the workers
+    # A missing file or table, or a model of another spec, fails here rather than in the workers.
     inputs = resolve_inputs(spec, options.input, query=options.input_query, bigquery=True)
+    names = input_names(inputs, options)
+    location: ModelLocation = locate_model(options.model)
+    load_checked_model(location.saved_model, spec)
     logging.info("scoring with model %s (spec %s %s), requests in [%s, %s)", location.version, spec.name,
                  spec.fingerprint[:12], "start" if start_us is None else time_us_to_rfc3339(start_us),
                  "end" if end_us is None else time_us_to_rfc3339(end_us))
@@ -301,7 +303,7 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
     summary.update(seconds=round(seconds, 1), examples_per_s=round(summary["predictions"] / seconds, 1),
                    model=location.saved_model, model_version=location.version,
                    spec={"name": spec.name, "fingerprint": spec.fingerprint},
-                   input=[i.pattern for i in inputs],
+                   input=names,
                    range={"start": None if start_us is None else time_us_to_rfc3339(start_us),
                           "end": None if end_us is None else time_us_to_rfc3339(end_us)})
     if options.output:

@@ -197,6 +197,14 @@ def test_a_failed_model_call_is_a_dead_letter_per_request_of_its_batch(trained_m
         assert_that(joined, lambda pairs: [check(pair) for pair in pairs])
 
 
+def test_a_missing_input_is_refused_before_the_job_starts(trained_model, tmp_path):
+    _, version_dir = trained_model
+    with pytest.raises(FileNotFoundError):
+        predict.run(["--runner", "DirectRunner", "--model", str(version_dir), "--input", str(tmp_path / "none.ndjson"),
+                     "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_of_another_spec_is_refused_before_the_job_starts(taxi_model, tmp_path):
     _, taxi_dir = taxi_model
     with pytest.raises(SpecMismatch):
