@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import sys
@@ -40,7 +39,7 @@ from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptio
 from beam_app.adapters import load_adapters
 from beam_app.bigquery_input import (QUERY_INPUT, Endpoints, ReadBigQueryRecords, check_table, is_bigquery_input,
                                      parse_input_table)
-from beam_app.job_report import counters, heartbeat
+from beam_app.job_report import clear_outputs, counters, heartbeat, write_json
 from beam_app.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
                               quiet_tensorflow, resolve_inputs)
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
@@ -271,22 +270,8 @@ def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec,
         outputs[STATS] | "WriteStats" >> beam.Map(_write_json_element, FileSystems.join(output, "stats.json"))
 
 
-def _clear_previous_outputs(output: str) -> None:
-    """Old shards would mix with new ones: remove this job's earlier outputs (only those)."""
-    patterns = [FileSystems.join(output, d, "*") for d in (*SPLITS, "dead_letters")]
-    patterns += [FileSystems.join(output, f) for f in ("spec.json", "summary.json", "stats.json")]
-    stale = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
-    if stale:
-        FileSystems.delete(stale)
-
-
-def _write_json(path: str, body: dict) -> None:
-    with FileSystems.create(path) as out:
-        out.write((json.dumps(body, indent=2) + "\n").encode())
-
-
 def _write_json_element(body: dict, path: str) -> str:
-    _write_json(path, body)
+    write_json(path, body)
     return path
 
 
@@ -303,7 +288,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     inputs = resolve_inputs(spec, options.input, query=options.input_query, bigquery=True)
     files = input_names(inputs, options)
     output = options.output.rstrip("/")
-    _clear_previous_outputs(output)
+    clear_outputs(output, (*SPLITS, "dead_letters"), ("spec.json", "summary.json", "stats.json"))
     logging.info("spec %s (%s), %d input(s): %s", spec.name, spec.fingerprint[:12], len(files),
                  ", ".join(i.pattern if i.source_name is None else f"{i.source_name}={i.pattern}" for i in inputs))
 
@@ -323,14 +308,14 @@ def run(argv: Optional[list[str]] = None) -> dict:
                            {"eval_fraction": split.eval_fraction, "test_fraction": split.test_fraction})}
     summary["outputs"] = {name: sorted(m.path for m in FileSystems.match(
         [FileSystems.join(output, name, "*")])[0].metadata_list) for name in (*SPLITS, "dead_letters")}
-    _write_json(FileSystems.join(output, "spec.json"), {
+    write_json(FileSystems.join(output, "spec.json"), {
         "spec": spec.to_document(),
         "fingerprint": spec.fingerprint,
         "example_columns": [column._asdict() for column in example_columns(spec)],
         "split": summary["split"],
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
-    _write_json(FileSystems.join(output, "summary.json"), summary)
+    write_json(FileSystems.join(output, "summary.json"), summary)
     _print_summary(summary, output, with_stats=not options.no_stats)
     return summary
 

@@ -1,13 +1,17 @@
 """What a bounded job tells its user while and after it runs: a heartbeat
-while the runner is silent, and the counters it kept (Beam metrics)."""
+while the runner is silent, the counters it kept (Beam metrics), and its
+small output files (earlier outputs cleared, JSON summaries)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
+from typing import Iterable
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
 
@@ -38,3 +42,19 @@ def heartbeat(started: float, every_s: float, expected: str = ""):
         yield
     finally:
         done.set()
+
+
+def clear_outputs(output: str, directories: Iterable[str], files: Iterable[str]) -> None:
+    """Old shards would mix with new ones: remove a job's earlier outputs under
+    `output` (the files in its `directories`, and its `files`), only those."""
+    patterns = [FileSystems.join(output, d, "*") for d in directories]
+    patterns += [FileSystems.join(output, f) for f in files]
+    stale = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def write_json(path: str, body: dict) -> None:
+    """A small JSON document (local or gs://), indented."""
+    with FileSystems.create(path) as out:
+        out.write((json.dumps(body, indent=2) + "\n").encode())

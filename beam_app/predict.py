@@ -30,6 +30,7 @@ Score the streaming job's events archive into the predictions table:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import posixpath
 import sys
@@ -44,7 +45,7 @@ from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
 from beam_app.batch import input_names, read_inputs, use_all_cores_locally
-from beam_app.job_report import counters, heartbeat
+from beam_app.job_report import clear_outputs, counters, heartbeat, write_json
 from beam_app.options import (CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow,
                               resolve_inputs)
 from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, failed_inference_letters, prediction_row)
@@ -202,8 +203,6 @@ def parquet_row(row: dict) -> dict:
 
 
 def write_files(outputs: dict, output: str, output_format: str) -> None:
-    import json
-
     predictions = outputs["predictions"]
     path = FileSystems.join(output, "predictions", "predictions")
     if output_format == "parquet":
@@ -290,7 +289,7 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
                     start_us, end_us, options.inference_batch_size, clock)
     if options.output:
         output = options.output.rstrip("/")
-        _clear_previous_outputs(output)
+        clear_outputs(output, ("predictions", "dead_letters"), ("summary.json",))
         write_files(outputs, output, options.output_format)
     else:
         _write_tables(outputs, options, spec, clock)
@@ -309,7 +308,7 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
     if options.output:
         summary["outputs"] = {name: sorted(m.path for m in FileSystems.match(
             [FileSystems.join(output, name, "*")])[0].metadata_list) for name in ("predictions", "dead_letters")}
-        _write_summary(FileSystems.join(output, "summary.json"), summary)
+        write_json(FileSystems.join(output, "summary.json"), summary)
     else:
         summary["outputs"] = {"predictions": options.predictions_table, "dead_letters": options.dead_letter_table}
     _print_summary(summary)
@@ -334,21 +333,6 @@ def _write_tables(outputs: dict, options: PredictOptions, spec: FeatureSpec, clo
     test_client = EndpointBigQueryClient(project, options.bigquery_endpoint) if options.bigquery_endpoint else None
     local = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
     write_outputs(outputs, tables, test_client, clock, insert_shards=1 if local else None)
-
-
-def _clear_previous_outputs(output: str) -> None:
-    patterns = [FileSystems.join(output, d, "*") for d in ("predictions", "dead_letters")]
-    patterns.append(FileSystems.join(output, "summary.json"))
-    stale = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
-    if stale:
-        FileSystems.delete(stale)
-
-
-def _write_summary(path: str, summary: dict) -> None:
-    import json
-
-    with FileSystems.create(path) as out:
-        out.write((json.dumps(summary, indent=2) + "\n").encode())
 
 
 def _where(output) -> str:
