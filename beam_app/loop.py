@@ -29,14 +29,13 @@ serve -> archive -> retrain -> reload, on the real emulators.
 
     python -m beam_app.loop [--output output/loop] [--events 300] [--after_swap_events 150]
 
-It takes about 6 to 9 minutes on 2 shared cores (8.5 measured under a load
-of 6): the streaming DirectRunner serves a few events a second, so the
+It takes about 5 to 9 minutes on 2 shared cores (5 from a fresh clone, 8.5
+under a load of 6): the streaming DirectRunner serves a few events a second, so the
 stretches are a few hundred events. v2 learns from those few hundred only:
 when no epoch beats v1 on the archive's eval split, models.train keeps v1's
 weights in v2, and the report says so (v2 against v1). Everything it
 starts (emulators, jobs) stops when it exits, however it exits. It exits 1
-when a check fails or a piece of the loop is missing from this checkout (the
-message says which).
+when a step or a check fails (the message says which, and where its log is).
 """
 
 from __future__ import annotations
@@ -69,56 +68,6 @@ CHUNK_EVENTS = 50  # stretch B goes out in chunks, each served before the next
 
 class LoopError(RuntimeError):
     """A step failed; the message says which and where its log is."""
-
-
-class MissingPiece(LoopError):
-    """A piece of the loop that this checkout does not have yet."""
-
-
-class Piece(NamedTuple):
-    """A command the loop runs that another part of issue 15 provides: present
-    when `<command> --help` succeeds and shows `marker`."""
-
-    name: str
-    files: str
-    help_command: tuple[str, ...]
-    marker: str
-
-
-PIECES = {
-    "bigquery_input": Piece("the batch job's BigQuery input (python -m beam_app.batch --input bq:PROJECT.DATASET.TABLE "
-                            "--bigquery_endpoint ... --bigquery_grpc_endpoint ...)",
-                            "beam_app/bigquery_input.py, beam_app/options.py, beam_app/batch.py",
-                            ("-m", "beam_app.batch", "--help"), "--bigquery_grpc_endpoint"),
-    "warm_start": Piece("warm-start training (python -m models.train --warm_start_from MODEL_DIR)", "models/train.py",
-                        ("-m", "models.train", "--help"), "--warm_start_from"),
-    "batch_predict": Piece("batch scoring (python -m beam_app.predict)", "beam_app/predict.py",
-                           ("-m", "beam_app.predict", "--help"), "--model"),
-}
-
-
-def missing_pieces() -> dict[str, str]:
-    """Each piece whose --help does not answer as it should -> why; the three asked at once."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    asked = {key: subprocess.Popen([sys.executable, *piece.help_command], cwd=REPO, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for key, piece in PIECES.items()}
-    missing = {}
-    for key, process in asked.items():
-        output, _ = process.communicate(timeout=120)
-        piece = PIECES[key]
-        if process.returncode != 0 or piece.marker not in output:
-            command = "python " + " ".join(piece.help_command)
-            reason = (f"`{command}` exits {process.returncode}" if process.returncode else
-                      f"`{command}` has no {piece.marker}")
-            missing[key] = f"{piece.name} is missing ({reason}; it belongs in {piece.files})"
-    return missing
-
-
-def require(missing: dict[str, str], step: str, *keys: str) -> None:
-    absent = [missing[key] for key in keys if key in missing]
-    if absent:
-        raise MissingPiece(f"cannot {step}: " + "; ".join(absent))
 
 
 class Timeline:
@@ -513,11 +462,7 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
     from transforms.spec import load_spec
 
     label = load_spec("flights").label.name
-    timeline.mark("loop started; asking the pieces for their --help")
-    missing = missing_pieces()
-    summary["missing_pieces"] = missing
-    for reason in missing.values():
-        print(f"  note: {reason}; the steps that need it will fail", flush=True)
+    timeline.mark("loop started")
     start_us = rfc3339_to_time_us(args.replay_start)
     stretch_a, stretch_b = stretches(start_us, args.events, args.after_swap_events)
     training = ["--epochs", str(args.epochs), *SMALL_TRAINING]
@@ -572,14 +517,12 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
         # 4. v2: the archive from BigQuery, warm-start training into the same model directory.
         v2 = None
         try:
-            require(missing, "read the archive from BigQuery for v2's data", "bigquery_input")
             timeline.mark(f"v2: batch job reading the archive bq:{archive_table}")
             run_command("batch job (v2's data, from the BigQuery archive)",
                         ["-m", "beam_app.batch", "--runner", "DirectRunner", "--input", f"bq:{archive_table}",
                          *bq_args, "--output", str(work / "data_v2"), "--split", "hash"],
                         work / "batch_v2.log", timeline, timeout_s=900)
             summary["v2_data"] = {"examples": examples_written(work / "data_v2"), "input": f"bq:{archive_table}"}
-            require(missing, "warm-start v2 from v1", "warm_start")
             run_command("training v2 (warm start from v1)",
                         ["-m", "models.train", "--data_dir", str(work / "data_v2"), "--model_dir", str(model_dir),
                          "--warm_start_from", str(model_dir), *warm_training], work / "train_v2.log", timeline,
@@ -633,7 +576,6 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
         # 6. Batch predictions on the archive with each version.
         batch: dict[str, dict[str, float]] = {}
         try:
-            require(missing, "score the archive in batch", "batch_predict", "bigquery_input")
             # One run per version, at once: most of each run is starting Beam and loading TensorFlow.
             versions = sorted({row["model_version"] for row in served_rows})
             run_commands([Step(f"batch predictions with {version}",
