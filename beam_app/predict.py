@@ -317,22 +317,19 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
 
 def _write_tables(outputs: dict, options: PredictOptions, spec: FeatureSpec, clock) -> None:
     """The streaming job's writes (one WriteToBigQuery, refused rows -> dead letters), to these two tables."""
-    from beam_app.bigquery_client import (EndpointBigQueryClient, bigquery_client, ensure_table, parse_table_spec,
-                                          table_exists)
-    from beam_app.streaming import write_outputs
+    from beam_app.bigquery_client import EndpointBigQueryClient, parse_table_spec
+    from beam_app import streaming
 
     tables = {"predictions": (options.predictions_table, PREDICTIONS_SCHEMA),
               "dead_letters": (options.dead_letter_table, DEAD_LETTERS_SCHEMA)}
+    try:
+        streaming.prepare_tables(tables, options.bigquery_endpoint, options.create_tables)
+    except streaming.UsageError as err:  # the streaming job's kind of usage error: say it as this job's
+        raise UsageError(str(err)) from None
     project = parse_table_spec(options.predictions_table)[0]
-    for table, schema in tables.values():
-        client = bigquery_client(parse_table_spec(table)[0], options.bigquery_endpoint)
-        if options.create_tables:
-            ensure_table(client, table, schema)
-        elif not table_exists(client, table):
-            raise UsageError(f"BigQuery table {table} does not exist: run with --create_tables")
     test_client = EndpointBigQueryClient(project, options.bigquery_endpoint) if options.bigquery_endpoint else None
     local = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
-    write_outputs(outputs, tables, test_client, clock, insert_shards=1 if local else None)
+    streaming.write_outputs(outputs, tables, test_client, clock, insert_shards=1 if local else None)
 
 
 def _where(output) -> str:

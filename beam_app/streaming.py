@@ -417,15 +417,16 @@ def job_tables(options: StreamingOptions, spec: FeatureSpec) -> dict[str, tuple[
     return tables
 
 
-def _prepare_tables(options: StreamingOptions, spec: FeatureSpec) -> None:
-    """Creates the tables (--create_tables) or checks that they exist, so a
-    typo fails at start rather than as endless insert errors."""
+def prepare_tables(tables: dict[str, tuple[str, tuple]], endpoint: Optional[str], create: bool) -> None:
+    """Creates the tables (`create`: --create_tables) or checks that they
+    exist, so a typo fails at start rather than as endless insert errors.
+    tables: {name: (table spec, schema fields)}, as `job_tables` gives them."""
     from beam_app.bigquery_client import bigquery_client, ensure_table, parse_table_spec, table_exists
 
-    for table, schema in job_tables(options, spec).values():
+    for table, schema in tables.values():
         project, _, _ = parse_table_spec(table)
-        client = bigquery_client(project, options.bigquery_endpoint)
-        if options.create_tables:
+        client = bigquery_client(project, endpoint)
+        if create:
             ensure_table(client, table, schema)
             continue
         if not table_exists(client, table):
@@ -543,7 +544,7 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     load_checked_model(location.saved_model, spec)
     if options.served_features_table or options.events_table:
         check_column_names(spec)
-    _prepare_tables(options, spec)
+    prepare_tables(job_tables(options, spec), options.bigquery_endpoint, options.create_tables)
     test_client = None
     if options.bigquery_endpoint:
         from beam_app.bigquery_client import EndpointBigQueryClient, parse_table_spec

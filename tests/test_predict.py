@@ -221,11 +221,13 @@ def test_predictions_go_to_the_predictions_table_marked_batch(bigquery_emulator,
     source = tmp_path / "events.ndjson"
     events = slice_events(load_spec("flights"), flights_lines(lambda month, day: (month, day) in DAYS))
     source.write_text("".join(event_to_json(e) + "\n" for e in events) + "{not json\n")
-    summary = predict.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--model", str(version_dir),
-                           "--input", str(source), "--start", "2013-12-01", "--end", "2013-12-01T04:00:00Z",
-                           "--predictions_table", "test-project:backfill.predictions",
-                           "--dead_letter_table", "test-project:backfill.dead_letters", "--create_tables",
-                           "--bigquery_endpoint", bigquery_emulator.endpoint])
+    argv = ["--runner", "DirectRunner", "--direct_num_workers", "1", "--model", str(version_dir),
+            "--input", str(source), "--start", "2013-12-01", "--end", "2013-12-01T04:00:00Z",
+            "--predictions_table", "test-project:backfill.predictions",
+            "--dead_letter_table", "test-project:backfill.dead_letters", "--bigquery_endpoint", bigquery_emulator.endpoint]
+    with pytest.raises(predict.UsageError, match="backfill.predictions does not exist: run with --create_tables"):
+        predict.run(argv)
+    summary = predict.run(argv + ["--create_tables"])
     client = bigquery_client("test-project", bigquery_emulator.endpoint)
     rows = [dict(row) for row in client.query("SELECT * FROM `test-project.backfill.predictions`").result()]
     assert sorted(row["event_id"] for row in rows) == sorted(expected) and len(rows) == summary["predictions"]
