@@ -63,14 +63,14 @@ run: $(VENV)/.installed
 # The streaming demo on the emulators; trains the model first if `make run` has not.
 demo: $(VENV)/.installed venv-bq
 	test -e output/model/LATEST || $(MAKE) run
-	$(BIN)/python -m beam_app.local_demo
+	$(BIN)/python -m beam_app.local.demo
 
-# The closed loop on the emulators (beam_app/loop.py): v1 trained, served and archived, v2 trained from the
+# The closed loop on the emulators (beam_app/local/loop.py): v1 trained, served and archived, v2 trained from the
 # archive in BigQuery and taken up by the running job, batch predictions against the served ones, a timeline.
-# A few minutes; `make loop LOOP_FLAGS="--events 200"` passes flags (python -m beam_app.loop --help).
+# A few minutes; `make loop LOOP_FLAGS="--events 200"` passes flags (python -m beam_app.local.loop --help).
 LOOP_FLAGS ?=
 loop: $(VENV)/.installed venv-bq
-	$(BIN)/python -m beam_app.loop $(LOOP_FLAGS)
+	$(BIN)/python -m beam_app.local.loop $(LOOP_FLAGS)
 
 test: $(VENV)/.installed-test venv-bq
 	$(BIN)/python -m pytest tests

@@ -37,10 +37,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.bigquery_input import (QUERY_INPUT, Endpoints, ReadBigQueryRecords, check_table, is_bigquery_input,
+from beam_app.bigquery.read import (QUERY_INPUT, Endpoints, ReadBigQueryRecords, check_table, is_bigquery_input,
                                      parse_input_table)
-from beam_app.job_report import clear_outputs, counters, heartbeat, write_json
-from beam_app.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
+from beam_app.common.job_report import clear_outputs, counters, heartbeat, write_json
+from beam_app.common.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
                               quiet_tensorflow, resolve_inputs)
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents

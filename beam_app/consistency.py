@@ -43,9 +43,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
-from beam_app.served_log import is_table, read_served_rows
-from beam_app.tables import event_fields, in_served_sample, served_columns
+from beam_app.common.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
+from beam_app.bigquery.served_log import is_table, read_served_rows
+from beam_app.bigquery.tables import event_fields, in_served_sample, served_columns
 from transforms.deduplicate import DeduplicateEvents
 from transforms.events import Event, InvalidRecord, rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.examples import row_values

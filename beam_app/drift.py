@@ -58,10 +58,10 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from beam_app import drift_measures as measures
-from beam_app.options import configure_logging
-from beam_app.served_log import read_served_rows
-from beam_app.tables import served_columns
+from beam_app.monitoring import drift_measures as measures
+from beam_app.common.options import configure_logging
+from beam_app.bigquery.served_log import read_served_rows
+from beam_app.bigquery.tables import served_columns
 from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.spec import FeatureSpec, SpecError, load_spec, presence_name, spec_from_dict
 
@@ -87,7 +87,7 @@ class ServedFeature(NamedTuple):
 
 
 def served_features(spec: FeatureSpec) -> tuple[ServedFeature, ...]:
-    """The features of the served-features log (beam_app.tables.served_columns),
+    """The features of the served-features log (beam_app.bigquery.tables.served_columns),
     without their presence flags, which become how each says it is missing."""
     columns = served_columns(spec)
     flags = {column.name for column in columns if column.role in ("presence", "static_presence")}
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Optional[list[str]] = None) -> int:
     """Runs the comparison and writes drift.json and the report; returns the exit status."""
-    from beam_app import drift_report
+    from beam_app.monitoring import drift_report
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)

@@ -45,10 +45,10 @@ from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
 from beam_app.batch import input_names, read_inputs, use_all_cores_locally
-from beam_app.job_report import clear_outputs, counters, heartbeat, write_json
-from beam_app.options import (CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow,
+from beam_app.common.job_report import clear_outputs, counters, heartbeat, write_json
+from beam_app.common.options import (CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow,
                               resolve_inputs)
-from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, failed_inference_letters, prediction_row)
+from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, failed_inference_letters, prediction_row)
 from models.inference import ModelLocation, SavedModelHandler, load_checked_model, locate_model, per_request
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
@@ -317,7 +317,7 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
 
 def _write_tables(outputs: dict, options: PredictOptions, spec: FeatureSpec, clock) -> None:
     """The streaming job's writes (one WriteToBigQuery, refused rows -> dead letters), to these two tables."""
-    from beam_app.bigquery_client import EndpointBigQueryClient, parse_table_spec
+    from beam_app.bigquery.client import EndpointBigQueryClient, parse_table_spec
     from beam_app import streaming
 
     tables = {"predictions": (options.predictions_table, PREDICTIONS_SCHEMA),

@@ -23,7 +23,7 @@ Run against real Pub/Sub and BigQuery on the DirectRunner:
         --model output/model --predictions_table P:features.predictions \\
         --dead_letter_table P:features.dead_letters --create_tables
 
-or against the local emulators (see `python -m beam_app.local_stack` and the
+or against the local emulators (see `python -m beam_app.local.stack` and the
 README's streaming demo) by adding --bigquery_endpoint http://127.0.0.1:PORT with
 PUBSUB_EMULATOR_HOST set. On Dataflow it runs as a flex template (templates/).
 """
@@ -47,9 +47,9 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.kept_model import KeptModelHandler
-from beam_app.options import CommonOptions, Input, configure_logging, print_help, quiet_tensorflow, resolve_inputs
-from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
+from beam_app.serving.kept_model import KeptModelHandler
+from beam_app.common.options import CommonOptions, Input, configure_logging, print_help, quiet_tensorflow, resolve_inputs
+from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
                              event_row, events_schema, failed_inference_letters, failed_row_letter, in_served_sample,
                              prediction_row, row_table, served_features_row, served_features_schema, table_schema)
 from models.export import SpecMismatch
@@ -303,7 +303,7 @@ class _Destinations:
     tables: {"predictions"|"dead_letters"|"served_features"|"events": (table spec, schema fields)}."""
 
     def __init__(self, tables: dict[str, tuple[str, tuple]]):
-        from beam_app.bigquery_client import parse_table_spec
+        from beam_app.bigquery.client import parse_table_spec
 
         self._tables = {name: table for name, (table, _) in tables.items()}
         self._schemas = {parse_table_spec(table): table_schema(schema) for table, schema in tables.values()}
@@ -312,7 +312,7 @@ class _Destinations:
         return self._tables[row_table(row)]
 
     def schema(self, destination) -> dict:
-        from beam_app.bigquery_client import parse_table_spec
+        from beam_app.bigquery.client import parse_table_spec
 
         return self._schemas[parse_table_spec(str(destination))]
 
@@ -421,7 +421,7 @@ def prepare_tables(tables: dict[str, tuple[str, tuple]], endpoint: Optional[str]
     """Creates the tables (`create`: --create_tables) or checks that they
     exist, so a typo fails at start rather than as endless insert errors.
     tables: {name: (table spec, schema fields)}, as `job_tables` gives them."""
-    from beam_app.bigquery_client import bigquery_client, ensure_table, parse_table_spec, table_exists
+    from beam_app.bigquery.client import bigquery_client, ensure_table, parse_table_spec, table_exists
 
     for table, schema in tables.values():
         project, _, _ = parse_table_spec(table)
@@ -441,7 +441,7 @@ def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 
     wait 600 s)."""
     from google.api_core.retry import Retry
 
-    from beam_app.bigquery_client import bigquery_client, parse_table_spec
+    from beam_app.bigquery.client import bigquery_client, parse_table_spec
 
     since = time_us_to_rfc3339(since_us)
     counts = {}
@@ -547,7 +547,7 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     prepare_tables(job_tables(options, spec), options.bigquery_endpoint, options.create_tables)
     test_client = None
     if options.bigquery_endpoint:
-        from beam_app.bigquery_client import EndpointBigQueryClient, parse_table_spec
+        from beam_app.bigquery.client import EndpointBigQueryClient, parse_table_spec
 
         test_client = EndpointBigQueryClient(parse_table_spec(options.predictions_table)[0], options.bigquery_endpoint)
 

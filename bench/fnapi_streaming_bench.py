@@ -47,7 +47,7 @@ START_TIME = "2013-12-02"
 def load_replay(spec, start_time: str, limit: int) -> list:
     """The first `limit` flights events from `start_time`, in event-time order."""
     from beam_app.adapters import load_adapters
-    from beam_app.options import resolve_inputs
+    from beam_app.common.options import resolve_inputs
     from beam_app.publish import load_events, select
     from transforms.parse import RecordParser
     from transforms.read_files import matched_files, read_records
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--inference_batch_size", type=int, default=1024)
     args = parser.parse_args()
     os.environ.setdefault("NO_GCE_CHECK", "true")
-    from beam_app.options import quiet_tensorflow
+    from beam_app.common.options import quiet_tensorflow
     from models.inference import load_checked_model, locate_model
     from transforms.spec import load_spec
 

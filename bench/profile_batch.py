@@ -140,7 +140,7 @@ def main() -> None:
     from apache_beam.runners.portability.fn_api_runner import fn_runner
 
     from beam_app import batch
-    from beam_app.options import quiet_tensorflow
+    from beam_app.common.options import quiet_tensorflow
 
     quiet_tensorflow()
     output = args.output_dir or tempfile.mkdtemp(prefix="profile_batch_")

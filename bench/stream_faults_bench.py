@@ -1,7 +1,7 @@
 """The streaming job against a hostile stream, on both emulators: what
 duplicates, poison messages and stops do, in figures for the README.
 
-1. One job (beam_app.local_demo's stack: Pub/Sub and BigQuery emulators, the
+1. One job (beam_app.local.demo's stack: Pub/Sub and BigQuery emulators, the
    job as a subprocess) gets a replay of flights, every event of its first
    part published twice and one conflicting copy, plus one message of each
    poison kind, published first. Printed: double rows, double counts (the
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beam_app.local_demo import (DEAD_LETTERS, PREDICTIONS, TOPIC, query, streaming_stack,  # noqa: E402
+from beam_app.local.demo import (DEAD_LETTERS, PREDICTIONS, TOPIC, query, streaming_stack,  # noqa: E402
                                  wait_for_predictions)
 
 POISON = {  # kind -> (attributes given now, payload given now)

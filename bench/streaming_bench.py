@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beam_app.local_demo import (DEAD_LETTERS, PREDICTIONS, SUBSCRIPTION, TOPIC, latencies_s,  # noqa: E402
+from beam_app.local.demo import (DEAD_LETTERS, PREDICTIONS, SUBSCRIPTION, TOPIC, latencies_s,  # noqa: E402
                                  percentile, streaming_job_command, streaming_stack, wait_for_predictions)
 
 TARGET_P50_S, TARGET_P99_S = 2.0, 5.0
@@ -59,8 +59,8 @@ def passthrough_job(bigquery_endpoint: str) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_app import streaming
-    from beam_app.bigquery_client import EndpointBigQueryClient, bigquery_client, ensure_table
-    from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, prediction_row
+    from beam_app.bigquery.client import EndpointBigQueryClient, bigquery_client, ensure_table
+    from beam_app.bigquery.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, prediction_row
     from transforms.events import rfc3339_to_time_us
     from transforms.examples import RequestKey
 

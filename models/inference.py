@@ -234,7 +234,7 @@ class SavedModelHandler(ModelHandler[KeyedBatch, KeyedPredictions, Any]):
     examples that come one by one, with `KeyedBatches`. RunInference's
     metrics still count examples (the `len` of a KeyedBatch); a batch that
     fails comes out of `with_exception_handling()` whole, as (KeyedBatch,
-    error), and each of its requests is a dead letter (beam_app/tables.py).
+    error), and each of its requests is a dead letter (beam_app/bigquery/tables.py).
 
     watch: the model directory whose LATEST may move on while the job runs:
     each batch is predicted by the newest accepted version (ServingModel)."""

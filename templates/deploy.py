@@ -8,7 +8,7 @@ printed, then run, and the first failure stops the deploy. The steps, in the
 order `all` runs them:
 
   resources  the bucket; the Pub/Sub topic and subscription; the BigQuery dataset
-             and its two tables, whose schema files are written from beam_app/tables.py
+             and its two tables, whose schema files are written from beam_app/bigquery/tables.py
   image      the Artifact Registry repository; the image of templates/streaming/Dockerfile,
              built by Cloud Build from the repository root and pushed as
              REGION-docker.pkg.dev/PROJECT/REPOSITORY/streaming:TAG
@@ -207,9 +207,9 @@ def dict_flag(values: Mapping[str, str]) -> str:
 # ---- the files the commands read ----
 
 def schema_fields(spec: str = "flights") -> dict[str, list[dict]]:
-    """Table name -> its schema fields, from beam_app/tables.py (the one source);
+    """Table name -> its schema fields, from beam_app/bigquery/tables.py (the one source);
     the served-features and events tables' columns come from the spec."""
-    from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema,
+    from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema,
                                  table_schema)
     from transforms.spec import load_spec
 

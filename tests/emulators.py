@@ -1,4 +1,4 @@
-"""Session-wide emulator fixtures (beam_app.local_stack): each emulator starts
+"""Session-wide emulator fixtures (beam_app.local.stack): each emulator starts
 once, on free ports, for every test that asks for it, and stops at the end."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from beam_app.bigquery_client import table_exists
-from beam_app.local_stack import BigQueryEmulator, PubSubEmulator
+from beam_app.bigquery.client import table_exists
+from beam_app.local.stack import BigQueryEmulator, PubSubEmulator
 
 PROJECT = "test-project"
 

@@ -6,7 +6,7 @@ import pytest
 from apache_beam.options.pipeline_options import DirectOptions
 
 from beam_app.batch import BatchOptions, split_from_options, summarize, use_all_cores_locally
-from beam_app.options import Input, resolve_inputs
+from beam_app.common.options import Input, resolve_inputs
 from transforms.read_files import resolve_input
 from transforms.spec import SpecError, load_spec, spec_from_dict
 

@@ -1,4 +1,4 @@
-"""BigQuery input of the batch job (beam_app.bigquery_input): the row -> events
+"""BigQuery input of the batch job (beam_app.bigquery.read): the row -> events
 line conversion, the table spec and time filter, and the job reading the real
 local-bigquery through Beam's DIRECT_READ source, against the same job on the
 same events as an NDJSON file."""
@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from beam_app import batch
 from beam_app.adapters import load_adapters
-from beam_app.bigquery_client import bigquery_client, ensure_table
-from beam_app.bigquery_input import (BigQueryInputError, parse_input_table, row_to_json_line, row_to_record,
+from beam_app.bigquery.client import bigquery_client, ensure_table
+from beam_app.bigquery.read import (BigQueryInputError, parse_input_table, row_to_json_line, row_to_record,
                                      time_restriction)
-from beam_app.options import Input, resolve_inputs
-from beam_app.tables import event_fields, event_row, events_schema
+from beam_app.common.options import Input, resolve_inputs
+from beam_app.bigquery.tables import event_fields, event_row, events_schema
 from tests.conftest import observation, read_examples, request
 from tests.emulators import PROJECT
 from tests.flights_slice import flights_lines, slice_events, weather_lines
@@ -124,7 +124,7 @@ def test_table_specs_and_the_time_filter():
 def test_a_query_needs_a_project_and_a_read_one_source():
     import apache_beam as beam
 
-    from beam_app.bigquery_input import ReadBigQueryRecords
+    from beam_app.bigquery.read import ReadBigQueryRecords
 
     with pytest.raises(BigQueryInputError, match="--input_query needs --project"):
         beam.Pipeline() | ReadBigQueryRecords(query="SELECT 1")
@@ -324,7 +324,7 @@ def test_a_read_response_over_grpcs_default_4_mib(bigquery_emulator):
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beam_app.bigquery_input import Endpoints, ReadBigQueryRecords
+    from beam_app.bigquery.read import Endpoints, ReadBigQueryRecords
 
     spec, table = load_spec("flights"), f"{PROJECT}.{DATASET}.wide"
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)

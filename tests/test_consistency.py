@@ -23,8 +23,8 @@ import math
 import pytest
 
 from beam_app import consistency
-from beam_app.bigquery_client import bigquery_client, ensure_table
-from beam_app.tables import event_row, events_schema, served_columns, served_features_row
+from beam_app.bigquery.client import bigquery_client, ensure_table
+from beam_app.bigquery.tables import event_row, events_schema, served_columns, served_features_row
 from transforms.events import Event, event_to_json, rfc3339_to_time_us
 from transforms.examples import RequestKey, row_values
 from transforms.skew import Arrived, explain_group, group_values

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema, table_schema
+from beam_app.bigquery.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema, table_schema
 from transforms.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from beam_app import drift, drift_measures
-from beam_app.drift_measures import OTHER
-from beam_app.served_log import is_table, read_served_rows
+from beam_app import drift
+from beam_app.monitoring import drift_measures
+from beam_app.monitoring.drift_measures import OTHER
+from beam_app.bigquery.served_log import is_table, read_served_rows
 from transforms.spec import load_spec
 
 
@@ -382,8 +383,8 @@ def test_served_rows_from_files_keep_the_time_range_end_excluded(drift_inputs):
 
 
 def test_served_rows_from_bigquery_in_a_time_range(bigquery_emulator):
-    from beam_app.bigquery_client import bigquery_client, ensure_table
-    from beam_app.tables import served_features_schema
+    from beam_app.bigquery.client import bigquery_client, ensure_table
+    from beam_app.bigquery.tables import served_features_schema
     from tests.emulators import PROJECT
 
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)

@@ -13,7 +13,7 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_app.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
+from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, dead_letter_row, failed_inference_letters,
                              failed_row_letter, prediction_row)
 from transforms.events import DeadLetter
 from transforms.examples import KeyedBatch, RequestKey, keyed_batch

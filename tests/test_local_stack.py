@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from beam_app.bigquery_client import EndpointBigQueryClient, bigquery_client, ensure_table, parse_table_spec
-from beam_app.local_stack import BigQueryEmulator, EmulatorError, PubSubEmulator, free_port
+from beam_app.bigquery.client import EndpointBigQueryClient, bigquery_client, ensure_table, parse_table_spec
+from beam_app.local.stack import BigQueryEmulator, EmulatorError, PubSubEmulator, free_port
 
 PROJECT = "test-project"
 SCHEMA = [

@@ -1,4 +1,4 @@
-"""`python -m beam_app.loop` (what `make loop` runs), end to end on the real
+"""`python -m beam_app.local.loop` (what `make loop` runs), end to end on the real
 emulators with small sizes: serve -> archive -> retrain -> reload.
 
 The loop's claims are checked against its evidence files with values
@@ -33,7 +33,7 @@ def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
     from tests.test_streaming_e2e import _batch_reference
 
     out = tmp_path / "loop"
-    done = subprocess.run([sys.executable, "-m", "beam_app.loop", "--output", str(out), "--train_days", "3",
+    done = subprocess.run([sys.executable, "-m", "beam_app.local.loop", "--output", str(out), "--train_days", "3",
                            "--events", "120", "--after_swap_events", "60", "--rate", "20"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     print(done.stdout[-4000:])
@@ -104,7 +104,7 @@ def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
 
 
 def test_parity_takes_each_served_row_against_the_batch_prediction_of_its_own_version():
-    from beam_app.loop import parity
+    from beam_app.local.loop import parity
 
     at = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
     served = [{"event_id": "a", "model_version": "v1", "prediction": 10.0, "processing_time": at},
@@ -125,7 +125,7 @@ def test_parity_takes_each_served_row_against_the_batch_prediction_of_its_own_ve
 
 
 def test_versions_served_in_the_order_they_began_with_the_mae_of_their_labeled_rows():
-    from beam_app.loop import versions_served
+    from beam_app.local.loop import versions_served
 
     at = [dt.datetime(2026, 12, 1, 0, 0, s, tzinfo=dt.timezone.utc) for s in range(3)]
     served = [{"event_id": "c", "model_version": "v2", "prediction": 7.0, "processing_time": at[2]},
@@ -141,7 +141,7 @@ def test_versions_served_in_the_order_they_began_with_the_mae_of_their_labeled_r
 
 
 def test_a_difference_is_explained_only_where_an_earlier_observation_arrived_after_the_answer():
-    from beam_app.loop import answered_before_an_earlier_observation, parity
+    from beam_app.local.loop import answered_before_an_earlier_observation, parity
 
     t = [dt.datetime(2026, 12, 1, 0, 0, s, tzinfo=dt.timezone.utc) for s in range(10)]
     archive = [{"event_id": "o1", "role": "observation", "event_time": t[1], "processing_time": t[2]},

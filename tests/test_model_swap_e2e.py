@@ -24,7 +24,7 @@ from transforms.spec import load_spec
 tf = pytest.importorskip("tensorflow")
 
 from beam_app import publish  # noqa: E402
-from beam_app.bigquery_client import bigquery_client  # noqa: E402
+from beam_app.bigquery.client import bigquery_client  # noqa: E402
 from tests.test_streaming_e2e import _batch_reference, _rows  # noqa: E402
 
 PROJECT = "test-project"

@@ -214,7 +214,7 @@ def test_a_model_of_another_spec_is_refused_before_the_job_starts(taxi_model, tm
 
 @pytest.mark.slow
 def test_predictions_go_to_the_predictions_table_marked_batch(bigquery_emulator, trained_model, tmp_path):
-    from beam_app.bigquery_client import bigquery_client
+    from beam_app.bigquery.client import bigquery_client
 
     _, version_dir = trained_model
     expected = _requests_in_range("2013-12-01T00:00:00Z", "2013-12-01T04:00:00Z")

@@ -22,7 +22,7 @@ from tests.flights_slice import flights_lines
 tf = pytest.importorskip("tensorflow")
 
 from beam_app import consistency, publish  # noqa: E402
-from beam_app.bigquery_client import bigquery_client  # noqa: E402
+from beam_app.bigquery.client import bigquery_client  # noqa: E402
 from tests.test_streaming_e2e import _batch_reference, _rows  # noqa: E402
 
 PROJECT = "test-project"

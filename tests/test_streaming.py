@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from beam_app import streaming
-from beam_app.bigquery_client import EndpointBigQueryClient, bigquery_client, ensure_table
-from beam_app.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema
+from beam_app.bigquery.client import EndpointBigQueryClient, bigquery_client, ensure_table
+from beam_app.bigquery.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema
 from transforms.events import DeadLetter
 from transforms.spec import load_spec
 

@@ -20,7 +20,7 @@ from tests.flights_slice import flights_lines, weather_lines
 tf = pytest.importorskip("tensorflow")
 
 from beam_app import batch, consistency, predict, publish  # noqa: E402
-from beam_app.bigquery_client import bigquery_client  # noqa: E402
+from beam_app.bigquery.client import bigquery_client  # noqa: E402
 from models.data import split_files  # noqa: E402
 from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339  # noqa: E402
 from transforms.spec import SPLITS, load_spec  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_app.options import CommonOptions
+from beam_app.common.options import CommonOptions
 from beam_app.streaming import StreamingOptions, UsageError, _check_options
 
 REPO = Path(__file__).resolve().parent.parent
@@ -337,7 +337,7 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
     from google.cloud import pubsub_v1
 
     from beam_app import publish
-    from beam_app.bigquery_client import bigquery_client
+    from beam_app.bigquery.client import bigquery_client
     from tests.emulators import tables_exist, wait_until
     from tests.flights_slice import flights_lines
 

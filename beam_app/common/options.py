@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_app.bigquery_input import PREFIX, QUERY_INPUT, BigQueryInputError, is_bigquery_input, parse_input_table
+from beam_app.bigquery.read import PREFIX, QUERY_INPUT, BigQueryInputError, is_bigquery_input, parse_input_table
 from transforms.read_files import resolve_input
 from transforms.spec import FeatureSpec, SpecError, shipped_specs
 

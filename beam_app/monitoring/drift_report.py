@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 
-from beam_app.drift_measures import OTHER  # noqa: E402
+from beam_app.monitoring.drift_measures import OTHER  # noqa: E402
 
 # The table's columns: (drift.json key of a feature, header). The header cells carry the key (data-key).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (

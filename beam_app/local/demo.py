@@ -1,6 +1,6 @@
 """The streaming demo on one machine, in one command (`make demo` runs it):
 
-1. starts the Pub/Sub and BigQuery emulators (beam_app.local_stack);
+1. starts the Pub/Sub and BigQuery emulators (beam_app.local.stack);
 2. creates the topic, the job's subscription and both BigQuery tables;
 3. starts the streaming job, `python -m beam_app.streaming`, on the
    DirectRunner with the model `make run` trained;
@@ -15,7 +15,7 @@
    served features with the model's training statistics (drift.json and an
    HTML report with plots, the consistency summary in it).
 
-    python -m beam_app.local_demo [--model output/model] [--events 300] [--rate 5]
+    python -m beam_app.local.demo [--model output/model] [--events 300] [--rate 5]
 
 The streaming DirectRunner answers a few requests a second here (see the
 README's figures): keep --rate modest, or expect a growing backlog.
@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-from beam_app.bigquery_client import bigquery_client, table_exists
-from beam_app.local_stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
+from beam_app.bigquery.client import bigquery_client, table_exists
+from beam_app.local.stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
 
 TOPIC = f"projects/{DEFAULT_PROJECT}/topics/events"
 SUBSCRIPTION = f"projects/{DEFAULT_PROJECT}/subscriptions/streaming-job"
@@ -156,7 +156,7 @@ def check_served(model: str, bigquery_endpoint: str, work: Path) -> tuple[dict, 
 
 
 def run(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beam_app.local_demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m beam_app.local.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="output/model", help="Model directory of `make run` (default %(default)s).")
     parser.add_argument("--events", type=int, default=300, help="Flights events to publish (default %(default)s).")

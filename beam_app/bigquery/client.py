@@ -1,5 +1,5 @@
 """BigQuery clients for Google's endpoint or another one (the local emulator,
-see beam_app.local_stack), and idempotent table creation from our schemas.
+see beam_app.local.stack), and idempotent table creation from our schemas.
 
 Beam's WriteToBigQuery has no endpoint option. Its `test_client` argument
 takes one object that Beam uses both as the apitools client (`tables`,

@@ -1,7 +1,7 @@
 """Reading the served-features log back: from its BigQuery table or from NDJSON files.
 
 The streaming job logs, per prediction (or a sample of them), the features the
-model received (beam_app/tables.py: `served_features_schema`). Tools that
+model received (beam_app/bigquery/tables.py: `served_features_schema`). Tools that
 compare them with something else (the drift report, the consistency job) read
 them with `read_served_rows`, one row at a time, so memory does not grow with
 the size of the log:
@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from beam_app.bigquery_client import bigquery_client, parse_table_spec
+from beam_app.bigquery.client import bigquery_client, parse_table_spec
 from transforms.events import datetime_to_time_us, rfc3339_to_time_us, time_us_to_rfc3339
 
 TIMESTAMP_COLUMNS = ("event_time", "processing_time", "job_start_time")

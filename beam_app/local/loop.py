@@ -27,7 +27,7 @@ serve -> archive -> retrain -> reload, on the real emulators.
    beside the served predictions, the archive, the published events and
    every step's log.
 
-    python -m beam_app.loop [--output output/loop] [--events 300] [--after_swap_events 150]
+    python -m beam_app.local.loop [--output output/loop] [--events 300] [--after_swap_events 150]
 
 It takes about 5 to 9 minutes on 2 shared cores (5 from a fresh clone, 8.5
 under a load of 6): the streaming DirectRunner serves a few events a second, so the
@@ -343,7 +343,7 @@ def read_batch_predictions(output: Path) -> dict[str, float]:
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m beam_app.loop", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m beam_app.local.loop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="output/loop",
                         help="Where the loop keeps everything: the model directory (model/), the batch jobs' outputs, "
@@ -378,7 +378,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def streaming_job_command(poll_s: float) -> Callable[[str, str], list[str]]:
-    from beam_app.local_demo import DEAD_LETTERS, EVENTS, PREDICTIONS, SUBSCRIPTION
+    from beam_app.local.demo import DEAD_LETTERS, EVENTS, PREDICTIONS, SUBSCRIPTION
 
     def command(model: str, bigquery_endpoint: str) -> list[str]:
         return [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
@@ -391,8 +391,8 @@ def streaming_job_command(poll_s: float) -> Callable[[str, str], list[str]]:
 def publish_events(name: str, events: list, work: Path, rate: float) -> tuple[Path, set[str]]:
     """Publishes `events` rebased to now; returns the record of what went out and its request ids."""
     from beam_app import publish
-    from beam_app.local_demo import TOPIC
-    from beam_app.options import configure_logging
+    from beam_app.local.demo import TOPIC
+    from beam_app.common.options import configure_logging
 
     source = write_events(work / f"{name}.ndjson", events)
     record = work / f"published_{name}.ndjson"
@@ -457,7 +457,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
 
 def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timeline, summary: dict) -> None:
-    from beam_app.local_demo import EVENTS, PREDICTIONS, query, stop_job, streaming_stack
+    from beam_app.local.demo import EVENTS, PREDICTIONS, query, stop_job, streaming_stack
     from transforms.events import rfc3339_to_time_us
     from transforms.spec import load_spec
 

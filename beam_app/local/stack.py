@@ -8,7 +8,7 @@ no Google Cloud project, credentials or network.
   errors like the real service), which needs Python >= 3.13 and so lives in
   its own venv: `make venv-bq` builds `.venv-bq` (DESIGN.md section 4).
 
-    python -m beam_app.local_stack        # both, until Ctrl-C; prints the exports
+    python -m beam_app.local.stack        # both, until Ctrl-C; prints the exports
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class BigQueryEmulator(_Emulator):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m beam_app.local_stack",
+        prog="python -m beam_app.local.stack",
         description="Start the Pub/Sub emulator and the BigQuery emulator (local-bigquery) on 127.0.0.1, print the "
                     "shell exports and endpoints a client needs, and run until Ctrl-C. The BigQuery emulator needs "
                     "`make venv-bq` first.")

@@ -20,7 +20,7 @@ credentials. The Storage client's only environment variables
 GOOGLE_CLOUD_UNIVERSE_DOMAIN) can at most make its host
 bigquerystorage.<domain>:443, over TLS with credentials: never a plaintext
 127.0.0.1:PORT; apitools' BigqueryV2 URL has no variable. So with an endpoint (the local
-emulator, see beam_app.local_stack) the source is `_EndpointStorageSource`, a
+emulator, see beam_app.local.stack) the source is `_EndpointStorageSource`, a
 subclass of Beam's own source that builds those two clients for the endpoint,
 without credentials, over a plaintext gRPC channel. Beam builds them inside
 `split` and `read_avro`, so those two are restated with the endpoint's

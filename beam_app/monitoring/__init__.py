@@ -1,0 +1,2 @@
+"""Evidence of no skew: the consistency job's verdicts and the drift measures
+and report."""
