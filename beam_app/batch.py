@@ -27,38 +27,38 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import os
 import sys
 import time
 from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.bigquery.read import (QUERY_INPUT, Endpoints, ReadBigQueryRecords, check_table, is_bigquery_input,
-                                     parse_input_table)
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
+from beam_app.common.inputs import Input, add_input_arguments, input_names, read_inputs, resolve_inputs
 from beam_app.common.job_report import clear_outputs, counters, heartbeat, write_json
-from beam_app.common.options import (CommonOptions, Input, add_input_arguments, configure_logging, print_help,
-                              quiet_tensorflow, resolve_inputs)
+from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
+                                     wants_help)
+from beam_app.common.runner import use_all_cores_locally
+from beam_app.common.times import add_time_range_arguments, parse_time, time_range_us
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.examples import EncodeRecordBatches, RecordBatches, example_columns, is_labeled
 from transforms.feature_stats import FeatureStatistics, statistics_document
-from transforms.events import datetime_to_time_us
 from transforms.parse import DEAD_LETTERS, ParseEvents, role_counter
-from transforms.read_files import ReadRecords, matched_files
-from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, parse_utc_date, validate_split
+from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, validate_split
 from transforms.split import SplitExamples
+from transforms.time_range import TimeRange, read_bounds_us
 from transforms.windowed_features import WindowedFeatures
-
 
 
 class BatchOptions(CommonOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         add_input_arguments(parser, "History to read", bigquery=True)
+        add_time_range_arguments(parser, "Write examples of the requests")
         parser.add_argument(
             "--output", default="./output",
             help="Directory for the TFRecords, dead letters, spec.json and summary.json (default: ./output). "
@@ -67,8 +67,10 @@ class BatchOptions(CommonOptions):
             "--split", default=None, choices=("time", "hash"),
             help="time: by request time at --eval_start/--test_start (UTC); hash: stable on event_id, "
                  "by --eval_fraction/--test_fraction. Default: the spec's split.")
-        parser.add_argument("--eval_start", default=None, help="Time split: first eval day, e.g. 2013-11-01.")
-        parser.add_argument("--test_start", default=None, help="Time split: first test day, e.g. 2013-12-01.")
+        parser.add_argument("--eval_start", default=None, metavar="TIME",
+                            help="Time split: where eval begins, a UTC date (2013-11-01) or RFC 3339 time.")
+        parser.add_argument("--test_start", default=None, metavar="TIME",
+                            help="Time split: where test begins (same forms).")
         parser.add_argument("--eval_fraction", type=float, default=None, help="Hash split: share of eval.")
         parser.add_argument("--test_fraction", type=float, default=None, help="Hash split: share of test.")
         parser.add_argument(
@@ -93,15 +95,20 @@ class _KeepLabeled(beam.DoFn):
 STATS = "stats"
 
 
-def build(records, spec: FeatureSpec, split: SplitSpec, with_stats: bool = True) -> dict:
+def build(records, spec: FeatureSpec, split: SplitSpec, with_stats: bool = True,
+          start_us: Optional[int] = None, end_us: Optional[int] = None) -> dict:
     """PCollection[RawRecord] -> {"train"|"eval"|"test": PCollection[bytes] of
     serialized tf.Examples, "dead_letters": PCollection[DeadLetter]} and, with
     stats, "stats": PCollection[dict], one element: the stats.json document,
-    computed from the same RecordBatches the examples are encoded from. No I/O."""
+    computed from the same RecordBatches the examples are encoded from. Examples
+    of the requests in [start_us, end_us) (None: unbounded). No I/O."""
     parsed = records | "ParseEvents" >> ParseEvents(spec, adapters=load_adapters(spec))
     unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0)
+    events = unique["events"]
+    if start_us is not None or end_us is not None:
+        events = events | "TimeRange" >> TimeRange(start_us, end_us, spec.max_window_s * 1_000_000)
     rows = (
-        unique["events"]
+        events
         | "WindowedFeatures" >> WindowedFeatures(spec)
         | "KeepLabeled" >> beam.ParDo(_KeepLabeled(spec))
     )
@@ -128,26 +135,16 @@ def split_from_options(spec: FeatureSpec, options: BatchOptions) -> SplitSpec:
         changes["method"] = options.split
     for name in ("eval_start", "test_start"):
         if getattr(options, name):
-            changes[name] = parse_utc_date(getattr(options, name), f"--{name}")
+            changes[name] = parse_time(getattr(options, name), f"--{name}")
     for name in ("eval_fraction", "test_fraction"):
         if getattr(options, name) is not None:
             changes[name] = getattr(options, name)
     split = dataclasses.replace(spec.split, **changes)
-    validate_split(split)
+    try:
+        validate_split(split)
+    except SpecError as err:
+        raise UsageError(str(err)) from None
     return split
-
-
-def use_all_cores_locally(options: BatchOptions, argv: list[str]) -> None:
-    """On the DirectRunner, default to one worker process per core (about 1.7x
-    faster on 2 cores than the single in-process worker); flags still win.
-    Read from argv: Beam's options cannot tell an explicit default from none."""
-    runner = options.view_as(StandardOptions).runner
-    given = {arg.split("=")[0] for arg in argv if arg.startswith("--direct_")}
-    if runner in (None, "DirectRunner", "direct") and "--direct_num_workers" not in given:
-        direct = options.view_as(DirectOptions)
-        direct.direct_num_workers = os.cpu_count() or 1
-        if "--direct_running_mode" not in given:
-            direct.direct_running_mode = "multi_processing"
 
 
 def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
@@ -165,6 +162,7 @@ def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
         "requests": c("parse/requests"),
         "observations": sum(by_kind.values()),
         **({"observations_by_kind": by_kind} if len(by_kind) > 1 else {}),
+        "requests_outside_range": c("time_range/requests_outside_range"),
         "feature_rows": c("windowed_features/feature_rows"),
         "unlabeled_requests": c("examples/unlabeled_requests"),
         "examples": examples,
@@ -174,8 +172,9 @@ def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
     checks = {
         "records_read == records parsed + dead_letters":
             c("parse/records_read") == c("parse/records_ok") + c("parse/dead_letters"),
-        "feature_rows == requests - duplicates - conflicts":
-            c("windowed_features/feature_rows") == c("parse/requests") - duplicates["request"] - conflicts["request"],
+        "feature_rows == requests - duplicates - conflicts - requests outside --start/--end":
+            c("windowed_features/feature_rows") == c("parse/requests") - duplicates["request"] - conflicts["request"]
+            - c("time_range/requests_outside_range"),
         "feature_rows == examples + unlabeled_requests":
             c("windowed_features/feature_rows") == sum(examples.values()) + c("examples/unlabeled_requests"),
         "examples encoded == examples split": c("examples/encoded") == sum(examples.values()),
@@ -184,80 +183,14 @@ def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
     return summary
 
 
-def bigquery_endpoints(options) -> Optional[Endpoints]:
-    """--bigquery_endpoint and --bigquery_grpc_endpoint, both or neither (Google's)."""
-    rest, grpc = getattr(options, "bigquery_endpoint", None), getattr(options, "bigquery_grpc_endpoint", None)
-    if (rest is None) != (grpc is None):
-        raise SpecError("BigQuery inputs at another endpoint need both --bigquery_endpoint (REST) and "
-                        "--bigquery_grpc_endpoint (the Storage Read API): the read uses both")
-    return Endpoints(rest, grpc) if rest is not None else None
-
-
-def _input_time_us(options, name: str) -> Optional[int]:
-    text = getattr(options, name, None)
-    if text is None:
-        return None
-    return datetime_to_time_us(parse_utc_date(text, f"--{name}"))
-
-
-def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], options):
-    """Every input's RawRecords, in one PCollection: files through ReadRecords,
-    BigQuery tables and --input_query through ReadBigQueryRecords. `options`:
-    any options object with add_input_arguments' flags (bigquery=True for
-    BigQuery inputs)."""
-    query = getattr(options, "input_query", None)
-    since_us, until_us = _input_time_us(options, "input_since"), _input_time_us(options, "input_until")
-    tables = [i for i in inputs if is_bigquery_input(i.pattern)]
-    if (since_us is not None or until_us is not None) and not tables:
-        raise SpecError("--input_since/--input_until filter BigQuery inputs (bq:TABLE or --input_query) only")
-    if query is not None and not any(i.pattern == QUERY_INPUT for i in inputs):
-        raise SpecError("--input_query given but not among the inputs: resolve_inputs(spec, options.input, "
-                        "query=options.input_query, bigquery=True)")
-    endpoints = bigquery_endpoints(options) if tables else None
-    project = options.view_as(GoogleCloudOptions).project
-
-    def read(i: Input):
-        if i.pattern == QUERY_INPUT:
-            return ReadBigQueryRecords(query=query, since_us=since_us, until_us=until_us, endpoints=endpoints,
-                                       project=project)
-        if is_bigquery_input(i.pattern):
-            return ReadBigQueryRecords(table=i.pattern, since_us=since_us, until_us=until_us, endpoints=endpoints,
-                                       project=project)
-        return ReadRecords(i.pattern, options.input_format, i.source_name)
-
-    def label(index: Optional[int], i: Input) -> str:
-        if is_bigquery_input(i.pattern):
-            return "ReadBigQuery" if index is None else f"ReadBigQuery_{index}"
-        return "ReadRecords" if index is None else f"ReadRecords_{index}_{i.source_name or 'events'}"
-
-    if len(inputs) == 1:
-        return pipeline | label(None, inputs[0]) >> read(inputs[0])
-    return ([pipeline | label(index, i) >> read(i) for index, i in enumerate(inputs)]
-            | "MergeInputs" >> beam.Flatten())
-
-
-def input_names(inputs: list[Input], options) -> list[str]:
-    """What the summary's "input" lists: the files each glob matches (raising
-    FileNotFoundError when none), the BigQuery tables (checked to exist with
-    the columns of events: SpecError saying what to do) and "bq:query: SQL"."""
-    names = []
-    for i in inputs:
-        if i.pattern == QUERY_INPUT:
-            names.append(f"{QUERY_INPUT}: {getattr(options, 'input_query', None)}")
-        elif is_bigquery_input(i.pattern):
-            check_table(parse_input_table(i.pattern), bigquery_endpoints(options))
-            names.append(i.pattern)
-        else:
-            names.extend(matched_files(i.pattern))
-    return names
-
-
 def construct(pipeline: beam.Pipeline, options: BatchOptions, spec: FeatureSpec, split: SplitSpec,
               inputs: list[Input], output: str) -> None:
     """Every step of the job, as run() runs it (the offline Dataflow translation
     test builds it the same way): the read, `build` and the writes."""
-    outputs = build(read_inputs(pipeline, inputs, options), spec, split,
-                    with_stats=not options.no_stats)
+    start_us, end_us = time_range_us(options.start, options.end)
+    since_us, until_us = read_bounds_us(start_us, end_us, spec.max_window_s * 1_000_000)
+    outputs = build(read_inputs(pipeline, inputs, options, since_us, until_us), spec, split,
+                    with_stats=not options.no_stats, start_us=start_us, end_us=end_us)
     for name in SPLITS:
         outputs[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
             FileSystems.join(output, name, "examples"), file_name_suffix=".tfrecord.gz")
@@ -279,12 +212,13 @@ def run(argv: Optional[list[str]] = None) -> dict:
     """Runs the batch job; returns the summary it prints and writes."""
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = BatchOptions(argv)
+    options = pipeline_options(BatchOptions, argv)
     options.view_as(SetupOptions).save_main_session = False
     use_all_cores_locally(options, argv)
     started = time.monotonic()
     spec = load_spec(options.spec)
     split = split_from_options(spec, options)
+    time_range_us(options.start, options.end)
     inputs = resolve_inputs(spec, options.input, query=options.input_query, bigquery=True)
     files = input_names(inputs, options)
     output = options.output.rstrip("/")
@@ -341,20 +275,22 @@ def _print_summary(summary: dict, output: str, with_stats: bool = True) -> None:
     print("\n".join(lines), flush=True)
 
 
+PROG = "python -m beam_app.batch"
+OPTION_CLASSES = (CommonOptions, BatchOptions)
+
+
 def main() -> None:
     quiet_tensorflow()
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print_help("python -m beam_app.batch", __doc__, (CommonOptions, BatchOptions),
-                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
-               "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers "
-               "(default here: one per core), ...")
+    if wants_help(sys.argv[1:]):
+        print_help(PROG, __doc__, OPTION_CLASSES)
         return
     try:
         summary = run(sys.argv[1:])
-    except (SpecError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    except (UsageError, SpecError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if not all(summary["checks"].values()):
-        sys.exit(1)
+        sys.exit(EXIT_CHECK_FAILED)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.batch import input_names, read_inputs, use_all_cores_locally
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
+from beam_app.common.inputs import add_input_arguments, input_names, read_inputs, resolve_inputs
+from beam_app.common.runner import use_all_cores_locally
+from beam_app.common.times import add_time_range_arguments, time_range_us
 from beam_app.common.job_report import clear_outputs, counters, heartbeat, write_json
-from beam_app.common.options import (CommonOptions, add_input_arguments, configure_logging, print_help, quiet_tensorflow,
-                              resolve_inputs)
+from beam_app.common.options import CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow, wants_help
 from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, failed_inference_letters, prediction_row)
 from models.inference import ModelLocation, SavedModelHandler, load_checked_model, locate_model, per_request
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
@@ -55,10 +57,10 @@ from transforms.deduplicate import DeduplicateEvents
 from transforms.events import Event, rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.examples import EncodeExamples
 from transforms.parse import DEAD_LETTERS, ParseEvents
-from transforms.spec import FeatureSpec, SpecError, load_spec, parse_utc_date
+from transforms.spec import FeatureSpec, SpecError, load_spec
+from transforms.time_range import TimeRange, read_bounds_us
 from transforms.windowed_features import WindowedFeatures
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 REQUEST = "request"
 FORMATS = ("ndjson", "parquet")
 
@@ -71,12 +73,7 @@ class PredictOptions(CommonOptions):
             "--model", default=None,
             help="The trained model: the --model_dir of `python -m models.train` (the version LATEST names when "
                  "the job starts), a version directory in it, or a saved_model directory; local or gs://.")
-        parser.add_argument(
-            "--start", default=None,
-            help="Score the requests at or after this time (UTC date like 2013-12-01, or an RFC 3339 time). "
-                 "Observations before it still feed the windows. Default: from the first request.")
-        parser.add_argument(
-            "--end", default=None, help="Score the requests before this time (same forms). Default: to the last.")
+        add_time_range_arguments(parser, "Score the requests")
         parser.add_argument(
             "--output", default=None,
             help="Directory for the predictions as files: predictions/predictions-*.{ndjson|parquet} and "
@@ -97,42 +94,6 @@ class PredictOptions(CommonOptions):
         parser.add_argument(
             "--inference_batch_size", type=int, default=1024,
             help="Largest batch of examples per model call (default 1024).")
-
-
-class UsageError(ValueError):
-    """A flag is missing or wrong: the message says which and what to give."""
-
-
-def time_flag(value: Optional[str], flag: str) -> Optional[int]:
-    """--start/--end -> microseconds since the epoch (None: unbounded)."""
-    if value is None:
-        return None
-    return (parse_utc_date(value, flag) - _EPOCH) // dt.timedelta(microseconds=1)
-
-
-def in_scoring_range(event: Event, start_us: Optional[int], end_us: Optional[int], reach_us: int) -> bool:
-    """Whether the job needs the event: a request in [start, end), or an
-    observation some such request can see: windows are [t - W, t), so one at
-    or after end, or before start - (the longest window), reaches none."""
-    if end_us is not None and event.time_us >= end_us:
-        return False
-    if start_us is None:
-        return True
-    return event.time_us >= (start_us if event.role == REQUEST else start_us - reach_us)
-
-
-class _ScoringRange(beam.DoFn):
-    def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int):
-        self._range = (start_us, end_us, reach_us)
-        self._in_range = Metrics.counter("predict", "requests_in_range")
-        self._outside = Metrics.counter("predict", "requests_outside_range")
-
-    def process(self, event: Event):
-        keep = in_scoring_range(event, *self._range)
-        if event.role == REQUEST:
-            (self._in_range if keep else self._outside).inc()
-        if keep:
-            yield event
 
 
 class _ToPredictionRows(beam.DoFn):
@@ -171,7 +132,7 @@ def build(records, spec: FeatureSpec, model_path: str, start_us: Optional[int] =
     unique = parsed["events"] | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0)
     examples = (
         unique["events"]
-        | "ScoringRange" >> beam.ParDo(_ScoringRange(start_us, end_us, spec.max_window_s * 1_000_000))
+        | "TimeRange" >> TimeRange(start_us, end_us, spec.max_window_s * 1_000_000)
         | "WindowedFeatures" >> WindowedFeatures(spec)
         | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True, max_batch_size=inference_batch_size)
     )
@@ -232,13 +193,6 @@ def _check_options(options: PredictOptions) -> None:
         raise UsageError(f"--inference_batch_size must be 1 or more, got {options.inference_batch_size}")
 
 
-def scoring_range(options: PredictOptions) -> tuple[Optional[int], Optional[int]]:
-    start_us, end_us = time_flag(options.start, "--start"), time_flag(options.end, "--end")
-    if start_us is not None and end_us is not None and end_us <= start_us:
-        raise UsageError(f"--end ({options.end}) must be after --start ({options.start})")
-    return start_us, end_us
-
-
 def summarize(counts: dict[str, int]) -> dict:
     """The counts a user reads, and whether they add up (every request in range: a prediction or a dead letter)."""
     c = lambda name: counts.get(name, 0)  # noqa: E731
@@ -247,8 +201,8 @@ def summarize(counts: dict[str, int]) -> dict:
         "records_read": c("parse/records_read"),
         "requests": c("parse/requests"),
         "duplicates": sum(value for name, value in counts.items() if name.startswith("duplicates/")),
-        "requests_in_range": c("predict/requests_in_range"),
-        "requests_outside_range": c("predict/requests_outside_range"),
+        "requests_in_range": c("time_range/requests_in_range"),
+        "requests_outside_range": c("time_range/requests_outside_range"),
         "feature_rows": c("windowed_features/feature_rows"),
         "predictions": c("predictions/rows"),
         "dead_letters": dead,
@@ -257,9 +211,9 @@ def summarize(counts: dict[str, int]) -> dict:
     summary["checks"] = {
         "records_read == records parsed + parse dead letters":
             c("parse/records_read") == c("parse/records_ok") + dead["parse"],
-        "feature_rows == requests_in_range": c("windowed_features/feature_rows") == c("predict/requests_in_range"),
+        "feature_rows == requests_in_range": c("windowed_features/feature_rows") == c("time_range/requests_in_range"),
         "requests_in_range == predictions + inference dead letters":
-            c("predict/requests_in_range") == c("predictions/rows") + dead["inference"],
+            c("time_range/requests_in_range") == c("predictions/rows") + dead["inference"],
     }
     return summary
 
@@ -268,13 +222,13 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
     """Scores the history; returns the summary it prints (and writes, with --output)."""
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = PredictOptions(argv)
+    options = pipeline_options(PredictOptions, argv)
     options.view_as(SetupOptions).save_main_session = False
     _check_options(options)
     use_all_cores_locally(options, argv)
     started = time.monotonic()
     spec = load_spec(options.spec)
-    start_us, end_us = scoring_range(options)
+    start_us, end_us = time_range_us(options.start, options.end)
     # A missing file or table, or a model of another spec, fails here rather than in the workers.
     inputs = resolve_inputs(spec, options.input, query=options.input_query, bigquery=True)
     names = input_names(inputs, options)
@@ -285,7 +239,8 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
                  "end" if end_us is None else time_us_to_rfc3339(end_us))
 
     pipeline = beam.Pipeline(options=options)
-    outputs = build(read_inputs(pipeline, inputs, options), spec, location.saved_model,
+    since_us, until_us = read_bounds_us(start_us, end_us, spec.max_window_s * 1_000_000)
+    outputs = build(read_inputs(pipeline, inputs, options, since_us, until_us), spec, location.saved_model,
                     start_us, end_us, options.inference_batch_size, clock)
     if options.output:
         output = options.output.rstrip("/")
@@ -357,21 +312,24 @@ def _print_summary(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+PROG = "python -m beam_app.predict"
+OPTION_CLASSES = (CommonOptions, PredictOptions)
+
+
 def main() -> None:
     quiet_tensorflow()
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print_help("python -m beam_app.predict", __doc__, (CommonOptions, PredictOptions),
-                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
-                   "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers ...")
+    if wants_help(sys.argv[1:]):
+        print_help(PROG, __doc__, OPTION_CLASSES)
         return
     from models.export import SpecMismatch  # imports TensorFlow: after quiet_tensorflow, and not for --help
 
     try:
         summary = run(sys.argv[1:])
     except (UsageError, SpecError, SpecMismatch, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if not all(summary["checks"].values()):
-        sys.exit(1)
+        sys.exit(EXIT_CHECK_FAILED)
 
 
 if __name__ == "__main__":

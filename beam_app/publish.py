@@ -55,7 +55,8 @@ from google.api_core.retry import Retry
 from google.cloud import pubsub_v1
 
 from beam_app.adapters import load_adapters
-from beam_app.common.options import CommonOptions, add_input_arguments, configure_logging, resolve_inputs
+from beam_app.common.inputs import add_input_arguments, resolve_inputs
+from beam_app.common.options import CommonOptions, configure_logging
 from transforms.events import Event, InvalidRecord, RawRecord, event_to_json, time_us_to_rfc3339
 from transforms.parse import RecordParser
 from transforms.point_in_time import OBSERVATION, REQUEST

@@ -48,7 +48,8 @@ from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
 from beam_app.serving.kept_model import KeptModelHandler
-from beam_app.common.options import CommonOptions, Input, configure_logging, print_help, quiet_tensorflow, resolve_inputs
+from beam_app.common.inputs import Input, resolve_inputs
+from beam_app.common.options import CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow, wants_help
 from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
                              event_row, events_schema, failed_inference_letters, failed_row_letter, in_served_sample,
                              prediction_row, row_table, served_features_row, served_features_schema, table_schema)

@@ -47,7 +47,7 @@ START_TIME = "2013-12-02"
 def load_replay(spec, start_time: str, limit: int) -> list:
     """The first `limit` flights events from `start_time`, in event-time order."""
     from beam_app.adapters import load_adapters
-    from beam_app.common.options import resolve_inputs
+    from beam_app.common.inputs import resolve_inputs
     from beam_app.publish import load_events, select
     from transforms.parse import RecordParser
     from transforms.read_files import matched_files, read_records

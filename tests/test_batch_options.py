@@ -5,8 +5,10 @@ import copy
 import pytest
 from apache_beam.options.pipeline_options import DirectOptions
 
-from beam_app.batch import BatchOptions, split_from_options, summarize, use_all_cores_locally
-from beam_app.common.options import Input, resolve_inputs
+from beam_app.batch import BatchOptions, split_from_options, summarize
+from beam_app.common.errors import UsageError
+from beam_app.common.runner import use_all_cores_locally
+from beam_app.common.inputs import Input, resolve_inputs
 from transforms.read_files import resolve_input
 from transforms.spec import SpecError, load_spec, spec_from_dict
 
@@ -21,8 +23,10 @@ def test_split_overrides(flights_spec):
     assert split.eval_start.isoformat() == "2013-10-01T00:00:00+00:00"
     assert split.test_start == flights_spec.split.test_start
     assert split_from_options(flights_spec, BatchOptions(["--split", "hash"])).method == "hash"
-    with pytest.raises(SpecError, match="eval_start must not be after test_start"):
+    with pytest.raises(UsageError, match="eval_start must not be after test_start"):
         split_from_options(flights_spec, BatchOptions(["--eval_start", "2014-01-01"]))
+    with pytest.raises(UsageError, match="--test_start: expected a UTC date"):
+        split_from_options(flights_spec, BatchOptions(["--test_start", "December"]))
 
 
 @pytest.mark.parametrize("argv,workers,mode", [
@@ -80,9 +84,9 @@ def test_each_kind_is_counted_by_its_name(weather_spec):
 
 @pytest.mark.parametrize("changes,failed", [
     ({"parse/dead_letters": 0}, "records_read == records parsed + dead_letters"),
-    ({"windowed_features/feature_rows": 8}, "feature_rows == requests - duplicates - conflicts"),
+    ({"windowed_features/feature_rows": 8}, "feature_rows == requests - duplicates - conflicts - requests outside --start/--end"),
     # A request dropped as a duplicate that was not one: the rows no longer add up.
-    ({"duplicates/request": 1}, "feature_rows == requests - duplicates - conflicts"),
+    ({"duplicates/request": 1}, "feature_rows == requests - duplicates - conflicts - requests outside --start/--end"),
     ({"split/examples_train": 5, "examples/encoded": 7}, "feature_rows == examples + unlabeled_requests"),
     ({"examples/encoded": 7}, "examples encoded == examples split"),
 ])

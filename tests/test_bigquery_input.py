@@ -22,12 +22,12 @@ from beam_app.adapters import load_adapters
 from beam_app.bigquery.client import bigquery_client, ensure_table
 from beam_app.bigquery.read import (BigQueryInputError, parse_input_table, row_to_json_line, row_to_record,
                                      time_restriction)
-from beam_app.common.options import Input, resolve_inputs
+from beam_app.common.inputs import Input, resolve_inputs
 from beam_app.bigquery.tables import event_fields, event_row, events_schema
 from tests.conftest import observation, read_examples, request
 from tests.emulators import PROJECT
 from tests.flights_slice import flights_lines, slice_events, weather_lines
-from transforms.events import Event, RawRecord, event_to_json, rfc3339_to_time_us
+from transforms.events import Event, RawRecord, event_to_json, rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.examples import parse_feature_spec
 from transforms.parse import RecordParser
 from transforms.spec import SpecError, load_spec
@@ -241,34 +241,47 @@ def _in_range(rows, since: str, until: str) -> list[dict]:
     return [row for row in rows if lo <= rfc3339_to_time_us(row["event_time"]) < hi]
 
 
+def _reach_back(time: str, spec) -> str:
+    """`time` less the spec's longest window: where a read for requests from `time` on starts."""
+    return time_us_to_rfc3339(rfc3339_to_time_us(time) - spec.max_window_s * 1_000_000)
+
+
 @pytest.mark.slow
-def test_since_and_until_keep_the_half_open_range(archive):
-    """Bounds at the time of an event: the one at --input_since is read, the one at --input_until is not."""
+def test_start_and_end_read_what_the_range_needs_and_write_its_requests(archive):
+    """--start/--end on a table: the rows read are [start - the longest window, end) (the one at the bound is
+    read, the one at end is not), the examples are the labeled requests in [start, end), and each equals the
+    example the job writes from the whole table."""
+    spec = archive["spec"]
     times = sorted({row["event_time"] for row in archive["rows"]})
-    since, until = times[len(times) // 3], times[2 * len(times) // 3]
-    kept = _in_range(archive["rows"], since, until)
-    assert 0 < len(kept) < len(archive["rows"])
-    summary = _run(archive, "range", "--input", f"bq:{TABLE}", "--input_since", since, "--input_until", until)
-    assert summary["records_read"] == len(kept)
-    assert summary["requests"] == sum(row["role"] == "request" and row["event_id"] not in archive["damaged"]
-                                      for row in kept)
-    labeled = {row["event_id"] for row in kept if row["role"] == "request" and row["dep_delay"] is not None
+    start, end = times[len(times) // 3], times[2 * len(times) // 3]
+    read = _in_range(archive["rows"], _reach_back(start, spec), end)
+    assert 0 < len(_in_range(archive["rows"], start, end)) < len(read) < len(archive["rows"])
+    summary = _run(archive, "range", "--input", f"bq:{TABLE}", "--start", start, "--end", end)
+    assert summary["records_read"] == len(read)
+    requests = [row for row in read if row["role"] == "request" and row["event_id"] not in archive["damaged"]]
+    assert summary["requests"] == len(requests)
+    assert summary["requests_outside_range"] == sum(row["event_time"] < start for row in requests) > 0
+    labeled = {row["event_id"] for row in requests if row["event_time"] >= start and row["dep_delay"] is not None
                and row["carrier"] is not None}
-    written = set().union(*(examples.keys() for examples in _examples(archive["root"] / "range",
-                                                                    archive["spec"]).values()))
-    assert written == labeled
+    written = _examples(archive["root"] / "range", spec)
+    assert set().union(*(examples.keys() for examples in written.values())) == labeled
+    whole = _examples(archive["root"] / "reference", spec)
+    for split, examples in written.items():
+        for event_id, example in examples.items():
+            for name, value in example.items():
+                assert np.array_equal(whole[split][event_id][name], value), (split, event_id, name)
     assert all(summary["checks"].values()), summary["checks"]
 
 
 @pytest.mark.slow
 def test_a_query_with_a_kind_column_and_a_day_filter(archive, bigquery_emulator):
     """--input_query (a query job into a temporary table, then the same read) over a table of another shape:
-    `kind` for the role, no processing_time; --input_since as a date."""
+    `kind` for the role, no processing_time; --start as a date."""
     columns = ", ".join(event_fields(archive["spec"]))
     query = f"SELECT event_id, role AS kind, event_time, {columns} FROM `{TABLE}` WHERE origin = 'JFK'"
-    summary = _run(archive, "query", "--project", PROJECT, "--input_query", query, "--input_since", "2013-11-01")
-    kept = [row for row in _in_range(archive["rows"], "2013-11-01T00:00:00Z", "9999-01-01T00:00:00Z")
-            if row["origin"] == "JFK"]
+    summary = _run(archive, "query", "--project", PROJECT, "--input_query", query, "--start", "2013-11-01")
+    since = _reach_back("2013-11-01T00:00:00Z", archive["spec"])
+    kept = [row for row in _in_range(archive["rows"], since, "9999-01-01T00:00:00Z") if row["origin"] == "JFK"]
     assert summary["input"] == [f"bq:query: {query}"]
     assert summary["records_read"] == len(kept) > 100
     damaged = {letter["source"].rsplit(":", 1)[1] for letter in _dead_letters(archive["root"] / "query")}
@@ -292,8 +305,9 @@ def test_a_missing_table_or_one_without_roles_says_what_to_do(archive, bigquery_
     done = subprocess.run([sys.executable, "-m", "beam_app.batch", "--input", f"bq:{PROJECT}:{DATASET}.nope",
                            *archive["endpoints"], "--output", str(archive["root"] / "cli")],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --input bq:{PROJECT}.{DATASET}.nope: no such")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"python -m beam_app.batch: error: --input bq:{PROJECT}.{DATASET}.nope: no such")
 
 
 def test_on_dataflow_the_same_flag_is_beams_own_read(tmp_path):
@@ -301,7 +315,7 @@ def test_on_dataflow_the_same_flag_is_beams_own_read(tmp_path):
     dataset clean-up included), translated offline by the DataflowRunner as tests/test_dataflow_job does."""
     from tests.test_dataflow_job import staged_pipeline, step_names, translate
 
-    argv = [f"--input=bq:{PROJECT}:{DATASET}.events", "--input_since=2013-11-01", "--spec=flights_weather",
+    argv = [f"--input=bq:{PROJECT}:{DATASET}.events", "--start=2013-11-01", "--spec=flights_weather",
             "--output=gs://test-bucket/batch"]
 
     def build(pipeline, options):

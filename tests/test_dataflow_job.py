@@ -49,7 +49,7 @@ from apache_beam.runners.dataflow.internal import apiclient
 from apache_beam.runners.pipeline_context import PipelineContext
 
 from beam_app import batch, streaming
-from beam_app.common.options import resolve_inputs
+from beam_app.common.inputs import resolve_inputs
 from models.inference import ModelLocation
 from transforms.read_files import matched_files
 from transforms.spec import load_spec

@@ -18,10 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from beam_app import predict
+from beam_app.common.errors import UsageError
+from beam_app.common.times import time_flag_us, time_range_us
 from tests.conftest import BAD_ROWS, DAYS
 from tests.flights_slice import flights_lines, slice_events
 from transforms.events import Event, RawRecord, event_to_json, rfc3339_to_time_us
 from transforms.spec import SPLITS, SpecError, load_spec
+from transforms.time_range import in_time_range
 
 tf = pytest.importorskip("tensorflow")
 
@@ -39,7 +42,7 @@ HOUR_US = 3_600_000_000
        reach_us=st.integers(0, 5))
 def test_the_range_keeps_requests_in_it_and_the_observations_they_can_see(role, time_us, start_us, end_us, reach_us):
     event = Event("e", role, time_us, {})
-    kept = predict.in_scoring_range(event, start_us, end_us, reach_us)
+    kept = in_time_range(event, start_us, end_us, reach_us)
     before_end = end_us is None or time_us < end_us
     if role == "request":
         assert kept == (before_end and (start_us is None or time_us >= start_us))
@@ -48,12 +51,13 @@ def test_the_range_keeps_requests_in_it_and_the_observations_they_can_see(role, 
 
 
 def test_time_flags_take_dates_and_rfc3339_times():
-    assert predict.time_flag("2013-12-01", "--start") == rfc3339_to_time_us("2013-12-01T00:00:00Z")
-    assert predict.time_flag("2013-12-01T06:30:00Z", "--end") == rfc3339_to_time_us("2013-12-01T06:30:00Z")
-    assert predict.time_flag("2013-12-01T06:30:00+01:00", "--end") == rfc3339_to_time_us("2013-12-01T05:30:00Z")
-    assert predict.time_flag(None, "--end") is None
-    with pytest.raises(SpecError, match="--start: expected an ISO date"):
-        predict.time_flag("yesterday", "--start")
+    assert time_flag_us("2013-12-01", "--start") == rfc3339_to_time_us("2013-12-01T00:00:00Z")
+    assert time_flag_us("2013-12-01T06:30:00Z", "--end") == rfc3339_to_time_us("2013-12-01T06:30:00Z")
+    assert time_flag_us("2013-12-01T06:30:00+01:00", "--end") == rfc3339_to_time_us("2013-12-01T05:30:00Z")
+    assert time_flag_us("2013-12-01T06:30:00", "--end") == rfc3339_to_time_us("2013-12-01T06:30:00Z")  # UTC
+    assert time_flag_us(None, "--end") is None
+    with pytest.raises(UsageError, match="--start: expected a UTC date"):
+        time_flag_us("yesterday", "--start")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -64,10 +68,10 @@ def test_time_flags_take_dates_and_rfc3339_times():
     (["--model", "m", "--output", "o", "--start", "2013-12-02", "--end", "2013-12-01"], "must be after --start"),
 ])
 def test_usage_errors_say_what_to_give(argv, message):
-    with pytest.raises(predict.UsageError, match=message):
+    with pytest.raises(UsageError, match=message):
         options = predict.PredictOptions(argv)
         predict._check_options(options)
-        predict.scoring_range(options)
+        time_range_us(options.start, options.end)
 
 
 def _signature_on_batch_examples(data_dir, version_dir) -> dict[str, float]:
@@ -225,7 +229,7 @@ def test_predictions_go_to_the_predictions_table_marked_batch(bigquery_emulator,
             "--input", str(source), "--start", "2013-12-01", "--end", "2013-12-01T04:00:00Z",
             "--predictions_table", "test-project:backfill.predictions",
             "--dead_letter_table", "test-project:backfill.dead_letters", "--bigquery_endpoint", bigquery_emulator.endpoint]
-    with pytest.raises(predict.UsageError, match="backfill.predictions does not exist: run with --create_tables"):
+    with pytest.raises(UsageError, match="backfill.predictions does not exist: run with --create_tables"):
         predict.run(argv)
     summary = predict.run(argv + ["--create_tables"])
     client = bigquery_client("test-project", bigquery_emulator.endpoint)

@@ -1,18 +1,20 @@
-"""Options shared by every entry point; each entry point subclasses these."""
+"""Options shared by every command, and the parsing every command shares:
+an unknown flag is refused (exit 2) naming the closest known one, never
+dropped as Beam's own parser would drop it."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import sys
+from typing import Optional, Sequence, TypeVar
 
-from typing import NamedTuple, Optional, Sequence
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from beam_app.bigquery.read import PREFIX, QUERY_INPUT, BigQueryInputError, is_bigquery_input, parse_input_table
-from transforms.read_files import resolve_input
-from transforms.spec import FeatureSpec, SpecError, shipped_specs
+from beam_app.common.errors import EXIT_STATUS_HELP, UsageError
+from transforms.spec import shipped_specs
 
 
 class CommonOptions(PipelineOptions):
@@ -22,90 +24,6 @@ class CommonOptions(PipelineOptions):
             "--spec", default="flights",
             help=f"Feature spec: a shipped spec name ({', '.join(shipped_specs())}; default flights) "
                  "or a path to a spec YAML/JSON file.")
-
-
-def add_input_arguments(parser, what: str, bigquery: bool = False) -> None:
-    """--input and --input_format, read the same way by every entry point that
-    reads events; with `bigquery`, BigQuery inputs too (bq:TABLE, --input_query,
-    the time filter and the endpoints), read by beam_app.batch.read_inputs."""
-    tables = (" Or bq:PROJECT.DATASET.TABLE (bq:PROJECT:DATASET.TABLE too): a BigQuery table of events, the "
-              "streaming job's --events_table or any table with event_id, role (or kind), event_time and the "
-              "spec's fields.") if bigquery else ""
-    parser.add_argument(
-        "--input", default=None, action="append",
-        help=f"{what}: a path or glob (local or gs://) of NDJSON events, or of CSV files read by the adapter "
-             "of the spec's first source; SOURCE=PATH for another source of the spec (flights_weather: "
-             f"weather=PATH).{tables} Repeat for several. Default: every source's embedded data set.")
-    parser.add_argument(
-        "--input_format", default="auto", choices=("auto", "csv", "json"),
-        help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
-    if not bigquery:
-        return
-    parser.add_argument(
-        "--input_query", default=None, metavar="SQL",
-        help="Instead of --input: a BigQuery standard SQL query whose rows are events (columns event_id, "
-             "role or kind, event_time and the spec's fields), run in --project.")
-    parser.add_argument(
-        "--input_since", default=None, metavar="TIME",
-        help="BigQuery inputs: only rows whose event_time (a TIMESTAMP column) is at or after this UTC date "
-             "(2013-11-01) or RFC 3339 time.")
-    parser.add_argument(
-        "--input_until", default=None, metavar="TIME",
-        help="BigQuery inputs: only rows with event_time before this UTC date or RFC 3339 time (excluded).")
-    parser.add_argument(
-        "--bigquery_endpoint", default=None, metavar="URL",
-        help="BigQuery REST API of another BigQuery than Google's, e.g. http://127.0.0.1:9050 for the local "
-             "emulator, reached without credentials; needs --bigquery_grpc_endpoint. Default: Google's.")
-    parser.add_argument(
-        "--bigquery_grpc_endpoint", default=None, metavar="HOST:PORT",
-        help="Its BigQuery Storage Read API (gRPC, plaintext), e.g. 127.0.0.1:9051. Default: Google's.")
-
-
-class Input(NamedTuple):
-    """A path or glob to read, and the spec's source whose CSV adapter reads it (None: the first);
-    or a BigQuery table (bq:PROJECT.DATASET.TABLE) or query (bq:query) of events."""
-
-    pattern: str
-    source_name: Optional[str] = None
-
-
-def resolve_inputs(spec: FeatureSpec, given: Optional[Sequence[str]], query: Optional[str] = None,
-                   bigquery: bool = False) -> list[Input]:
-    """The --input values (or, none given, every source's default input) as
-    Inputs, with package: paths resolved; raises SpecError saying what to pass.
-    With `bigquery`, a bq: value is an Input whose pattern is bq:PROJECT.DATASET.TABLE,
-    and `query` (--input_query) the one Input bq:query."""
-    if query is not None:
-        if not bigquery:
-            raise SpecError("--input_query: this entry point reads files only")
-        if given:
-            raise SpecError("pass --input or --input_query, not both")
-        return [Input(QUERY_INPUT, None)]
-    sources = {source.name: source for source in spec.sources}
-    if not given:
-        inputs = [Input(resolve_input(s.default_input), s.name) for s in spec.sources if s.default_input]
-        if not inputs:
-            raise SpecError(f"spec {spec.name!r} has no default input: pass --input")
-        return inputs
-    inputs = []
-    for value in given:
-        name, separator, path = value.partition("=")
-        if is_bigquery_input(value):
-            if not bigquery:
-                raise SpecError(f"--input {value!r}: this entry point reads files only; "
-                                "python -m beam_app.batch reads BigQuery tables")
-            try:
-                inputs.append(Input(PREFIX + parse_input_table(value), None))
-            except BigQueryInputError as err:
-                raise SpecError(str(err)) from None
-        elif separator and name in sources:
-            inputs.append(Input(resolve_input(path), name))
-        elif separator and "/" not in name and "." not in name:
-            raise SpecError(f"--input {value!r}: {name!r} is not a source of spec {spec.name!r}; "
-                            f"have {sorted(sources)}")
-        else:
-            inputs.append(Input(resolve_input(value), None))
-    return inputs
 
 
 def quiet_tensorflow() -> None:
@@ -134,11 +52,90 @@ def configure_logging(verbose: bool = False) -> None:
             logging.getLogger(chatter).setLevel(logging.ERROR)
 
 
-def print_help(prog: str, description: str, option_classes: tuple, epilog: str) -> None:
-    """--help from the entry point's docstring and its option classes' flags
-    (Beam's own parser would list every Beam option first)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+BEAM_FLAGS_HELP = ("Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
+                   "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers, ...")
+
+Options = TypeVar("Options", bound=PipelineOptions)
+
+
+def closest_flag(flag: str, known: Sequence[str]) -> Optional[str]:
+    """The known flag a mistyped one most resembles (None when nothing is close)."""
+    matches = difflib.get_close_matches(flag.split("=", 1)[0], list(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_flag_message(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """What the user sees for arguments no parser took: the first, and the flag meant."""
+    first = next((arg for arg in unknown if arg.startswith("-")), unknown[0])
+    if not first.startswith("-"):
+        return f"unexpected argument {first!r}: every value follows its flag (--flag value or --flag=value)"
+    suggestion = closest_flag(first, known)
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    return f"unknown flag {first.split('=', 1)[0]}{hint} (--help lists the flags)"
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_all_subclasses(sub)]
+    return found
+
+
+def _beam_parser(option_classes: Sequence[type]) -> argparse.ArgumentParser:
+    """Every flag Beam's own option classes define, and the command's."""
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+    beam_classes = {f"{c.__module__}.{c.__qualname__}": c for c in _all_subclasses(PipelineOptions)
+                    if c.__module__.startswith("apache_beam.")}
+    for option_class in (*beam_classes.values(), *option_classes):
+        option_class._add_argparse_args(parser)
+    return parser
+
+
+def pipeline_options(option_class: type[Options], argv: Sequence[str],
+                     extra_classes: Sequence[type] = (CommonOptions,)) -> Options:
+    """`option_class` read from `argv`; UsageError for any flag or value that neither it,
+    `extra_classes` nor Beam knows (Beam alone would drop it and run with the default)."""
+    parser = _beam_parser((*extra_classes, option_class))
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    _, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        raise UsageError(unknown_flag_message(unknown, known))
+    return option_class(list(argv))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands without Beam options: no abbreviations (--out is
+    not --output), an unknown flag names the closest known one, and usage errors
+    exit 2 as argparse's own do."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = [flag for action in self._actions for flag in action.option_strings]
+            self.error(unknown_flag_message(unknown, known))
+        return parsed
+
+
+def command_parser(prog: str, description: Optional[str], option_classes: Sequence[type],
+                   epilog: str = BEAM_FLAGS_HELP) -> argparse.ArgumentParser:
+    """The parser --help and the CLI reference show: the command's own flags
+    (Beam's parser would list every Beam option first)."""
+    parser = ArgumentParser(prog=prog, description=description, epilog=f"{epilog}\n\n{EXIT_STATUS_HELP}")
     for option_class in option_classes:
         option_class._add_argparse_args(parser)
-    parser.print_help()
+    return parser
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return bool({"-h", "--help"} & set(argv))
+
+
+def print_help(prog: str, description: Optional[str], option_classes: Sequence[type],
+               epilog: str = BEAM_FLAGS_HELP) -> None:
+    command_parser(prog, description, option_classes, epilog).print_help(sys.stdout)

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # beam_app/local/stack.py -> the checkout
 PUBSUB_JARS = "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar"
 LOCAL_BIGQUERY_BIN = REPO / ".venv-bq" / "bin" / "local-bigquery"
 DEFAULT_PROJECT = "test-project"

@@ -1,0 +1,60 @@
+"""The part of a history a job with a time range needs: requests in
+[start, end), and the observations those requests can see. Windows are
+[t - W, t), so an observation at or after end, or before start minus the
+longest window, feeds no request in the range."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.events import Event
+
+REQUEST = "request"
+COUNTER_NAMESPACE = "time_range"
+
+
+def in_time_range(event: Event, start_us: Optional[int], end_us: Optional[int], reach_us: int) -> bool:
+    """Whether the job needs `event`: a request in [start, end), or an observation
+    such a request can see (`reach_us`: the spec's longest window)."""
+    if end_us is not None and event.time_us >= end_us:
+        return False
+    if start_us is None:
+        return True
+    return event.time_us >= (start_us if event.role == REQUEST else start_us - reach_us)
+
+
+def read_bounds_us(start_us: Optional[int], end_us: Optional[int], reach_us: int) -> tuple[Optional[int], Optional[int]]:
+    """[since, until) of the events to read at all for requests in [start, end)."""
+    return (None if start_us is None else start_us - reach_us), end_us
+
+
+class _KeepInRange(beam.DoFn):
+    def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int):
+        self._range = (start_us, end_us, reach_us)
+        self._in_range = Metrics.counter(COUNTER_NAMESPACE, "requests_in_range")
+        self._outside = Metrics.counter(COUNTER_NAMESPACE, "requests_outside_range")
+        self._observations_outside = Metrics.counter(COUNTER_NAMESPACE, "observations_outside_range")
+
+    def process(self, event: Event):
+        keep = in_time_range(event, *self._range)
+        if event.role == REQUEST:
+            (self._in_range if keep else self._outside).inc()
+        elif not keep:
+            self._observations_outside.inc()
+        if keep:
+            yield event
+
+
+class TimeRange(beam.PTransform):
+    """PCollection[Event] -> PCollection[Event]: what requests in [start, end) need
+    (None: unbounded), each request counted in or outside the range."""
+
+    def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int):
+        super().__init__()
+        self._range = (start_us, end_us, reach_us)
+
+    def expand(self, events):
+        return events | "KeepInRange" >> beam.ParDo(_KeepInRange(*self._range))
