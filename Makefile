@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUNNER_FLAGS ?= --runner DirectRunner
 
-# The BigQuery emulator (local-bigquery, see DESIGN.md section 4) needs Python >= 3.13: its own venv.
+# The BigQuery emulator (local-bigquery, see docs/architecture.md, "Emulators") needs Python >= 3.13: its own venv.
 PYTHON_BQ ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
 BQ_VENV ?= .venv-bq
 BQ_BIN := $(BQ_VENV)/bin
@@ -39,7 +39,7 @@ $(BQ_BIN)/python:
 	$(BQ_BIN)/pip install --quiet --upgrade pip
 
 # local-bigquery 0.4.0 asks for duckdb>=2.0, but the extensions are on PyPI only up to 1.5.5, and it runs on
-# 1.5.5 (DESIGN.md section 4): install it, then put duckdb 1.5.5 and the extension packages in its place.
+# 1.5.5 (docs/architecture.md, "Emulators"): install it, then put duckdb 1.5.5 and the extension packages in its place.
 $(BQ_VENV)/.installed: $(BQ_BIN)/python
 	$(BQ_BIN)/pip install --quiet local-bigquery==0.4.0
 	$(BQ_BIN)/pip install --quiet --no-deps duckdb==$(DUCKDB_VERSION) duckdb-extensions==$(DUCKDB_VERSION) \

@@ -37,7 +37,7 @@ from tests.reference_features import FEATURES_SQL, FLIGHTS_V2_FEATURES_SQL  # no
 from transforms.read_files import resolve_input  # noqa: E402
 from transforms.spec import load_spec  # noqa: E402
 
-TARGET_JOB_S, TARGET_RSS_GB, TARGET_RATIO, TARGET_ENCODE = 40.0, 3.0, 5.0, 100_000  # issue 14
+TARGET_JOB_S, TARGET_RSS_GB, TARGET_RATIO, TARGET_ENCODE = 40.0, 3.0, 5.0, 100_000
 TARGET_STATS_COST = 0.15  # stats.json may add at most 15% to the job
 TARGET_NEW_FEATURES = 1.5  # the 11-feature job within 1.5x of the five-feature one
 FIVE_FEATURES = ROOT / "bench" / "specs" / "flights_five_features.yaml"

@@ -16,7 +16,7 @@ compared bit for bit on every timed request.
     python bench/engine_bench.py                       # 1k, 10k, 100k, 1M
     python bench/engine_bench.py --sizes 1000 100000   # a quicker run
 
-Target (issue 14): the new engine's curve is flat within 2x from 1k to 1M.
+Target: the new engine's curve is flat within 2x from 1k to 1M.
 Writes bench/results/engine_bench.json.
 """
 

@@ -1,6 +1,6 @@
 """An independent implementation of the flights features, in DuckDB SQL.
 
-Written from DESIGN.md alone, sharing no code with the pipeline: the
+Written from docs/concepts.md and docs/spec.md alone, sharing no code with the pipeline: the
 end-to-end test checks every example against it, and the benchmark uses it
 as the reference run. `?` is the path of a plain flights.csv.
 

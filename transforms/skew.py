@@ -1,7 +1,7 @@
 """Served features against the batch engine's, with no Beam in it: which
 columns differ, and why.
 
-Our contract is exact (DESIGN.md section 2): a request's features depend only
+Our contract is exact (docs/concepts.md, "The point-in-time contract"): a request's features depend only
 on the observations of its keys in [t - W, t). So a served value that differs
 from the batch engine's on the same history is a finding, and the history
 itself can often say what happened. `explain_group` tries, for one feature

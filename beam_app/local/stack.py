@@ -6,7 +6,7 @@ no Google Cloud project, credentials or network.
   through PUBSUB_EMULATOR_HOST.
 - BigQuery: `local-bigquery` (DuckDB-backed, answers insertAll with per-row
   errors like the real service), which needs Python >= 3.13 and so lives in
-  its own venv: `make venv-bq` builds `.venv-bq` (DESIGN.md section 4).
+  its own venv: `make venv-bq` builds `.venv-bq` (docs/architecture.md, "Emulators").
 
     python -m beam_app.local.stack        # both, until Ctrl-C; prints the exports
 """
@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
+from transforms.command_line import ArgumentParser
+
 REPO = Path(__file__).resolve().parents[2]  # beam_app/local/stack.py -> the checkout
 PUBSUB_JARS = "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar"
 LOCAL_BIGQUERY_BIN = REPO / ".venv-bq" / "bin" / "local-bigquery"
@@ -37,6 +39,17 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopba
 
 class EmulatorError(RuntimeError):
     pass
+
+
+class PortInUse(EmulatorError):
+    """The emulator could not listen on its port: another process has it."""
+
+
+# Ports the emulator picked itself (port 0) are picked again this many times when one is taken between the pick
+# and the emulator's bind (two test workers, or a demo and the tests, starting emulators at once).
+PORT_ATTEMPTS = 5
+# What the emulators log when their bind fails (Java's BindException, uvicorn's errno 98, grpc's add_port).
+BIND_FAILURES = ("address already in use", "bindexception", "failed to bind")
 
 
 def free_port() -> int:
@@ -54,6 +67,7 @@ class _Emulator:
     name = "emulator"
 
     def __init__(self, port: int, start_timeout_s: float) -> None:
+        self._free_port = not port  # picked here, so picked again if another process takes it first
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen | None = None
@@ -66,15 +80,44 @@ class _Emulator:
         """True once it answers; raises EmulatorError if it answers with an error."""
         raise NotImplementedError
 
+    def _listening(self, log: str) -> bool:
+        """Its own log says it listens on its port: what answers there is this process, not another one
+        that took the port first."""
+        raise NotImplementedError
+
+    def _ports(self) -> list[int]:
+        return [self.port]
+
+    def _pick_ports(self) -> None:
+        """New free ports for those picked here (after one was taken)."""
+        if self._free_port:
+            self.port = free_port()
+
+    def _picked_ports(self) -> bool:
+        return self._free_port
+
     @property
     def env(self) -> dict[str, str]:
         """The environment variables a client needs to use this emulator."""
         return {"NO_GCE_CHECK": "true"}
 
     def start(self) -> Self:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise EmulatorError(f"{self.name}: port {self.port} is in use (another emulator still running?)")
+        """Starts it and waits until it answers. A port it picked itself that turns out to be taken
+        is picked again (PORT_ATTEMPTS in all); a port it was given is not."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start()
+            except PortInUse:
+                if not self._picked_ports() or attempt == PORT_ATTEMPTS:
+                    raise
+                self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start(self) -> Self:
+        for port in self._ports():
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    raise PortInUse(f"{self.name}: port {port} is in use (another emulator still running?)")
         self._workdir = Path(tempfile.mkdtemp(prefix="emulator-"))
         try:
             command = self._command(self._workdir)
@@ -90,15 +133,25 @@ class _Emulator:
     def _wait_ready(self, command: list[str]) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         try:
-            while not self._ready():
+            while True:
+                log = self._log_text()
+                failed = [line for line in log.splitlines() if any(m in line.lower() for m in BIND_FAILURES)]
+                if failed:
+                    raise PortInUse(f"could not listen on its ports {self._ports()}: {failed[0].strip()}")
                 if self._process.poll() is not None:
                     raise EmulatorError(f"exited with code {self._process.returncode}")
+                if self._listening(log) and self._ready():
+                    return
                 if time.monotonic() > deadline:
                     raise EmulatorError(f"did not answer within {self.start_timeout_s:.0f} s")
                 time.sleep(0.1)
         except EmulatorError as err:
-            raise EmulatorError(f"{self.name} ({' '.join(command)}) {err}\n--- log tail ---\n{self.log_tail()}") \
+            raise type(err)(f"{self.name} ({' '.join(command)}) {err}\n--- log tail ---\n{self.log_tail()}") \
                 from None
+
+    def _log_text(self) -> str:
+        log = self._workdir / "emulator.log" if self._workdir else None
+        return log.read_text(errors="replace") if log is not None and log.exists() else ""
 
     def check_running(self) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -163,6 +216,9 @@ class PubSubEmulator(_Emulator):
         except OSError:
             return False
 
+    def _listening(self, log: str) -> bool:
+        return f"Server started, listening on {self.port}" in log
+
 
 class BigQueryEmulator(_Emulator):
     """local-bigquery (~4-6 s to start here). Its data lives in `data_dir`, a
@@ -174,8 +230,24 @@ class BigQueryEmulator(_Emulator):
                  data_dir: str | Path | None = None, start_timeout_s: float = 60) -> None:
         super().__init__(port, start_timeout_s)
         self.project = project
+        self._free_grpc_port = not grpc_port
         self.grpc_port = grpc_port or free_port()
         self.data_dir = data_dir
+
+    def _ports(self) -> list[int]:
+        return [self.port, self.grpc_port]
+
+    def _pick_ports(self) -> None:
+        super()._pick_ports()
+        if self._free_grpc_port:
+            self.grpc_port = free_port()
+
+    def _picked_ports(self) -> bool:
+        return self._free_port or self._free_grpc_port
+
+    def _listening(self, log: str) -> bool:
+        # local-bigquery binds its gRPC port first and exits if it cannot, then uvicorn its REST port.
+        return f"Uvicorn running on http://127.0.0.1:{self.port}" in log
 
     @property
     def endpoint(self) -> str:
@@ -204,7 +276,7 @@ class BigQueryEmulator(_Emulator):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m beam_app.local.stack",
         description="Start the Pub/Sub emulator and the BigQuery emulator (local-bigquery) on 127.0.0.1, print the "
                     "shell exports and endpoints a client needs, and run until Ctrl-C. The BigQuery emulator needs "
