@@ -38,16 +38,18 @@ from apache_beam.options.pipeline_options import SetupOptions
 from beam_app.adapters import load_adapters
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
 from beam_app.common.inputs import Input, add_input_arguments, input_names, read_inputs, resolve_inputs
-from beam_app.common.job_report import clear_outputs, counters, heartbeat, write_json
+from beam_app.common.job_report import clear_outputs, heartbeat, write_json
+from beam_app.common.job_report import counters as job_counters
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.runner import use_all_cores_locally
 from beam_app.common.times import add_time_range_arguments, parse_time, time_range_us
+from transforms import counters
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.examples import EncodeRecordBatches, RecordBatches, example_columns, is_labeled
 from transforms.feature_stats import FeatureStatistics, statistics_document
-from transforms.parse import DEAD_LETTERS, ParseEvents, role_counter
+from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.spec import SPLITS, FeatureSpec, SpecError, SplitSpec, load_spec, validate_split
 from transforms.split import SplitExamples
 from transforms.time_range import TimeRange, read_bounds_us
@@ -83,7 +85,7 @@ class _KeepLabeled(beam.DoFn):
 
     def __init__(self, spec: FeatureSpec):
         self._spec = spec
-        self._unlabeled = beam.metrics.Metrics.counter("examples", "unlabeled_requests")
+        self._unlabeled = counters.UNLABELED_REQUESTS.metric()
 
     def process(self, row):
         if is_labeled(self._spec, row):
@@ -147,37 +149,39 @@ def split_from_options(spec: FeatureSpec, options: BatchOptions) -> SplitSpec:
     return split
 
 
-def summarize(counters: dict[str, int], spec: FeatureSpec) -> dict:
-    """The counts a user reads, and whether they add up (nothing lost silently)."""
-    c = lambda name: counters.get(name, 0)  # noqa: E731
-    examples = {name: c(f"split/examples_{name}") for name in SPLITS}
-    duplicates = {role: c(f"duplicates/{role}") for role in spec.roles}
-    conflicts = {role: c(f"conflicts/{role}") for role in spec.roles}
-    by_kind = {kind.name: c(f"parse/{role_counter(kind.name)}") for kind in spec.kinds}
+def summarize(counts: dict[str, int], spec: FeatureSpec) -> dict:
+    """The counts a user reads, and whether they add up (nothing lost silently).
+    `counts`: the finished job's counters, "namespace/name" -> value (transforms/counters.py)."""
+    c = lambda counter: counter.of(counts)  # noqa: E731
+    examples = {name: c(counters.split_examples(name)) for name in SPLITS}
+    duplicates = {role: c(counters.duplicates(role)) for role in spec.roles}
+    conflicts = {role: c(counters.conflicts(role)) for role in spec.roles}
+    by_kind = {kind.name: c(counters.parsed(kind.name)) for kind in spec.kinds}
+    records_read, feature_rows = c(counters.RECORDS_READ), c(counters.FEATURE_ROWS)
     summary = {
-        "records_read": c("parse/records_read"),
-        "dead_letters": c("parse/dead_letters") + sum(conflicts.values()),
+        "records_read": records_read,
+        "dead_letters": c(counters.PARSE_DEAD_LETTERS) + sum(conflicts.values()),
         "duplicates": duplicates,
         "conflicts": conflicts,
-        "requests": c("parse/requests"),
+        "requests": c(counters.REQUESTS),
         "observations": sum(by_kind.values()),
         **({"observations_by_kind": by_kind} if len(by_kind) > 1 else {}),
-        "requests_outside_range": c("time_range/requests_outside_range"),
-        "feature_rows": c("windowed_features/feature_rows"),
-        "unlabeled_requests": c("examples/unlabeled_requests"),
+        "requests_outside_range": c(counters.REQUESTS_OUTSIDE_RANGE),
+        "feature_rows": feature_rows,
+        "unlabeled_requests": c(counters.UNLABELED_REQUESTS),
         "examples": examples,
-        "late_requests": c("windowed_features/late_requests"),
-        "late_observations": c("windowed_features/late_observations"),
+        "late_requests": c(counters.LATE_REQUESTS),
+        "late_observations": c(counters.LATE_OBSERVATIONS),
     }
     checks = {
         "records_read == records parsed + dead_letters":
-            c("parse/records_read") == c("parse/records_ok") + c("parse/dead_letters"),
+            records_read == c(counters.RECORDS_OK) + c(counters.PARSE_DEAD_LETTERS),
         "feature_rows == requests - duplicates - conflicts - requests outside --start/--end":
-            c("windowed_features/feature_rows") == c("parse/requests") - duplicates["request"] - conflicts["request"]
-            - c("time_range/requests_outside_range"),
+            feature_rows == c(counters.REQUESTS) - duplicates["request"] - conflicts["request"]
+            - c(counters.REQUESTS_OUTSIDE_RANGE),
         "feature_rows == examples + unlabeled_requests":
-            c("windowed_features/feature_rows") == sum(examples.values()) + c("examples/unlabeled_requests"),
-        "examples encoded == examples split": c("examples/encoded") == sum(examples.values()),
+            feature_rows == sum(examples.values()) + c(counters.UNLABELED_REQUESTS),
+        "examples encoded == examples split": c(counters.EXAMPLES_ENCODED) == sum(examples.values()),
     }
     summary["checks"] = checks
     return summary
@@ -232,7 +236,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
         result = pipeline.run()
         result.wait_until_finish()
 
-    summary = summarize(counters(result), spec)
+    summary = summarize(job_counters(result), spec)
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["spec"] = {"name": spec.name, "fingerprint": spec.fingerprint}
     summary["input"] = files
@@ -250,11 +254,11 @@ def run(argv: Optional[list[str]] = None) -> dict:
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     write_json(FileSystems.join(output, "summary.json"), summary)
-    _print_summary(summary, output, with_stats=not options.no_stats)
+    print_summary(summary, output, with_stats=not options.no_stats)
     return summary
 
 
-def _print_summary(summary: dict, output: str, with_stats: bool = True) -> None:
+def print_summary(summary: dict, output: str, with_stats: bool = True) -> None:
     examples = summary["examples"]
     lines = [
         f"batch job finished in {summary['seconds']} s",

@@ -3,9 +3,9 @@ engine from the event history, feature by feature.
 
     served-features log (BigQuery table or NDJSON files, a time range)
       \\
-       CoGroupByKey(event_id) -> compare every served column bit for bit -> per feature counts
-      /                                  |
-    history (the events archive table, or CSV/NDJSON files)
+       CoGroupByKey(event_id) -> verdicts (beam_app/monitoring/verdicts.py): every served
+      /                          column compared bit for bit -> per feature counts
+    history (--input: the events archive table, or CSV/NDJSON files)
       -> DeduplicateEvents -> WindowedFeatures(spec) (the batch engine)
                                          v
     differences -> explained from the history where it can (transforms/skew.py:
@@ -14,14 +14,15 @@ engine from the event history, feature by feature.
 
 Per served column it counts: compared, equal, different, logged but not
 recomputable (no such request in the history), recomputable but not logged
-(a request of the range, in the --served_features_rate sample, without a
+(a request of the range, in the --served_features_fraction sample, without a
 served row). Rows served under another spec fingerprint are counted and not
-compared. Exits 1 when the share of compared requests with any difference is
-above --max_mismatch_rate (default 0: our contract is exact).
+compared. Exits 1 when the fraction of compared requests with any difference
+is above --max_mismatch_fraction (default 0: our contract is exact), 2 on a
+usage error.
 
     python -m beam_app.consistency --runner DirectRunner \\
         --served_features my-project:features.served_features \\
-        --history my-project:features.events --start 2026-12-01T00:00:00Z --end 2026-12-02T00:00:00Z \\
+        --input bq:my-project.features.events --start 2026-12-01 --end 2026-12-02 \\
         --output output/consistency
 
 The same code runs on Dataflow (--runner DataflowRunner ...): BigQuery in,
@@ -36,27 +37,32 @@ import json
 import logging
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.common.options import CommonOptions, configure_logging, print_help, quiet_tensorflow
+from beam_app.bigquery.read import is_bigquery_input, parse_input_table
 from beam_app.bigquery.served_log import is_table, read_served_rows
-from beam_app.bigquery.tables import event_fields, in_served_sample, served_columns
+from beam_app.bigquery.tables import event_fields, served_columns
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
+from beam_app.common.inputs import input_names, read_inputs, resolve_inputs
+from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
+                                     wants_help)
+from beam_app.common.times import add_time_range_arguments, time_flag_rfc3339, time_range_us
+from beam_app.monitoring.verdicts import difference_record, judge, must_be_logged
+from transforms import counters
 from transforms.deduplicate import DeduplicateEvents
 from transforms.events import Event, InvalidRecord, rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.examples import row_values
-from transforms.parse import DEAD_LETTERS, EventValidator, ParseEvents
-from transforms.read_files import ReadRecords, matched_files
-from transforms.skew import Arrived, column_groups, differing_columns, explain_group
-from transforms.spec import FeatureSpec, SpecError, load_spec
 from transforms.feature_layout import EventLayout, event_key, feature_groups
+from transforms.parse import DEAD_LETTERS, EventValidator, ParseEvents
+from transforms.skew import Arrived, column_groups, explain_group
+from transforms.spec import FeatureSpec, SpecError, load_spec
 from transforms.windowed_features import WindowedFeatures
 
-VERDICTS = ("compared", "equal", "different", "logged_not_recomputable", "recomputable_not_logged")
 DIFFERENCES = "differences"
 REFUSED = "refused"
 SAMPLE_UNEXPLAINED = 100  # listed in consistency.json; differences-*.ndjson has them all
@@ -67,36 +73,44 @@ class ConsistencyOptions(CommonOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument(
             "--served_features", default=None,
-            help="The served-features log: the streaming job's --served_features_table (project:dataset.table) or "
+            help="The served-features log: the streaming job's --served_features (project:dataset.table) or "
                  "NDJSON files of its rows (a path or glob, local or gs://). Required.")
         parser.add_argument(
-            "--history", default=None,
-            help="The event history to recompute from: the streaming job's --events_table (it also says when "
-                 "each event arrived, which explains late observations), or CSV/NDJSON files as the batch job "
-                 "reads them. Required.")
-        parser.add_argument("--history_format", default="auto", choices=("auto", "csv", "json"),
-                            help="How to read --history files; auto: .ndjson/.jsonl/.json are events, else CSV.")
-        parser.add_argument("--start", default=None,
-                            help="First request event time to check, RFC 3339 (default: the log's beginning).")
-        parser.add_argument("--end", default=None,
-                            help="Check requests before this event time, RFC 3339 (default: no end).")
+            "--input", default=None, action="append",
+            help="The event history to recompute from: the streaming job's --events_table as "
+                 "bq:PROJECT.DATASET.TABLE (or PROJECT:DATASET.TABLE; it also says when each event arrived, "
+                 "which explains late observations), or files as the batch job reads them: a path or glob "
+                 "(local or gs://) of NDJSON events or of CSV read by the adapter of the spec's first source, "
+                 "SOURCE=PATH for another source; repeat for several files. Required.")
         parser.add_argument(
-            "--served_features_rate", type=float, default=1.0,
-            help="The streaming job's --served_features_rate: which requests of the history must have a served "
-                 "row (default 1.0).")
+            "--input_format", default="auto", choices=("auto", "csv", "json"),
+            help="How to read --input files; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+        add_time_range_arguments(parser, "Check the served requests")
+        parser.add_argument(
+            "--served_features_fraction", type=float, default=1.0,
+            help="The streaming job's --served_features_fraction (its sample, chosen by a hash of event_id): "
+                 "which requests of the history must have a served row (default 1.0: all).")
         parser.add_argument("--output", default="output/consistency",
                             help="Directory (local or gs://) for consistency.json and differences-*.ndjson "
                                  "(default output/consistency).")
         parser.add_argument(
-            "--max_mismatch_rate", type=float, default=0.0,
-            help="Exit 1 when the share of compared requests with any differing feature is above this "
+            "--max_mismatch_fraction", type=float, default=0.0,
+            help="Exit 1 when the fraction of compared requests with any differing feature is above this "
                  "(default 0: any difference fails).")
-        parser.add_argument("--bigquery_endpoint", default=None,
+        parser.add_argument("--bigquery_endpoint", default=None, metavar="URL",
                             help="BigQuery API endpoint, e.g. http://127.0.0.1:9050 for the local emulator.")
 
 
-def _time_us(text: Optional[str]) -> Optional[int]:
-    return None if text is None else rfc3339_to_time_us(text)
+def history_table(values: Optional[Sequence[str]]) -> Optional[str]:
+    """The BigQuery table --input names (bq:PROJECT.DATASET.TABLE, or PROJECT:DATASET.TABLE
+    as --served_features takes it), as read_served_rows reads it; None for files (a name
+    with dots and no colon, flights.2013.csv, is a file). UsageError when a table comes
+    with other inputs: the archive is the whole history."""
+    tables = [parse_input_table(value) if is_bigquery_input(value) else value
+              for value in values or () if is_bigquery_input(value) or (":" in value and is_table(value))]
+    if tables and len(values) > 1:
+        raise UsageError("--input: a BigQuery table is the whole history; pass it alone")
+    return tables[0] if tables else None
 
 
 class _EventsFromTable(beam.DoFn):
@@ -115,29 +129,30 @@ class _EventsFromTable(beam.DoFn):
             event = self._validate(Event(row["event_id"], row["role"], rfc3339_to_time_us(row["event_time"]), fields))
         except (InvalidRecord, KeyError) as err:
             logging.warning("history row %s refused: %s", row.get("event_id"), err)
-            yield beam.pvalue.TaggedOutput(REFUSED, "history/refused")
+            yield beam.pvalue.TaggedOutput(REFUSED, (counters.HISTORY_REFUSED.key, 1))
             return
         yield Arrived(event, rfc3339_to_time_us(row["processing_time"]))
 
 
 def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start_us: Optional[int],
                  end_us: Optional[int]):
-    """(PCollection[Arrived], PCollection of a counter key per history record
+    """(PCollection[Arrived], PCollection of (counter key, 1) per history record
     the spec refuses): every copy of every event (the dedup is the engine's),
     with its arrival where the history knows it."""
-    if is_table(options.history):
+    table = history_table(options.input)
+    if table is not None:
         since = None if start_us is None else time_us_to_rfc3339(start_us - spec.max_window_s * 1_000_000)
         until = None if end_us is None else time_us_to_rfc3339(end_us)
         endpoint = options.bigquery_endpoint
         rows = (pipeline
-                | "HistoryTable" >> beam.Create([options.history])
-                | "ReadHistory" >> beam.FlatMap(lambda table: read_served_rows(table, since, until, endpoint))
+                | "HistoryTable" >> beam.Create([table])
+                | "ReadHistory" >> beam.FlatMap(lambda name: read_served_rows(name, since, until, endpoint))
                 | "SpreadHistory" >> beam.Reshuffle()
                 | "HistoryEvents" >> beam.ParDo(_EventsFromTable(spec)).with_outputs(REFUSED, main="events"))
         return rows.events, rows[REFUSED]
-    parsed = pipeline | "ReadHistory" >> ReadRecords(options.history, options.history_format) | (
-        "ParseHistory" >> ParseEvents(spec, adapters=load_adapters(spec)))
-    refused = parsed[DEAD_LETTERS] | "RefusedHistory" >> beam.Map(lambda _: "history/refused")
+    records = read_inputs(pipeline, resolve_inputs(spec, options.input), options)
+    parsed = records | "ParseHistory" >> ParseEvents(spec, adapters=load_adapters(spec))
+    refused = parsed[DEAD_LETTERS] | "RefusedHistory" >> beam.Map(lambda _: (counters.HISTORY_REFUSED.key, 1))
     return parsed["events"] | "UnknownArrival" >> beam.Map(lambda event: Arrived(event, None)), refused
 
 
@@ -159,62 +174,28 @@ class _TimeBounds(beam.CombineFn):
 
 
 class _Compare(beam.DoFn):
-    """(event_id, {"served": [rows], "batch": [FeatureRow]}) -> counter keys
-    (main) and, per served row that differs, a difference (tagged)."""
+    """(event_id, {"served": [rows], "batch": [FeatureRow]}) -> (counter key, n)
+    (main) and, per served row that differs, (difference id, difference) (tagged).
+    The verdicts are beam_app/monitoring/verdicts.py's."""
 
-    def __init__(self, spec: FeatureSpec, start_us: Optional[int], end_us: Optional[int], rate: float):
+    def __init__(self, spec: FeatureSpec, start_us: Optional[int], end_us: Optional[int], fraction: float):
         self._spec = spec
         self._range = (start_us, end_us)
-        self._rate = rate
+        self._fraction = fraction
         self._columns = tuple(column.name for column in served_columns(spec))
-
-    def _in_range(self, time_us: int, logged: Optional[tuple[int, int]]) -> bool:
-        start, end = self._range
-        if logged is None:
-            return False  # nothing logged: an open range covers nothing
-        return ((time_us >= start) if start is not None else (time_us >= logged[0])) and (
-            (time_us < end) if end is not None else (time_us <= logged[1]))
 
     def process(self, joined, logged):
         event_id, sides = joined
         served, recomputed = list(sides["served"]), list(sides["batch"])
-        if not served:
-            row = recomputed[0]
-            # Only requests the log should hold: in the range (open: the log's own first to last) and sampled.
-            if self._in_range(row.event.time_us, logged) and in_served_sample(event_id, self._rate):
-                yield "requests/recomputable_not_logged"
-                for name in self._columns:
-                    yield f"column/{name}/recomputable_not_logged"
-            return
-        yield "requests/logged"
-        if len(served) > 1:
-            yield "requests/logged_more_than_once"
-        expected = row_values(self._spec, recomputed[0]) if recomputed else None
-        any_difference = False
-        for index, row in enumerate(sorted(served, key=lambda r: (r["processing_time"], r["model_version"]))):
-            yield "rows/logged"
-            if row["spec_fingerprint"] != self._spec.fingerprint:
-                yield "rows/spec_mismatch"  # features of another spec: nothing to compare them with
-                continue
-            if expected is None:
-                yield "rows/logged_not_recomputable"
-                for name in self._columns:
-                    yield f"column/{name}/logged_not_recomputable"
-                continue
-            yield "rows/compared"
-            differing = differing_columns(row, expected, self._columns)
-            for name in self._columns:
-                yield f"column/{name}/compared"
-                yield f"column/{name}/{'different' if name in differing else 'equal'}"
-            if differing:
-                any_difference = True
-                yield beam.pvalue.TaggedOutput(DIFFERENCES, (f"{event_id}#{index}", {
-                    "event_id": event_id, "event_time": row["event_time"], "model_version": row["model_version"],
-                    "processing_time": row["processing_time"], "job_start_time": row["job_start_time"],
-                    "request": recomputed[0].event, "served": row,
-                    "columns": {name: {"served": row.get(name), "batch": expected.get(name)} for name in differing}}))
-        if expected is not None:
-            yield "requests/different" if any_difference else "requests/equal"
+        request = recomputed[0].event if recomputed else None
+        expected_in_log = not served and request is not None and must_be_logged(
+            event_id, request.time_us, *self._range, logged, self._fraction)
+        verdicts = judge(served, row_values(self._spec, recomputed[0]) if recomputed else None, self._columns,
+                         self._spec.fingerprint, expected_in_log)
+        yield from verdicts.counts.items()
+        for difference in verdicts.differences:
+            yield beam.pvalue.TaggedOutput(DIFFERENCES, (f"{event_id}#{difference.index}",
+                                                         difference_record(event_id, request, difference)))
 
 
 def _difference_keys(spec: FeatureSpec):
@@ -272,50 +253,53 @@ def _finish_difference(spec: FeatureSpec):
 
 
 def _difference_counters(record: dict):
+    """A finished difference -> (counter key, 1): explained (and by what), or unexplained."""
     if record["explained"]:
-        yield "differences/explained"
+        yield counters.DIFFERENCES_EXPLAINED.key, 1
         for category in record["categories"]:
-            yield f"differences/explained/{category}"
+            yield counters.explained_by(category).key, 1
     else:
-        yield "differences/unexplained"
+        yield counters.DIFFERENCES_UNEXPLAINED.key, 1
 
 
-def summarize(counts: dict[str, int], unexplained: list[dict], spec: FeatureSpec, options: dict) -> dict:
-    """The consistency.json body from the counter keys' totals."""
-    c = lambda key: counts.get(key, 0)  # noqa: E731
-    columns = {name: {verdict: c(f"column/{name}/{verdict}") for verdict in VERDICTS}
+def summarize(counts: dict[str, int], unexplained: list[dict], spec: FeatureSpec, settings: dict) -> dict:
+    """The consistency.json body from the counter keys' totals (transforms/counters.py);
+    `settings`: the job's flags, echoed (max_mismatch_fraction decides "passed")."""
+    c = lambda counter: counter.of(counts)  # noqa: E731
+    columns = {name: {verdict: c(counters.column_verdict(name, verdict)) for verdict in counters.COLUMN_VERDICTS}
                for name in (column.name for column in served_columns(spec))}
-    compared = c("requests/equal") + c("requests/different")
-    rate = c("requests/different") / compared if compared else 0.0
-    categories = {key.split("/", 2)[2]: value for key, value in counts.items()
-                  if key.startswith("differences/explained/")}
+    equal, different = c(counters.REQUESTS_EQUAL), c(counters.REQUESTS_DIFFERENT)
+    compared = equal + different
+    mismatch = different / compared if compared else 0.0
+    explained, unexplained_count = c(counters.DIFFERENCES_EXPLAINED), c(counters.DIFFERENCES_UNEXPLAINED)
     return {
         "spec": {"name": spec.name, "fingerprint": spec.fingerprint},
-        **options,
-        "history_records_refused": c("history/refused"),
-        "rows_logged": c("rows/logged"),
-        "requests_logged": c("requests/logged"),
-        "requests_logged_more_than_once": c("requests/logged_more_than_once"),
-        "rows_spec_mismatch": c("rows/spec_mismatch"),
+        **settings,
+        "history_records_refused": c(counters.HISTORY_REFUSED),
+        "rows_logged": c(counters.ROWS_LOGGED),
+        "requests_logged": c(counters.REQUESTS_LOGGED),
+        "requests_logged_more_than_once": c(counters.REQUESTS_LOGGED_MORE_THAN_ONCE),
+        "rows_spec_mismatch": c(counters.ROWS_SPEC_MISMATCH),
         "requests_compared": compared,
-        "requests_equal": c("requests/equal"),
-        "requests_different": c("requests/different"),
-        "rows_logged_not_recomputable": c("rows/logged_not_recomputable"),
-        "requests_recomputable_not_logged": c("requests/recomputable_not_logged"),
-        "differences": c("differences/explained") + c("differences/unexplained"),
-        "differences_explained": c("differences/explained"),
-        "differences_unexplained": c("differences/unexplained"),
-        "explained_by": dict(sorted(categories.items())),
-        "mismatch_rate": rate,
-        "passed": rate <= options["max_mismatch_rate"],
+        "requests_equal": equal,
+        "requests_different": different,
+        "rows_logged_not_recomputable": c(counters.ROWS_LOGGED_NOT_RECOMPUTABLE),
+        "requests_recomputable_not_logged": c(counters.REQUESTS_RECOMPUTABLE_NOT_LOGGED),
+        "differences": explained + unexplained_count,
+        "differences_explained": explained,
+        "differences_unexplained": unexplained_count,
+        "explained_by": dict(sorted(counters.explained_by_category(counts).items())),
+        "mismatch_fraction": mismatch,
+        "passed": mismatch <= settings["max_mismatch_fraction"],
         "features": columns,
         "unexplained": sorted(unexplained, key=lambda d: d["event_id"])[:SAMPLE_UNEXPLAINED],
     }
 
 
 def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: FeatureSpec) -> None:
-    start_us, end_us = _time_us(options.start), _time_us(options.end)
-    source, endpoint, start, end = options.served_features, options.bigquery_endpoint, options.start, options.end
+    start_us, end_us = time_range_us(options.start, options.end)
+    start, end = time_flag_rfc3339(options.start, "--start"), time_flag_rfc3339(options.end, "--end")
+    source, endpoint = options.served_features, options.bigquery_endpoint
     served = (pipeline
               | "ServedLog" >> beam.Create([source])
               | "ReadServed" >> beam.FlatMap(lambda log: read_served_rows(log, start, end, endpoint))
@@ -331,7 +315,7 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
                   | "WindowedFeatures" >> WindowedFeatures(spec)
                   | "BatchById" >> beam.Map(lambda row: (row.event.event_id, row)))
     compared = ({"served": served, "batch": recomputed} | "JoinById" >> beam.CoGroupByKey()
-                | "Compare" >> beam.ParDo(_Compare(spec, start_us, end_us, options.served_features_rate),
+                | "Compare" >> beam.ParDo(_Compare(spec, start_us, end_us, options.served_features_fraction),
                                           logged=beam.pvalue.AsSingleton(bounds))
                 .with_outputs(DIFFERENCES, main="counters"))
     differences = compared[DIFFERENCES]
@@ -357,13 +341,13 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
 
     counts = ((compared.counters, refused, records | "DifferenceCounters" >> beam.FlatMap(_difference_counters))
               | "AllCounters" >> beam.Flatten()
-              | "Count" >> beam.combiners.Count.PerElement()
+              | "Count" >> beam.CombinePerKey(sum)
               | "ToDict" >> beam.combiners.ToDict())
     unexplained = (records | "Unexplained" >> beam.Filter(lambda record: not record["explained"])
                    | "Sample" >> beam.combiners.Top.Of(SAMPLE_UNEXPLAINED, key=lambda r: r["event_id"], reverse=True))
-    settings = {"served_features": source, "history": options.history, "start": start, "end": end,
-                "served_features_rate": options.served_features_rate,
-                "max_mismatch_rate": options.max_mismatch_rate}
+    settings = {"served_features": source, "input": options.input, "start": start, "end": end,
+                "served_features_fraction": options.served_features_fraction,
+                "max_mismatch_fraction": options.max_mismatch_fraction}
     output = options.output.rstrip("/")
     (counts
      | "Summarize" >> beam.Map(lambda c, sample: json.dumps(summarize(c, sample, spec, settings), indent=2),
@@ -376,23 +360,21 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
                                                  file_name_suffix=".ndjson"))
 
 
-class UsageError(ValueError):
-    """A flag is missing or wrong: the message says which."""
-
-
-def _check_options(options: ConsistencyOptions) -> None:
-    for flag in ("served_features", "history"):
+def check_options(options: ConsistencyOptions, spec: FeatureSpec) -> None:
+    """UsageError (SpecError, FileNotFoundError) for a command line that cannot run: a required
+    flag missing, a fraction out of range, a bad time range, an input that matches nothing."""
+    for flag in ("served_features", "input"):
         if not getattr(options, flag):
             raise UsageError(f"--{flag} is required (see --help)")
-    if not is_table(options.history):
-        matched_files(options.history)  # FileNotFoundError says which pattern
-    for flag in ("start", "end"):
-        try:
-            _time_us(getattr(options, flag))
-        except InvalidRecord:
-            raise UsageError(f"--{flag}: expected an RFC 3339 time like 2026-12-01T00:00:00Z") from None
-    if not 0 < options.served_features_rate <= 1 or options.max_mismatch_rate < 0:
-        raise UsageError("--served_features_rate is above 0 and at most 1; --max_mismatch_rate is 0 or more")
+    if not 0 < options.served_features_fraction <= 1:
+        raise UsageError(f"--served_features_fraction is above 0 and at most 1: got {options.served_features_fraction}")
+    if options.max_mismatch_fraction < 0:
+        raise UsageError(f"--max_mismatch_fraction is 0 or more: got {options.max_mismatch_fraction}")
+    time_range_us(options.start, options.end)
+    if not is_table(options.served_features) and not FileSystems.match([options.served_features])[0].metadata_list:
+        raise FileNotFoundError(f"--served_features {options.served_features!r} matches no file")
+    if history_table(options.input) is None:
+        input_names(resolve_inputs(spec, options.input), options)  # FileNotFoundError says which pattern
 
 
 def _clear_previous(output: str) -> None:
@@ -407,15 +389,15 @@ def run(argv: Optional[list[str]] = None) -> dict:
     """Runs the consistency job; returns the summary it writes to consistency.json."""
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = ConsistencyOptions(argv)
+    options = pipeline_options(ConsistencyOptions, argv)
     options.view_as(SetupOptions).save_main_session = False
-    _check_options(options)
     started = time.monotonic()
     spec = load_spec(options.spec)
+    check_options(options, spec)
     output = options.output.rstrip("/")
     _clear_previous(output)
-    logging.info("consistency: %s against %s (spec %s %s)", options.served_features, options.history, spec.name,
-                 spec.fingerprint[:12])
+    logging.info("consistency: %s against %s (spec %s %s)", options.served_features, ", ".join(options.input),
+                 spec.name, spec.fingerprint[:12])
     pipeline = beam.Pipeline(options=options)
     construct(pipeline, options, spec)
     pipeline.run().wait_until_finish()
@@ -436,7 +418,7 @@ def _print_summary(summary: dict) -> None:
         f"{summary['requests_logged_more_than_once']:,} logged more than once; "
         f"{summary['rows_spec_mismatch']:,} of another spec, not compared)",
         f"  compared            {summary['requests_compared']:>9,}   equal {summary['requests_equal']:,}, "
-        f"different {summary['requests_different']:,} (mismatch rate {summary['mismatch_rate']:.4%})",
+        f"different {summary['requests_different']:,} (mismatch fraction {summary['mismatch_fraction']:.4%})",
         f"  differences         {summary['differences']:>9,}   explained {summary['differences_explained']:,}"
         + (f" ({explained})" if explained else "") + f", unexplained {summary['differences_unexplained']:,}",
         f"  not comparable      logged but not recomputable {summary['rows_logged_not_recomputable']:,}, "
@@ -447,24 +429,27 @@ def _print_summary(summary: dict) -> None:
         lines.append(f"  unexplained         {record['event_id']}: {', '.join(record['columns'])}")
     lines.append(f"  output              {summary['outputs']['summary']}, {summary['outputs']['differences']}")
     lines.append("  passed              " + ("yes" if summary["passed"] else
-                                            f"NO: mismatch rate above --max_mismatch_rate "
-                                            f"{summary['max_mismatch_rate']}"))
+                                            f"NO: mismatch fraction above --max_mismatch_fraction "
+                                            f"{summary['max_mismatch_fraction']}"))
     print("\n".join(lines), flush=True)
+
+
+PROG = "python -m beam_app.consistency"
+OPTION_CLASSES = (CommonOptions, ConsistencyOptions)
 
 
 def main() -> None:
     quiet_tensorflow()
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print_help("python -m beam_app.consistency", __doc__, (CommonOptions, ConsistencyOptions),
-                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner "
-                   "with --project/--region/--temp_location/--setup_file ./setup.py), ...")
+    if wants_help(sys.argv[1:]):
+        print_help(PROG, __doc__, OPTION_CLASSES)
         return
     try:
         summary = run(sys.argv[1:])
-    except (UsageError, SpecError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    except (UsageError, SpecError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if not summary["passed"]:
-        sys.exit(1)
+        sys.exit(EXIT_CHECK_FAILED)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 VCPUS_PER_WORKER = 2  # n1-standard-2
 TARGETS = (1_000, 10_000, 100_000)  # events/s
 START_TIME = "2013-12-02"
+SINK = "sink"  # the namespace of this bench's own counters: rows per output
 
 
 def load_replay(spec, start_time: str, limit: int) -> list:
@@ -65,9 +66,9 @@ class _Count(object):
     """A counting sink per output: a Beam counter, nothing written."""
 
     def __init__(self, name: str):
-        from apache_beam.metrics import Metrics
+        from transforms.counters import Counter
 
-        self._counter = Metrics.counter("sink", name)
+        self._counter = Counter(SINK, name).metric()
 
     def __call__(self, _row):
         self._counter.inc()
@@ -94,7 +95,7 @@ def replay(spec, model: str, events: list, inference_batch_size: int) -> dict:
     source = pipeline | "Replay" >> beam.Create(messages, reshuffle=False)
     source.is_bounded = False  # the streaming branches: state and event-time timers, as on Pub/Sub
     outputs = streaming.build(source, spec, model, key_shards=None, release_step_ms=1000,
-                              inference_batch_size=inference_batch_size, served_rate=1.0, archive_events=True,
+                              inference_batch_size=inference_batch_size, served_fraction=1.0, archive_events=True,
                               clock=lambda: 0.0)
     for name, rows in outputs.items():
         rows | f"Count_{name}" >> beam.Map(_Count(name))
@@ -103,7 +104,7 @@ def replay(spec, model: str, events: list, inference_batch_size: int) -> dict:
     result.wait_until_finish()
     seconds = time.perf_counter() - started
     counts = {counter.key.metric.name: counter.committed
-              for counter in result.metrics().query()["counters"] if counter.key.metric.namespace == "sink"}
+              for counter in result.metrics().query()["counters"] if counter.key.metric.namespace == SINK}
     return {"events": len(events), "requests": sum(event.role == "request" for event in events),
             "seconds": round(seconds, 2), "rows": counts}
 

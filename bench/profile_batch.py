@@ -22,7 +22,7 @@ shares, not the seconds, as the job's. For sampling the real multi-process
 job instead: py-spy record --subprocesses -o out.txt -f raw -- python -m beam_app.batch ...
 
     python bench/profile_batch.py                                # flights, output in a temp dir
-    python bench/profile_batch.py --spec chicago_taxi --output_dir /tmp/taxi
+    python bench/profile_batch.py --spec chicago_taxi --output /tmp/taxi
     python bench/profile_batch.py --save /tmp/batch.prof -- --no_stats   # after --: more job flags
 """
 
@@ -130,7 +130,7 @@ def element_counts(result, proto) -> list[tuple[str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="flights", help="the job's --spec (default: flights)")
-    parser.add_argument("--output_dir", default=None,
+    parser.add_argument("--output", default=None,
                         help="passed to the job as --output (default: a fresh temporary directory)")
     parser.add_argument("--top", type=int, default=25, help="how many functions to list by self time (default 25)")
     parser.add_argument("--save", default=None, help="also write the raw profile here (for pstats or snakeviz)")
@@ -143,12 +143,12 @@ def main() -> None:
     from beam_app.common.options import quiet_tensorflow
 
     quiet_tensorflow()
-    output = args.output_dir or tempfile.mkdtemp(prefix="profile_batch_")
+    output = args.output or tempfile.mkdtemp(prefix="profile_batch_")
     argv = ["--runner", "DirectRunner", "--direct_num_workers", "1", "--direct_running_mode", "in_memory",
             "--spec", args.spec, "--output", output, *args.job_args]
 
     captured = {}  # the pipeline proto (PCollection names) and the result (element counts)
-    run_via_runner_api, counters = fn_runner.FnApiRunner.run_via_runner_api, batch._counters
+    run_via_runner_api, counters = fn_runner.FnApiRunner.run_via_runner_api, batch.job_counters
 
     def capture_proto(self, proto, options):
         captured["proto"] = proto
@@ -158,7 +158,7 @@ def main() -> None:
         captured["result"] = result
         return counters(result)
 
-    fn_runner.FnApiRunner.run_via_runner_api, batch._counters = capture_proto, capture_result
+    fn_runner.FnApiRunner.run_via_runner_api, batch.job_counters = capture_proto, capture_result
 
     profile = cProfile.Profile()
     started = time.perf_counter()
@@ -167,7 +167,7 @@ def main() -> None:
         batch.run(argv)
     finally:
         profile.disable()
-        fn_runner.FnApiRunner.run_via_runner_api, batch._counters = run_via_runner_api, counters
+        fn_runner.FnApiRunner.run_via_runner_api, batch.job_counters = run_via_runner_api, counters
     wall = time.perf_counter() - started
     if args.save:
         profile.dump_stats(args.save)

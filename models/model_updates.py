@@ -35,10 +35,10 @@ from typing import Callable, Optional
 
 import apache_beam as beam
 from apache_beam.coders import StrUtf8Coder
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from models.inference import ModelCheck, read_latest
+from transforms import counters
 from transforms.spec import FeatureSpec
 
 
@@ -69,8 +69,8 @@ class _RefusedVersions(beam.DoFn):
         self._model_dir = model_dir
         self._spec = spec
         self._serving_version = serving_version
-        self._accepted = Metrics.counter("model_updates", "accepted")
-        self._refused = Metrics.counter("model_updates", "refused")
+        self._accepted = counters.MODEL_UPDATES_ACCEPTED.metric()
+        self._refused = counters.MODEL_UPDATES_REFUSED.metric()
 
     def setup(self):
         self._check = ModelCheck(self._model_dir, self._spec)

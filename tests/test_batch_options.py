@@ -9,6 +9,7 @@ from beam_app.batch import BatchOptions, split_from_options, summarize
 from beam_app.common.errors import UsageError
 from beam_app.common.runner import use_all_cores_locally
 from beam_app.common.inputs import Input, resolve_inputs
+from transforms import counters
 from transforms.read_files import resolve_input
 from transforms.spec import SpecError, load_spec, spec_from_dict
 
@@ -44,13 +45,15 @@ def test_local_worker_default_respects_flags(monkeypatch, argv, workers, mode):
     assert (direct.direct_num_workers, direct.direct_running_mode) == (workers, mode)
 
 
-def _counters(**changes):
-    counters = {"parse/records_read": 10, "parse/records_ok": 9, "parse/dead_letters": 1,
-                "parse/requests": 9, "parse/observations": 8, "windowed_features/feature_rows": 9,
-                "examples/unlabeled_requests": 1, "split/examples_train": 6, "split/examples_eval": 1,
-                "split/examples_test": 1, "examples/encoded": 8}
-    counters.update(changes)
-    return counters
+ADDING_UP = {counters.RECORDS_READ: 10, counters.RECORDS_OK: 9, counters.PARSE_DEAD_LETTERS: 1,
+             counters.REQUESTS: 9, counters.parsed("observation"): 8, counters.FEATURE_ROWS: 9,
+             counters.UNLABELED_REQUESTS: 1, counters.split_examples("train"): 6, counters.split_examples("eval"): 1,
+             counters.split_examples("test"): 1, counters.EXAMPLES_ENCODED: 8}
+
+
+def _counters(changes=None) -> dict[str, int]:
+    """A finished job's counters ("namespace/name" -> value): ADDING_UP with `changes` (Counter -> value)."""
+    return {counter.key: value for counter, value in {**ADDING_UP, **(changes or {})}.items()}
 
 
 def test_counts_that_add_up_pass(flights_spec):
@@ -63,8 +66,9 @@ def test_counts_that_add_up_pass(flights_spec):
 
 def test_copies_of_an_event_are_accounted_for(flights_spec):
     """Two copies of a request (one identical, one conflicting) and one of an observation: one row per request."""
-    summary = summarize(_counters(**{"parse/requests": 11, "parse/observations": 9, "duplicates/request": 1,
-                                     "conflicts/request": 1, "duplicates/observation": 1}), flights_spec)
+    summary = summarize(_counters({counters.REQUESTS: 11, counters.parsed("observation"): 9,
+                                   counters.duplicates("request"): 1, counters.conflicts("request"): 1,
+                                   counters.duplicates("observation"): 1}), flights_spec)
     assert all(summary["checks"].values())
     assert summary["duplicates"] == {"request": 1, "observation": 1} and summary["conflicts"]["request"] == 1
     assert summary["dead_letters"] == 2  # one parse dead letter, one conflict
@@ -72,9 +76,9 @@ def test_copies_of_an_event_are_accounted_for(flights_spec):
 
 def test_each_kind_is_counted_by_its_name(weather_spec):
     """flights_weather: departures under parse/observations, weather reports under parse/weather."""
-    summary = summarize(_counters(**{"parse/records_read": 15, "parse/records_ok": 13, "parse/dead_letters": 2,
-                                     "parse/weather": 5, "duplicates/weather": 1, "conflicts/weather": 1}),
-                        weather_spec)
+    summary = summarize(_counters({counters.RECORDS_READ: 15, counters.RECORDS_OK: 13, counters.PARSE_DEAD_LETTERS: 2,
+                                   counters.parsed("weather"): 5, counters.duplicates("weather"): 1,
+                                   counters.conflicts("weather"): 1}), weather_spec)
     assert all(summary["checks"].values())  # the weather adds no feature row
     assert summary["observations"] == 13 and summary["observations_by_kind"] == {"observation": 8, "weather": 5}
     assert summary["duplicates"] == {"request": 0, "observation": 0, "weather": 1}
@@ -83,15 +87,17 @@ def test_each_kind_is_counted_by_its_name(weather_spec):
 
 
 @pytest.mark.parametrize("changes,failed", [
-    ({"parse/dead_letters": 0}, "records_read == records parsed + dead_letters"),
-    ({"windowed_features/feature_rows": 8}, "feature_rows == requests - duplicates - conflicts - requests outside --start/--end"),
+    ({counters.PARSE_DEAD_LETTERS: 0}, "records_read == records parsed + dead_letters"),
+    ({counters.FEATURE_ROWS: 8}, "feature_rows == requests - duplicates - conflicts - requests outside --start/--end"),
     # A request dropped as a duplicate that was not one: the rows no longer add up.
-    ({"duplicates/request": 1}, "feature_rows == requests - duplicates - conflicts - requests outside --start/--end"),
-    ({"split/examples_train": 5, "examples/encoded": 7}, "feature_rows == examples + unlabeled_requests"),
-    ({"examples/encoded": 7}, "examples encoded == examples split"),
+    ({counters.duplicates("request"): 1},
+     "feature_rows == requests - duplicates - conflicts - requests outside --start/--end"),
+    ({counters.split_examples("train"): 5, counters.EXAMPLES_ENCODED: 7},
+     "feature_rows == examples + unlabeled_requests"),
+    ({counters.EXAMPLES_ENCODED: 7}, "examples encoded == examples split"),
 ])
 def test_a_lost_element_fails_a_check(flights_spec, changes, failed):
-    checks = summarize(_counters(**changes), flights_spec)["checks"]
+    checks = summarize(_counters(changes), flights_spec)["checks"]
     assert not checks[failed]
 
 

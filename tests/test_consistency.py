@@ -23,12 +23,14 @@ import math
 import pytest
 
 from beam_app import consistency
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
+from beam_app.common.options import pipeline_options
 from beam_app.bigquery.client import bigquery_client, ensure_table
 from beam_app.bigquery.tables import event_row, events_schema, served_columns, served_features_row
 from transforms.events import Event, event_to_json, rfc3339_to_time_us
 from transforms.examples import RequestKey, row_values
 from transforms.skew import Arrived, explain_group, group_values
-from transforms.spec import load_spec
+from transforms.spec import SpecError, load_spec
 from transforms.feature_layout import FeatureRow, feature_groups
 
 PROJECT = "test-project"
@@ -80,7 +82,7 @@ def _served(request: Event, features: tuple, job_start: str = "09:00", processed
 def _run(tmp_path, served: list[dict], history: str, **flags) -> dict:
     log = tmp_path / "served.ndjson"
     log.write_text("".join(json.dumps(row) + "\n" for row in served))
-    argv = ["--runner", "DirectRunner", "--served_features", str(log), "--history", history,
+    argv = ["--runner", "DirectRunner", "--served_features", str(log), "--input", history,
             "--output", str(tmp_path / "out"), *[f"--{k}={v}" for k, v in flags.items()]]
     return consistency.run(argv)
 
@@ -135,7 +137,7 @@ def test_consistency_over_files_counts_every_feature_and_lists_the_unexplained(t
               _served(_request("20261201-UA19-EWR", "11:30", "EWR"), BY_HAND["r1"])]  # no such request in the history
     # An open range is the log's own, 11:00 to 11:40: r4 (11:50) is not missing from it.
     assert _run(tmp_path, served, str(history))["requests_recomputable_not_logged"] == 0
-    summary = _run(tmp_path, served, str(history), start=f"{DAY}10:00:00Z", end=f"{DAY}12:00:00Z")
+    summary = _run(tmp_path, served, str(history), start=f"{DAY}10:00:00Z", end="2026-12-02")  # a date: midnight
     assert (summary["rows_logged"], summary["requests_compared"], summary["requests_equal"]) == (4, 3, 2)
     assert summary["rows_logged_not_recomputable"] == 1 and summary["requests_recomputable_not_logged"] == 1  # r4
     assert (summary["differences"], summary["differences_unexplained"]) == (1, 1)
@@ -146,8 +148,9 @@ def test_consistency_over_files_counts_every_feature_and_lists_the_unexplained(t
     assert features["origin_departures_1h"] == {"compared": 3, "equal": 2, "different": 1,
                                                 "logged_not_recomputable": 1, "recomputable_not_logged": 1}
     assert features["carrier_dep_delay_mean_3h"]["equal"] == 3
-    assert summary["mismatch_rate"] == pytest.approx(1 / 3) and summary["passed"] is False
-    assert _run(tmp_path, served, str(history), max_mismatch_rate=0.5)["passed"] is True
+    assert summary["mismatch_fraction"] == pytest.approx(1 / 3) and summary["passed"] is False
+    assert (summary["start"], summary["end"]) == (f"{DAY}10:00:00Z", "2026-12-02T00:00:00Z")
+    assert _run(tmp_path, served, str(history), max_mismatch_fraction=0.5)["passed"] is True
     assert summary["history_records_refused"] == 0
 
 
@@ -171,7 +174,7 @@ def test_consistency_over_the_events_archive_explains_late_and_cold(tmp_path, bi
         _served(R2, _features(0, None, None, None, 20.0, None, 20.0, None), job_start="10:15"),
         _served(R3, BY_HAND["r3"]),
     ]
-    summary = _run(tmp_path, served, table, bigquery_endpoint=bigquery_emulator.endpoint,
+    summary = _run(tmp_path, served, f"bq:{table}", bigquery_endpoint=bigquery_emulator.endpoint,
                    start=f"{DAY}10:45:00Z", end=f"{DAY}11:45:00Z")
     assert (summary["requests_compared"], summary["requests_equal"], summary["differences"]) == (3, 1, 2)
     assert summary["differences_unexplained"] == 0
@@ -185,3 +188,81 @@ def test_consistency_over_the_events_archive_explains_late_and_cold(tmp_path, bi
         differences[R1.event_id]["explanations"]["origin"])
     assert differences[R2.event_id]["categories"] == ["no_bootstrap"]
     assert summary["requests_recomputable_not_logged"] == 0  # r4 is after --end
+
+
+# ---- The command line: flags, usage errors (exit 2), a failed check (exit 1) ----
+
+def _options(*argv: str) -> consistency.ConsistencyOptions:
+    return pipeline_options(consistency.ConsistencyOptions, list(argv))
+
+
+@pytest.mark.parametrize("values,table", [
+    (["bq:my-project.features.events"], "my-project.features.events"),
+    (["bq:my-project:features.events"], "my-project.features.events"),
+    (["my-project:features.events"], "my-project:features.events"),  # as --served_features takes a table
+    (["history/*.ndjson"], None),
+    (["flights.2013.csv"], None),  # dots, no colon: a file
+    (["history.ndjson", "weather=weather.csv"], None),
+    (None, None),
+])
+def test_the_history_is_a_table_or_files(values, table):
+    assert consistency.history_table(values) == table
+
+
+def test_a_history_table_comes_alone():
+    with pytest.raises(UsageError, match="pass it alone"):
+        consistency.history_table(["bq:my-project.features.events", "more.ndjson"])
+    with pytest.raises(SpecError, match="bq:PROJECT.DATASET.TABLE"):
+        consistency.history_table(["bq:features.events"])
+
+
+@pytest.mark.parametrize("flag", ["--history", "--history_format", "--served_features_rate", "--max_mismatch_rate"])
+def test_the_old_flag_names_are_refused(flag):
+    with pytest.raises(UsageError, match=f"unknown flag {flag}"):
+        _options(flag, "1")
+
+
+def test_start_and_end_take_a_date_or_rfc3339():
+    options = _options("--start", "2026-12-01", "--end", "2026-12-01T06:30:00Z")
+    assert consistency.time_range_us(options.start, options.end) == (
+        rfc3339_to_time_us("2026-12-01T00:00:00Z"), rfc3339_to_time_us("2026-12-01T06:30:00Z"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--input", "h.ndjson"], "--served_features is required"),
+    (["--served_features", "s.ndjson"], "--input is required"),
+    (["--served_features", "s.ndjson", "--input", "h.ndjson", "--served_features_fraction", "0"],
+     "--served_features_fraction is above 0 and at most 1"),
+    (["--served_features", "s.ndjson", "--input", "h.ndjson", "--max_mismatch_fraction", "-0.1"],
+     "--max_mismatch_fraction is 0 or more"),
+    (["--served_features", "s.ndjson", "--input", "h.ndjson", "--start", "yesterday"], "--start: expected"),
+    (["--served_features", "s.ndjson", "--input", "h.ndjson", "--start", "2026-12-02", "--end", "2026-12-01"],
+     "--end .* must be after --start"),
+])
+def test_usage_errors_say_what_to_fix(argv, message):
+    with pytest.raises(UsageError, match=message):
+        consistency.check_options(_options(*argv), SPEC)
+
+
+def test_inputs_that_match_nothing_are_named(tmp_path):
+    served = tmp_path / "served.ndjson"
+    served.write_text("")
+    with pytest.raises(FileNotFoundError, match="--served_features"):
+        consistency.check_options(_options("--served_features", str(tmp_path / "none-*.ndjson"),
+                                           "--input", str(served)), SPEC)
+    with pytest.raises(FileNotFoundError, match="--input"):
+        consistency.check_options(_options("--served_features", str(served),
+                                           "--input", str(tmp_path / "none-*.ndjson")), SPEC)
+
+
+def test_main_exits_2_on_a_usage_error_and_1_when_the_check_fails(monkeypatch, capsys):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # what main sets first
+    monkeypatch.setattr("sys.argv", [consistency.PROG, "--history", "h.ndjson"])
+    with pytest.raises(SystemExit) as exited:
+        consistency.main()
+    assert exited.value.code == EXIT_USAGE
+    assert capsys.readouterr().err.startswith(f"{consistency.PROG}: error: unknown flag --history")
+    monkeypatch.setattr(consistency, "run", lambda argv: {"passed": False})
+    with pytest.raises(SystemExit) as exited:
+        consistency.main()
+    assert exited.value.code == EXIT_CHECK_FAILED

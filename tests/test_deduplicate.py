@@ -17,7 +17,9 @@ from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from beam_app.common.job_report import counters as job_counters
 from tests.conftest import HOUR_US, MIN_US, observation, request
+from transforms import counters
 from transforms.deduplicate import CONFLICT, DUPLICATE, NEW, STAGE, DeduplicateEvents, IdLedger, resolve_copies
 from transforms.events import event_to_json
 
@@ -77,10 +79,9 @@ def test_batch_path_collapses_copies_and_dead_letters_conflicts():
                     label="kept")
         assert_that(out[STAGE] | beam.Map(lambda d: (d.source, d.stage, json.loads(d.raw)["dep_delay"])),
                     equal_to([("event:o1/observation", "duplicate", 9.0)]), label="conflicts")
-    counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
-                for c in pipeline.result.metrics().query()["counters"]}
-    assert counters["duplicates/observation"] == 1 and counters["duplicates/request"] == 1
-    assert counters["conflicts/observation"] == 1
+    counts = job_counters(pipeline.result)
+    assert counters.duplicates("observation").of(counts) == 1 and counters.duplicates("request").of(counts) == 1
+    assert counters.conflicts("observation").of(counts) == 1
 
 
 def _stamped(events):

@@ -6,7 +6,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_app.adapters import load_adapters
+from beam_app.common.job_report import counters as job_counters
 from tests.parsing import parse_record, validate_event
+from transforms import counters
 from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_to_json, rfc3339_to_time_us
 from transforms.parse import DEAD_LETTERS, ParseEvents, RecordParser
 from transforms.spec import load_spec
@@ -132,9 +134,10 @@ def test_parse_events_routes_and_counts(flights_spec):
         assert_that(parsed[DEAD_LETTERS], equal_to([DeadLetter(
             "flights.csv:4", bad, "origin: unknown value 'BOS'; allowed: ['EWR', 'JFK', 'LGA']", "parse")]),
             label="dead letters")
-    counters = {c.key.metric.name: c.committed for c in pipeline.result.metrics().query()["counters"]}
-    assert counters["records_read"] == 3 and counters["records_ok"] == 2 and counters["dead_letters"] == 1
-    assert counters["requests"] == 2 and counters["observations"] == 1
+    counts = job_counters(pipeline.result)
+    assert (counters.RECORDS_READ.of(counts), counters.RECORDS_OK.of(counts),
+            counters.PARSE_DEAD_LETTERS.of(counts)) == (3, 2, 1)
+    assert counters.parsed("request").of(counts) == 2 and counters.parsed("observation").of(counts) == 1
 
 
 
@@ -239,6 +242,7 @@ def test_parse_events_counts_each_kind_by_its_name(weather_spec):
             ("20130101T06-EWR", "weather")]), label="events")
         assert_that(parsed[DEAD_LETTERS] | beam.Map(lambda d: (d.source, d.reason)), equal_to([
             ("weather.csv:3", "wind_speed: 1048.36058 is above the maximum 100")]), label="dead letters")
-    counters = {c.key.metric.name: c.committed for c in pipeline.result.metrics().query()["counters"]}
-    assert (counters["records_read"], counters["records_ok"], counters["dead_letters"]) == (3, 2, 1)
-    assert (counters["requests"], counters["observations"], counters["weather"]) == (1, 1, 1)
+    counts = job_counters(pipeline.result)
+    assert (counters.RECORDS_READ.of(counts), counters.RECORDS_OK.of(counts),
+            counters.PARSE_DEAD_LETTERS.of(counts)) == (3, 2, 1)
+    assert tuple(counters.parsed(role).of(counts) for role in ("request", "observation", "weather")) == (1, 1, 1)

@@ -26,9 +26,9 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import counters
 from transforms.events import Event, InvalidRecord, RawRecord
 from transforms.parse import RecordParser
 from transforms.read_files import ReadChunks
@@ -68,7 +68,7 @@ class _KeepRecent(beam.DoFn):
         self._spec = spec
         self._since_us = since_us
         self._adapters = dict(adapters)
-        self._counters = {name: Metrics.counter("bootstrap", name)
+        self._counters = {name: counters.bootstrap(name).metric()
                           for name in ("records", "unreadable", "requests", "older", "observations")}
 
     def setup(self):

@@ -25,15 +25,15 @@ already refuses for requests (transforms/event_time.py).
 from __future__ import annotations
 
 import zlib
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import apache_beam as beam
 from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import counters
 from transforms.events import DeadLetter, Event, event_from_json, event_to_json, time_us_to_rfc3339
 from transforms.feature_layout import state_key
 from transforms.gather import GatherInBundle
@@ -114,21 +114,21 @@ def conflict_letter(copy: Event, reason: str) -> DeadLetter:
 class _RoleCounters(dict):
     """A counter per role (request or a kind of observation), made on first use."""
 
-    def __init__(self, namespace: str):
+    def __init__(self, counter_of: Callable[[str], counters.Counter]):
         super().__init__()
-        self._namespace = namespace
+        self._counter_of = counter_of
 
     def __missing__(self, role: str):
-        self[role] = counter = Metrics.counter(self._namespace, role)
+        self[role] = counter = self._counter_of(role).metric()
         return counter
 
 
 class _Counters:
-    """The dedup counters, one place for their names."""
+    """The dedup counters of each role: duplicates/<role>, conflicts/<role>."""
 
     def __init__(self):
-        self.duplicates = _RoleCounters("duplicates")
-        self.conflicts = _RoleCounters("conflicts")
+        self.duplicates = _RoleCounters(counters.duplicates)
+        self.conflicts = _RoleCounters(counters.conflicts)
 
 
 _BATCH_SHARDS = 64  # identities per shuffle key in batch: all copies of one identity meet in one shard

@@ -32,8 +32,8 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.metrics import Metrics
 
+from transforms import counters
 from transforms.spec import LENGTH_SUFFIX, PRESENCE_SUFFIX, FeatureSpec, length_name, presence_name
 from transforms.feature_layout import FeatureRow
 
@@ -256,7 +256,7 @@ class _EncodeKeyedBatchDoFn(beam.DoFn):
     def __init__(self, spec: FeatureSpec, with_label: bool):
         self._spec = spec
         self._with_label = with_label
-        self._encoded = Metrics.counter("examples", "encoded")
+        self._encoded = counters.EXAMPLES_ENCODED.metric()
 
     def setup(self):
         from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
@@ -274,7 +274,7 @@ class _EncodeRecordBatchDoFn(beam.DoFn):
     """pa.RecordBatch -> its serialized tf.Examples, one per row."""
 
     def __init__(self):
-        self._encoded = Metrics.counter("examples", "encoded")
+        self._encoded = counters.EXAMPLES_ENCODED.metric()
 
     def setup(self):
         from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder

@@ -12,13 +12,13 @@ import re
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import counters
 from transforms.adapters import CsvAdapter
 from transforms.event_time import TimeBounds, check_event_time
 from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json
-from transforms.spec import DEFAULT_KIND, REQUEST, FeatureSpec, FieldSpec
+from transforms.spec import REQUEST, FeatureSpec, FieldSpec
 
 DEAD_LETTERS = "dead_letters"
 
@@ -147,12 +147,6 @@ class RecordParser:
         return [self._validate(event) for event in events]
 
 
-def role_counter(role: str) -> str:
-    """The parse counter of a role: requests, observations (the one-kind
-    name), or the kind's own name (weather)."""
-    return f"{role}s" if role in (REQUEST, DEFAULT_KIND) else role
-
-
 class LiveStamp(NamedTuple):
     """How live records carry their event time: the attribute that holds it,
     and how far from the publish time (the element's timestamp) it may be."""
@@ -186,10 +180,10 @@ class _ParseDoFn(beam.DoFn):
         self._live = live
         self._adapters = dict(adapters)
         self._to_record = to_record
-        self._records = Metrics.counter("parse", "records_read")
-        self._ok = Metrics.counter("parse", "records_ok")
-        self._dead = Metrics.counter("parse", "dead_letters")
-        self._by_role = {role: Metrics.counter("parse", role_counter(role)) for role in spec.roles}
+        self._records = counters.RECORDS_READ.metric()
+        self._ok = counters.RECORDS_OK.metric()
+        self._dead = counters.PARSE_DEAD_LETTERS.metric()
+        self._by_role = {role: counters.parsed(role).metric() for role in spec.roles}
 
     def setup(self):
         self._parse = RecordParser(self._spec, self._adapters)

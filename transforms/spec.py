@@ -39,7 +39,7 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 MAX_LAST_K = 64
-# A kind's name is its role and its parse counter (transforms/parse.py role_counter): not these.
+# A kind's name is its role and its parse counter (transforms/counters.py parsed): not these.
 RESERVED_KIND_NAMES = frozenset({REQUEST, "requests", "observations", "records_read", "records_ok", "dead_letters"})
 
 

@@ -10,8 +10,8 @@ import hashlib
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
+from transforms import counters
 from transforms.spec import SPLITS, SplitSpec
 from transforms.feature_layout import FeatureRow
 
@@ -38,7 +38,7 @@ def assign_split(split: SplitSpec, time_us: int, event_id: str) -> str:
 class _SplitDoFn(beam.DoFn):
     def __init__(self, split: SplitSpec):
         self._split = split
-        self._counters = {name: Metrics.counter("split", f"examples_{name}") for name in SPLITS}
+        self._counters = {name: counters.split_examples(name).metric() for name in SPLITS}
 
     def process(self, row: FeatureRow):
         name = assign_split(self._split, row.event.time_us, row.event.event_id)

@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
+from transforms import counters
 from transforms.events import Event
 
 REQUEST = "request"
-COUNTER_NAMESPACE = "time_range"
 
 
 def in_time_range(event: Event, start_us: Optional[int], end_us: Optional[int], reach_us: int) -> bool:
@@ -34,9 +33,9 @@ def read_bounds_us(start_us: Optional[int], end_us: Optional[int], reach_us: int
 class _KeepInRange(beam.DoFn):
     def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int):
         self._range = (start_us, end_us, reach_us)
-        self._in_range = Metrics.counter(COUNTER_NAMESPACE, "requests_in_range")
-        self._outside = Metrics.counter(COUNTER_NAMESPACE, "requests_outside_range")
-        self._observations_outside = Metrics.counter(COUNTER_NAMESPACE, "observations_outside_range")
+        self._in_range = counters.REQUESTS_IN_RANGE.metric()
+        self._outside = counters.REQUESTS_OUTSIDE_RANGE.metric()
+        self._observations_outside = counters.OBSERVATIONS_OUTSIDE_RANGE.metric()
 
     def process(self, event: Event):
         keep = in_time_range(event, *self._range)

@@ -23,12 +23,12 @@ from typing import Iterable, Optional
 
 import apache_beam as beam
 from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import counters
 from transforms.feature_layout import ID, RANK, TIME, FeatureGroup, fill, key_of, reads, state_key, to_pending
 from transforms.point_in_time import REQUEST, KeyHistory
 
@@ -117,8 +117,8 @@ class _PointInTimeDoFn(beam.DoFn):
         self._lateness_s = allowed_lateness_s
         self._step_us = release_step_us
         self._shards = key_shards
-        self._late_requests = Metrics.counter("windowed_features", "late_requests")
-        self._late_observations = Metrics.counter("windowed_features", "late_observations")
+        self._late_requests = counters.LATE_REQUESTS.metric()
+        self._late_observations = counters.LATE_OBSERVATIONS.metric()
 
     def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
                 release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import counters
 from transforms.bounded_features import BucketedFeatures
 from transforms.feature_layout import TIME, EventLayout, FeatureRow, feature_groups
 from transforms.spec import FeatureSpec
@@ -36,7 +36,7 @@ class _ToRow(beam.DoFn):
 
     def __init__(self, layout: EventLayout):
         self._layout = layout
-        self._rows = Metrics.counter("windowed_features", "feature_rows")
+        self._rows = counters.FEATURE_ROWS.metric()
 
     def process(self, item):
         self._rows.inc()

@@ -46,9 +46,9 @@ from apache_beam.io.gcp import bigquery_tools
 from apache_beam.io.gcp.bigquery import (ReadFromBigQuery, _CustomBigQueryStorageSource,
                                          _CustomBigQueryStorageStreamSource, _ReadReadRowsResponsesWithFastAvro)
 from apache_beam.io.iobase import SourceBundle
-from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import Lineage
 
+from transforms import counters
 from transforms.events import ENVELOPE, RawRecord, time_us_to_rfc3339
 from transforms.spec import SpecError
 
@@ -313,7 +313,7 @@ class ReadBigQueryRecords(beam.PTransform):
 class _RowsToRecords(beam.DoFn):
     def __init__(self, label: str):
         self._label = label
-        self._rows = Metrics.counter("bigquery_input", "rows_read")
+        self._rows = counters.BIGQUERY_ROWS_READ.metric()
 
     def process(self, row):
         self._rows.inc()
