@@ -29,7 +29,6 @@ Score the streaming job's events archive into the predictions table:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import posixpath
@@ -39,22 +38,26 @@ from typing import Callable, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import SetupOptions
 
 from beam_app.adapters import load_adapters
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
 from beam_app.common.inputs import add_input_arguments, input_names, read_inputs, resolve_inputs
-from beam_app.common.runner import use_all_cores_locally
+from beam_app.common.runner import is_local_runner, use_all_cores_locally
 from beam_app.common.times import add_time_range_arguments, time_range_us
-from beam_app.common.job_report import clear_outputs, counters, heartbeat, write_json
-from beam_app.common.options import CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow, wants_help
-from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, failed_inference_letters, prediction_row)
-from models.inference import ModelLocation, SavedModelHandler, load_checked_model, locate_model, per_request
+from beam_app.common.job_report import clear_outputs, heartbeat, write_json
+from beam_app.common.job_report import counters as job_counters
+from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
+                                     wants_help)
+from beam_app.bigquery.tables import PREDICTIONS_SCHEMA, failed_inference_letters
+from beam_app.bigquery.write import job_tables, prepare_tables, write_outputs
+from beam_app.serving.rows import CountDeadLetters, ToPredictionRows
+from models.inference import ModelLocation, SavedModelHandler, load_checked_model, locate_model
+from transforms import counters
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
-from transforms.events import Event, rfc3339_to_time_us, time_us_to_rfc3339
+from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.examples import EncodeExamples
 from transforms.parse import DEAD_LETTERS, ParseEvents
 from transforms.spec import FeatureSpec, SpecError, load_spec
@@ -96,32 +99,6 @@ class PredictOptions(CommonOptions):
             help="Largest batch of examples per model call (default 1024).")
 
 
-class _ToPredictionRows(beam.DoFn):
-    """KeyedPredictions -> one predictions row per request (`per_request`), source "batch"."""
-
-    def __init__(self, spec: FeatureSpec, clock: Callable[[], float]):
-        self._fingerprint = spec.fingerprint
-        self._clock = clock
-        self._rows = Metrics.counter("predictions", "rows")
-
-    def process(self, predictions):
-        now_us = int(self._clock() * 1e6)
-        for key, result in per_request(predictions):
-            self._rows.inc()
-            yield prediction_row(key, result.inference, result.model_id, self._fingerprint, now_us, "batch")
-
-
-class _CountDeadLetters(beam.DoFn):
-    def __init__(self):
-        self._counters = {}
-
-    def process(self, dead):
-        if dead.stage not in self._counters:
-            self._counters[dead.stage] = Metrics.counter("dead_letters", dead.stage)
-        self._counters[dead.stage].inc()
-        yield dead
-
-
 def build(records, spec: FeatureSpec, model_path: str, start_us: Optional[int] = None, end_us: Optional[int] = None,
           inference_batch_size: int = 1024, clock: Callable[[], float] = time.time, handler=None) -> dict:
     """PCollection[RawRecord] -> {"predictions": PCollection[predictions row dict],
@@ -141,10 +118,10 @@ def build(records, spec: FeatureSpec, model_path: str, start_us: Optional[int] =
     failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
         failed_inference_letters)
     return {
-        "predictions": predicted | "ToPredictionRows" >> beam.ParDo(_ToPredictionRows(spec, clock)),
+        "predictions": predicted | "ToPredictionRows" >> beam.ParDo(ToPredictionRows(spec, clock, "batch")),
         DEAD_LETTERS: ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences)
                        | "MergeDeadLetters" >> beam.Flatten()
-                       | "CountDeadLetters" >> beam.ParDo(_CountDeadLetters())),
+                       | "CountDeadLetters" >> beam.ParDo(CountDeadLetters())),
     }
 
 
@@ -194,26 +171,28 @@ def _check_options(options: PredictOptions) -> None:
 
 
 def summarize(counts: dict[str, int]) -> dict:
-    """The counts a user reads, and whether they add up (every request in range: a prediction or a dead letter)."""
-    c = lambda name: counts.get(name, 0)  # noqa: E731
-    dead = {stage: c(f"dead_letters/{stage}") for stage in ("parse", "duplicate", "inference")}
+    """The counts a user reads, and whether they add up (every request in range: a prediction or a dead letter).
+    `counts`: the finished job's counters, "namespace/name" -> value (transforms/counters.py)."""
+    c = lambda counter: counter.of(counts)  # noqa: E731
+    dead = {stage: c(counters.dead_letters(stage)) for stage in ("parse", "duplicate", "inference")}
+    duplicates = counters.duplicates("").key  # "duplicates/": every role's
     summary = {
-        "records_read": c("parse/records_read"),
-        "requests": c("parse/requests"),
-        "duplicates": sum(value for name, value in counts.items() if name.startswith("duplicates/")),
-        "requests_in_range": c("time_range/requests_in_range"),
-        "requests_outside_range": c("time_range/requests_outside_range"),
-        "feature_rows": c("windowed_features/feature_rows"),
-        "predictions": c("predictions/rows"),
+        "records_read": c(counters.RECORDS_READ),
+        "requests": c(counters.REQUESTS),
+        "duplicates": sum(value for name, value in counts.items() if name.startswith(duplicates)),
+        "requests_in_range": c(counters.REQUESTS_IN_RANGE),
+        "requests_outside_range": c(counters.REQUESTS_OUTSIDE_RANGE),
+        "feature_rows": c(counters.FEATURE_ROWS),
+        "predictions": c(counters.PREDICTION_ROWS),
         "dead_letters": dead,
-        "late_requests": c("windowed_features/late_requests"),
+        "late_requests": c(counters.LATE_REQUESTS),
     }
     summary["checks"] = {
         "records_read == records parsed + parse dead letters":
-            c("parse/records_read") == c("parse/records_ok") + dead["parse"],
-        "feature_rows == requests_in_range": c("windowed_features/feature_rows") == c("time_range/requests_in_range"),
+            c(counters.RECORDS_READ) == c(counters.RECORDS_OK) + dead["parse"],
+        "feature_rows == requests_in_range": c(counters.FEATURE_ROWS) == c(counters.REQUESTS_IN_RANGE),
         "requests_in_range == predictions + inference dead letters":
-            c("time_range/requests_in_range") == c("predictions/rows") + dead["inference"],
+            c(counters.REQUESTS_IN_RANGE) == c(counters.PREDICTION_ROWS) + dead["inference"],
     }
     return summary
 
@@ -252,7 +231,7 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
         result = pipeline.run()
         result.wait_until_finish()
 
-    summary = summarize(counters(result))
+    summary = summarize(job_counters(result))
     seconds = time.monotonic() - started
     summary.update(seconds=round(seconds, 1), examples_per_s=round(summary["predictions"] / seconds, 1),
                    model=location.saved_model, model_version=location.version,
@@ -271,20 +250,16 @@ def run(argv: Optional[list[str]] = None, clock: Callable[[], float] = time.time
 
 
 def _write_tables(outputs: dict, options: PredictOptions, spec: FeatureSpec, clock) -> None:
-    """The streaming job's writes (one WriteToBigQuery, refused rows -> dead letters), to these two tables."""
+    """The streaming job's writes (one WriteToBigQuery, refused rows -> dead letters), to these two tables.
+    `build` counted the dead letters already: the writes count only the rows BigQuery refuses."""
     from beam_app.bigquery.client import EndpointBigQueryClient, parse_table_spec
-    from beam_app import streaming
 
-    tables = {"predictions": (options.predictions_table, PREDICTIONS_SCHEMA),
-              "dead_letters": (options.dead_letter_table, DEAD_LETTERS_SCHEMA)}
-    try:
-        streaming.prepare_tables(tables, options.bigquery_endpoint, options.create_tables)
-    except streaming.UsageError as err:  # the streaming job's kind of usage error: say it as this job's
-        raise UsageError(str(err)) from None
+    tables = job_tables(spec, predictions=options.predictions_table, dead_letters=options.dead_letter_table)
+    prepare_tables(tables, options.bigquery_endpoint, options.create_tables)
     project = parse_table_spec(options.predictions_table)[0]
     test_client = EndpointBigQueryClient(project, options.bigquery_endpoint) if options.bigquery_endpoint else None
-    local = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
-    streaming.write_outputs(outputs, tables, test_client, clock, insert_shards=1 if local else None)
+    write_outputs(outputs, tables, test_client, clock, insert_shards=1 if is_local_runner(options) else None,
+                  count_dead_letters=False)
 
 
 def _where(output) -> str:

@@ -10,8 +10,8 @@ the batch branch -> the trained SavedModel -> predictions in BigQuery.
       -> ToPredictionRows (per_request: exactly one prediction per request)
       -> WriteToBigQuery predictions (streaming inserts) -> refused rows: dead letters
     dead letters -> WriteToBigQuery dead-letter table (payload, attributes, error, time)
-    optional: the features each prediction was made from (--served_features_table, a sample by
-    --served_features_rate) and every accepted event (--events_table): the evidence that
+    optional: the features each prediction was made from (--served_features, a sample by
+    --served_features_fraction) and every accepted event (--events_table): the evidence that
     `python -m beam_app.consistency` and `python -m beam_app.drift` check.
 
 It refuses to start when the model was trained on another spec than --spec.
@@ -32,43 +32,41 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from typing import Callable, Optional
 
 import apache_beam as beam
-from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
-from apache_beam.io.gcp.bigquery_tools import RetryStrategy
-from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub
-from apache_beam.metrics import Metrics
+from apache_beam.io.gcp.pubsub import ReadFromPubSub
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
 from beam_app.adapters import load_adapters
-from beam_app.serving.kept_model import KeptModelHandler
+from beam_app.bigquery.counts import table_counts
+from beam_app.bigquery.tables import SERVED_FEATURES, check_column_names, failed_inference_letters
+from beam_app.bigquery.write import Tables, job_tables, prepare_tables, write_outputs
+from beam_app.common.errors import EXIT_USAGE, UsageError
 from beam_app.common.inputs import Input, resolve_inputs
-from beam_app.common.options import CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow, wants_help
-from beam_app.bigquery.tables import (DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, check_column_names, dead_letter_row, event_fields,
-                             event_row, events_schema, failed_inference_letters, failed_row_letter, in_served_sample,
-                             prediction_row, row_table, served_features_row, served_features_schema, table_schema)
-from models.export import SpecMismatch
-from models.inference import (ModelLocation, WatchLatest, load_checked_model, locate_model,
-                              per_request, version_of)
+from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
+                                     wants_help)
+from beam_app.common.runner import is_local_runner
+from beam_app.serving.kept_model import KeptModelHandler
+from beam_app.serving.rows import ToEventRows, ToPredictionRows, message_to_record
+from beam_app.serving.stop import stop_on_signals, stop_when_settled
+from models.inference import ModelLocation, WatchLatest, load_checked_model, locate_model, version_of
 from models.model_updates import WatchLatestModel
-from transforms.events import DeadLetter, RawRecord, time_us_to_rfc3339
-from transforms.examples import EncodeExamples, decode_example
 from transforms.bootstrap import RecentObservations
+from transforms.command_line import restore_stderr
 from transforms.deduplicate import ARRIVED
 from transforms.deduplicate import STAGE as DUPLICATE_STAGE
 from transforms.deduplicate import DeduplicateEvents
 from transforms.event_time import TimeBounds
+from transforms.events import time_us_to_rfc3339
+from transforms.examples import EncodeExamples
 from transforms.parse import DEAD_LETTERS, LiveStamp, ParseEvents
 from transforms.spec import FeatureSpec, SpecError, load_spec
 from transforms.windowed_features import WindowedFeatures
-
-_LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner")
 
 
 class StreamingOptions(CommonOptions):
@@ -111,16 +109,18 @@ class StreamingOptions(CommonOptions):
             "--dead_letter_table", default=None,
             help="BigQuery table for dead letters (rejected messages, failed inferences, refused rows).")
         parser.add_argument(
-            "--served_features_table", default=None,
-            help="BigQuery table for the features each prediction was made from, decoded from the very "
+            "--served_features", default=None,
+            help="The served-features log: a BigQuery table for the features each prediction was made from, "
+                 "decoded from the very "
                  "tf.Example the model scored: one column per feature and presence flag (the schema comes from "
                  "the spec), with event_id, event_time, model_version, spec_fingerprint, processing_time and "
                  "job_start_time. `python -m beam_app.consistency` recomputes them; `python -m beam_app.drift` "
                  "compares them with the training statistics. Default: not logged.")
         parser.add_argument(
-            "--served_features_rate", type=float, default=1.0,
-            help="Share of requests whose features are logged, chosen by a hash of event_id: the same requests "
-                 "in every run, and the consistency job knows which must be there (default 1.0: all).")
+            "--served_features_fraction", type=float, default=1.0,
+            help="Share of requests whose features are logged (above 0, at most 1), chosen by a hash of "
+                 "event_id: the same requests in every run, and the consistency job knows which must be there "
+                 "(default 1.0: all).")
         parser.add_argument(
             "--events_table", default=None,
             help="BigQuery table archiving every event the job accepted (requests and observations, the first "
@@ -171,86 +171,21 @@ class StreamingOptions(CommonOptions):
                  "Ctrl-C).")
 
 
-def message_to_record(message: PubsubMessage) -> RawRecord:
-    """A Pub/Sub message -> the record the parser reads; bytes that are not
-    UTF-8 become U+FFFD, which the parser turns into a dead letter."""
-    text = (message.data or b"").decode("utf-8", errors="replace")
-    return RawRecord(f"pubsub:{message.message_id}", text, "json", attributes=dict(message.attributes or {}))
-
-
-SERVED = "served_features"
-
-
-class _ToPredictionRow(beam.DoFn):
-    """KeyedPredictions (one model call's answers) -> per request (`per_request`:
-    exactly one each) a predictions table row, and (tagged SERVED) for the
-    requests in the sample, the example it was made from, decoded: what the
-    model received, not what we think we sent it. One step for both, as each
-    step costs the streaming DirectRunner per bundle."""
-
-    def __init__(self, spec: FeatureSpec, clock: Callable[[], float], served_rate: Optional[float] = None,
-                 job_started_us: int = 0):
-        self._spec = spec
-        self._clock = clock  # injectable: tests pin processing_time
-        self._served_rate = served_rate
-        self._job_started_us = job_started_us
-        self._rows = Metrics.counter("predictions", "rows")
-        self._served = Metrics.counter("predictions", "served_features_rows")
-
-    def process(self, predictions):
-        now_us = int(self._clock() * 1e6)
-        for key, result in per_request(predictions):
-            self._rows.inc()
-            yield prediction_row(key, result.inference, result.model_id, self._spec.fingerprint, now_us, "streaming")
-            if self._served_rate is not None and in_served_sample(key.event_id, self._served_rate):
-                self._served.inc()
-                yield beam.pvalue.TaggedOutput(SERVED, served_features_row(
-                    key, decode_example(self._spec, result.example), result.model_id, self._spec.fingerprint,
-                    now_us, self._job_started_us))
-
-
-class _ToEventRow(beam.DoFn):
-    """An accepted Event -> an events table row, stamped with its arrival (wall clock)."""
-
-    def __init__(self, spec: FeatureSpec, clock: Callable[[], float]):
-        self._names = tuple(event_fields(spec))
-        self._clock = clock
-        self._rows = Metrics.counter("events", "archived")
-
-    def process(self, event):
-        self._rows.inc()
-        yield event_row(event, self._names, int(self._clock() * 1e6))
-
-
-class _ToDeadLetterRow(beam.DoFn):
-    """DeadLetter -> a dead-letter table row, counted per stage."""
-
-    def __init__(self, clock: Callable[[], float]):
-        self._clock = clock
-        self._counters = {}
-
-    def process(self, dead: DeadLetter):
-        if dead.stage not in self._counters:
-            self._counters[dead.stage] = Metrics.counter("dead_letters", dead.stage)
-        self._counters[dead.stage].inc()
-        yield dead_letter_row(dead, int(self._clock() * 1e6))
-
-
 def bootstrap_inputs(spec: FeatureSpec, value: str) -> list[Input]:
     """--bootstrap_input: one or more (comma-separated) paths, each SOURCE=PATH or a plain path."""
     return resolve_inputs(spec, [part.strip() for part in value.split(",") if part.strip()])
 
 
-def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int = 3600,
+def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: int = 3600,
           key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
           clock: Callable[[], float] = time.time, max_future_s: int = 300,
           event_time_attribute: str = "event_time", history=None, watch: Optional[WatchLatest] = None,
-          served_rate: Optional[float] = None, archive_events: bool = False, job_started_us: int = 0) -> dict:
+          served_fraction: Optional[float] = None, archive_events: bool = False, job_started_us: int = 0) -> dict:
     """PCollection[PubsubMessage] (stamped with their publish time) ->
     {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O.
     history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap).
     watch: the model directory to follow (its LATEST): newer versions of the same spec take over.
-    served_rate: also "served_features", rows of the features a sample of the predictions were made
+    served_fraction: also "served_features", rows of the features a sample of the predictions were made
     from (job_started_us: when this job started, in each row); archive_events: also "events", a row
     per accepted live event."""
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
@@ -270,93 +205,18 @@ def build(messages, spec: FeatureSpec, model_path: str, allowed_lateness_s: int 
         watch.model_dir, spec, version_of(model_path), watch.poll_s, watch.clock)] if watch else []
     failed_inferences = failed.failed_inferences | "InferenceDeadLetters" >> beam.FlatMapTuple(
         failed_inference_letters)
-    rows = predicted | "ToPredictionRows" >> beam.ParDo(
-        _ToPredictionRow(spec, clock, served_rate, job_started_us)).with_outputs(SERVED, main="predictions")
+    rows = predicted | "ToPredictionRows" >> beam.ParDo(ToPredictionRows(
+        spec, clock, "streaming", served_fraction, job_started_us)).with_outputs(SERVED_FEATURES, main="predictions")
     outputs = {
         "predictions": rows.predictions,
         "dead_letters": ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences, *refused_models)
                          | "MergeDeadLetters" >> beam.Flatten()),
     }
-    if served_rate is not None:
-        outputs[SERVED] = rows[SERVED]
+    if served_fraction is not None:
+        outputs[SERVED_FEATURES] = rows[SERVED_FEATURES]
     if archive_events:
-        outputs["events"] = unique[ARRIVED] | "ToEventRows" >> beam.ParDo(_ToEventRow(spec, clock))
+        outputs["events"] = unique[ARRIVED] | "ToEventRows" >> beam.ParDo(ToEventRows(spec, clock))
     return outputs
-
-
-def _write_rows(rows, label: str, table, schema, test_client, insert_shards: Optional[int] = None
-                ) -> beam.PCollection:
-    """Streaming inserts with an explicit schema; returns the refused rows as
-    (destination, row, errors). Only transient errors are retried: the
-    default retries a bad row forever. insert_shards: keys per table before
-    the insertAll calls (None: Beam's default)."""
-    shards = {} if insert_shards is None else {"num_streaming_keys": insert_shards - 1}  # Beam: randint(0, n)
-    result = rows | label >> WriteToBigQuery(
-        table=table, schema=schema, method=WriteToBigQuery.Method.STREAMING_INSERTS,
-        create_disposition=BigQueryDisposition.CREATE_NEVER, write_disposition=BigQueryDisposition.WRITE_APPEND,
-        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, test_client=test_client, **shards)
-    return result.failed_rows_with_errors
-
-
-class _Destinations:
-    """Which table a row goes to (`row_table`), and that table's schema
-    (WriteToBigQuery's dynamic destinations: a plain object, so it pickles).
-    tables: {"predictions"|"dead_letters"|"served_features"|"events": (table spec, schema fields)}."""
-
-    def __init__(self, tables: dict[str, tuple[str, tuple]]):
-        from beam_app.bigquery.client import parse_table_spec
-
-        self._tables = {name: table for name, (table, _) in tables.items()}
-        self._schemas = {parse_table_spec(table): table_schema(schema) for table, schema in tables.values()}
-
-    def table(self, row: dict) -> str:
-        return self._tables[row_table(row)]
-
-    def schema(self, destination) -> dict:
-        from beam_app.bigquery.client import parse_table_spec
-
-        return self._schemas[parse_table_spec(str(destination))]
-
-
-class _LogUnwritable(beam.DoFn):
-    """Dead letters the dead-letter table refused: the end of the line, so
-    they go to the worker log in full, and a counter."""
-
-    def __init__(self):
-        self._unwritable = Metrics.counter("dead_letters", "unwritable")
-
-    def process(self, failed):
-        self._unwritable.inc()
-        logging.error("dead letter refused by BigQuery (%s): %s; errors: %s", *failed)
-
-
-def write_outputs(outputs: dict, tables: dict[str, tuple[str, tuple]], test_client=None,
-                  clock: Callable[[], float] = time.time, insert_shards: Optional[int] = None) -> None:
-    """Every row to its table (`job_tables`) through one WriteToBigQuery (each
-    of its steps costs the DirectRunner per bundle, even an empty one); rows
-    BigQuery refuses become dead letters, written by a second.
-    insert_shards: keys per table before the insertAll calls (`insert_shards`; None: Beam's 500)."""
-    destinations = _Destinations(tables)
-    dead_letter_table = tables["dead_letters"][0]
-    dead_letter_rows = outputs["dead_letters"] | "ToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
-    rows = [outputs[name] for name in ("predictions", SERVED, "events") if name in outputs]
-    refused = _write_rows((*rows, dead_letter_rows) | "AllRows" >> beam.Flatten(), "WriteRows",
-                          destinations.table, destinations.schema, test_client, insert_shards)
-    refused_predictions, refused_dead_letters = refused | "SplitRefused" >> beam.Partition(
-        lambda failed, _: int(row_table(failed[1]) == "dead_letters"), 2)
-    refused_rows = (
-        refused_predictions
-        | "RefusedPredictions" >> beam.MapTuple(failed_row_letter)
-        | "RefusedToDeadLetterRows" >> beam.ParDo(_ToDeadLetterRow(clock))
-    )
-    unwritable = _write_rows(refused_rows, "WriteRefusedRows", dead_letter_table,
-                             table_schema(DEAD_LETTERS_SCHEMA), test_client, insert_shards)
-    (refused_dead_letters, unwritable) | "Unwritable" >> beam.Flatten() | "LogUnwritable" >> beam.ParDo(
-        _LogUnwritable())
-
-
-class UsageError(ValueError):
-    """A flag is missing or wrong: the message says which and what to give."""
 
 
 def _check_options(options: StreamingOptions) -> None:
@@ -366,7 +226,7 @@ def _check_options(options: StreamingOptions) -> None:
     for flag in ("model", "predictions_table", "dead_letter_table"):
         if not getattr(options, flag):
             raise UsageError(f"--{flag} is required (see --help)")
-    if options.id_attribute and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
+    if options.id_attribute and is_local_runner(options):
         raise UsageError("--id_attribute works on Dataflow only: the DirectRunner's Pub/Sub reader cannot "
                          "de-duplicate at the source. Leave it out here; the job still de-duplicates by "
                          "(event_id, role) itself")
@@ -380,11 +240,11 @@ def _check_options(options: StreamingOptions) -> None:
                 raise UsageError(f"--bootstrap_input {source.pattern!r} matches no file") from None
     if options.max_future_s < 0 or options.allowed_lateness_s < 0:
         raise UsageError("--max_future_s and --allowed_lateness_s must be 0 or more")
-    if not 0 < options.served_features_rate <= 1:
-        raise UsageError(f"--served_features_rate is a share of requests, above 0 and at most 1: got "
-                         f"{options.served_features_rate}")
+    if not 0 < options.served_features_fraction <= 1:
+        raise UsageError(f"--served_features_fraction is a share of requests, above 0 and at most 1: got "
+                         f"{options.served_features_fraction}")
     named = [table for table in (options.predictions_table, options.dead_letter_table,
-                                 options.served_features_table, options.events_table) if table]
+                                 options.served_features, options.events_table) if table]
     if len(set(named)) != len(named):
         raise UsageError("each table flag needs a table of its own: " + ", ".join(named))
 
@@ -395,7 +255,7 @@ def key_shards(options: StreamingOptions) -> Optional[int]:
         if options.key_shards < 0:
             raise UsageError(f"--key_shards must be 0 (a state per key value) or more, got {options.key_shards}")
         return options.key_shards or None
-    return 1 if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS else None
+    return 1 if is_local_runner(options) else None
 
 
 def insert_shards(options: StreamingOptions) -> Optional[int]:
@@ -404,95 +264,13 @@ def insert_shards(options: StreamingOptions) -> Optional[int]:
         if options.insert_shards < 1:
             raise UsageError(f"--insert_shards must be 1 or more, got {options.insert_shards}")
         return options.insert_shards
-    return 1 if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS else None
+    return 1 if is_local_runner(options) else None
 
 
-def job_tables(options: StreamingOptions, spec: FeatureSpec) -> dict[str, tuple[str, tuple]]:
-    """The tables this job writes: {name: (table spec, schema fields)}."""
-    tables = {"predictions": (options.predictions_table, PREDICTIONS_SCHEMA),
-              "dead_letters": (options.dead_letter_table, DEAD_LETTERS_SCHEMA)}
-    if options.served_features_table:
-        tables[SERVED] = (options.served_features_table, served_features_schema(spec))
-    if options.events_table:
-        tables["events"] = (options.events_table, events_schema(spec))
-    return tables
-
-
-def prepare_tables(tables: dict[str, tuple[str, tuple]], endpoint: Optional[str], create: bool) -> None:
-    """Creates the tables (`create`: --create_tables) or checks that they
-    exist, so a typo fails at start rather than as endless insert errors.
-    tables: {name: (table spec, schema fields)}, as `job_tables` gives them."""
-    from beam_app.bigquery.client import bigquery_client, ensure_table, parse_table_spec, table_exists
-
-    for table, schema in tables.values():
-        project, _, _ = parse_table_spec(table)
-        client = bigquery_client(project, endpoint)
-        if create:
-            ensure_table(client, table, schema)
-            continue
-        if not table_exists(client, table):
-            raise UsageError(f"BigQuery table {table} does not exist: run with --create_tables, "
-                             "or create it as the README's deployment section shows")
-
-
-def _table_counts(options: StreamingOptions, since_us: int, deadline_s: float = 10) -> dict:
-    """Rows written to each table since the job started: the DirectRunner
-    reports no metrics for streaming pipelines, BigQuery does. A BigQuery that
-    does not answer fails within `deadline_s` (the client's own retry would
-    wait 600 s)."""
-    from google.api_core.retry import Retry
-
-    from beam_app.bigquery.client import bigquery_client, parse_table_spec
-
-    since = time_us_to_rfc3339(since_us)
-    counts = {}
-    counted = [("predictions", options.predictions_table, "model_version"),
-               ("dead_letters", options.dead_letter_table, "stage")]
-    counted += [(name, table, group) for name, table, group in (
-        (SERVED, options.served_features_table, "model_version"), ("events", options.events_table, "role")) if table]
-    for name, table, group in counted:
-        project, dataset, table_id = parse_table_spec(table)
-        sql = (f"SELECT {group}, COUNT(*) AS n FROM `{project}.{dataset}.{table_id}` "
-               f"WHERE processing_time >= TIMESTAMP('{since}') GROUP BY {group}")
-        client = bigquery_client(project, options.bigquery_endpoint)
-        job = client.query(sql, retry=Retry(deadline=deadline_s), job_retry=None, timeout=deadline_s)
-        rows = job.result(timeout=deadline_s, retry=Retry(deadline=deadline_s))
-        counts[name] = {row[group]: row["n"] for row in rows}
-    if SERVED in counts:  # one count: by version it says what the predictions' counts say
-        counts[SERVED] = sum(counts[SERVED].values())
-    # Predictions: the total, and per model version (a running job may switch).
-    counts["predictions_by_version"] = counts["predictions"]
-    counts["predictions"] = sum(counts["predictions_by_version"].values())
-    return counts
-
-
-def settle(counts: Callable[[], object], quiet_s: float, max_s: float,
-           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Waits until `counts()` has not changed for `quiet_s`, or `max_s` has
-    passed; True when it settled. The streaming DirectRunner cannot be drained:
-    this is how a stop lets the requests the watermark has already passed
-    reach their table before the process goes."""
-    started = clock()
-    last, last_change = counts(), clock()
-    while clock() - started < max_s:
-        if clock() - last_change >= quiet_s:
-            return True
-        sleep(min(0.25, quiet_s))
-        now = counts()
-        if now != last:
-            last, last_change = now, clock()
-    return clock() - last_change >= quiet_s
-
-
-def _cancel_in_background(result, wait_s: float) -> None:
-    """result.cancel() waits for the Pub/Sub reader's blocked pull (up to 30 s):
-    give it `wait_s`, then leave it to the daemon thread. Messages it pulled
-    and did not ack are redelivered to the next job (at least once): its
-    de-duplication starts empty, so a request among them is answered again
-    there; the stop's settle keeps that to what was still in flight."""
-    thread = threading.Thread(target=result.cancel, name="cancel-pipeline", daemon=True)
-    thread.start()
-    thread.join(wait_s)
+def tables_of(options: StreamingOptions, spec: FeatureSpec) -> Tables:
+    """The tables the flags name: {name: (table spec, schema fields)} (`job_tables`)."""
+    return job_tables(spec, predictions=options.predictions_table, dead_letters=options.dead_letter_table,
+                      served_features=options.served_features, events=options.events_table)
 
 
 def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureSpec, location: ModelLocation,
@@ -517,12 +295,14 @@ def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureS
                      options.bootstrap_input)
     watch = WatchLatest(options.model, options.model_poll_s, clock) if (
         options.model_poll_s and location.from_latest) else None
-    served_rate = options.served_features_rate if options.served_features_table else None
-    outputs = build(messages, spec, location.saved_model, options.allowed_lateness_s, key_shards(options),
-                    options.release_step_ms, options.inference_batch_size, clock, options.max_future_s,
-                    options.event_time_attribute, history, watch, served_rate, bool(options.events_table),
-                    job_started_us=int(clock() * 1e6))
-    write_outputs(outputs, job_tables(options, spec), test_client, clock, insert_shards(options))
+    outputs = build(
+        messages, spec, location.saved_model, allowed_lateness_s=options.allowed_lateness_s,
+        key_shards=key_shards(options), release_step_ms=options.release_step_ms,
+        inference_batch_size=options.inference_batch_size, clock=clock, max_future_s=options.max_future_s,
+        event_time_attribute=options.event_time_attribute, history=history, watch=watch,
+        served_fraction=options.served_features_fraction if options.served_features else None,
+        archive_events=bool(options.events_table), job_started_us=int(clock() * 1e6))
+    write_outputs(outputs, tables_of(options, spec), test_client, clock, insert_shards(options))
 
 
 def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,
@@ -533,7 +313,7 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     it returns once the job is submitted."""
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = StreamingOptions(argv)
+    options = pipeline_options(StreamingOptions, argv)
     options.view_as(StandardOptions).streaming = True
     options.view_as(SetupOptions).save_main_session = False
     _check_options(options)
@@ -543,9 +323,10 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     # are checked and swapped in by WatchLatestModel.
     location = locate_model(options.model)
     load_checked_model(location.saved_model, spec)
-    if options.served_features_table or options.events_table:
+    if options.served_features or options.events_table:
         check_column_names(spec)
-    prepare_tables(job_tables(options, spec), options.bigquery_endpoint, options.create_tables)
+    written_to = tables_of(options, spec)
+    prepare_tables(written_to, options.bigquery_endpoint, options.create_tables)
     test_client = None
     if options.bigquery_endpoint:
         from beam_app.bigquery.client import EndpointBigQueryClient, parse_table_spec
@@ -559,46 +340,20 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     summary = {"spec": {"name": spec.name, "fingerprint": spec.fingerprint}, "model": location.saved_model,
                "model_version": location.version, "input": options.input_subscription or options.input_topic,
                "predictions_table": options.predictions_table, "dead_letter_table": options.dead_letter_table,
-               "served_features_table": options.served_features_table, "events_table": options.events_table}
+               "served_features_table": options.served_features, "events_table": options.events_table}
     logging.info("streaming job started: spec %s (%s), model version %s, reading %s",
                  spec.name, spec.fingerprint[:12], location.version, summary["input"])
-    if options.view_as(StandardOptions).runner not in _LOCAL_RUNNERS:
+    if not is_local_runner(options):
         job_id = getattr(result, "job_id", lambda: None)()
         summary["job_id"] = job_id
         print(f"submitted streaming job {job_id}; it runs until you drain or cancel it", flush=True)
         return summary
-    written = lambda: _table_counts(options, started_us, deadline_s=2)  # noqa: E731
-    try:
-        _wait(options.duration_s, started, stop or threading.Event(), written)
-        logging.info("stopping: writing what the watermark has passed")
-        settle(written, quiet_s=1.0, max_s=2.5)
-    except KeyboardInterrupt:
-        logging.info("interrupted again: stopping now")
-    finally:
-        _cancel_in_background(result, wait_s=0.5)
+    written = lambda: table_counts(written_to, options.bigquery_endpoint, started_us, deadline_s=2)  # noqa: E731
+    stop_when_settled(result, written, options.duration_s, started, stop or threading.Event())
     summary["seconds"] = round(time.monotonic() - started, 1)
-    summary.update(_table_counts(options, started_us, deadline_s=5))
+    summary.update(table_counts(written_to, options.bigquery_endpoint, started_us, deadline_s=5))
     _print_summary(summary)
     return summary
-
-
-def _wait(duration_s: float, started: float, stop: threading.Event, counts: Callable[[], dict],
-          every_s: float = 30) -> None:
-    """Blocks until duration_s (0: forever) or `stop`, logging what has been written."""
-    next_report = time.monotonic() + every_s
-    while not duration_s or time.monotonic() - started < duration_s:
-        if stop.wait(0.5):
-            return
-        if time.monotonic() >= next_report:
-            next_report += every_s
-            try:
-                written = counts()
-            except Exception as err:  # noqa: BLE001 - a progress line must not stop the job
-                logging.warning("running %.0f s; could not count the rows written: %s", time.monotonic() - started,
-                                err)
-                continue
-            logging.info("running %.0f s: %d predictions, dead letters %s", time.monotonic() - started,
-                         written["predictions"], written["dead_letters"] or 0)
 
 
 def _print_summary(summary: dict) -> None:
@@ -612,40 +367,39 @@ def _print_summary(summary: dict) -> None:
            if len(by_version) > 1 else ""),
         f"  dead letters        {sum(dead.values()):>9,}   -> {summary['dead_letter_table']}"
         + (f"  ({', '.join(f'{stage} {n:,}' for stage, n in sorted(dead.items()))})" if dead else ""),
-        *([f"  served features     {summary[SERVED]:>9,}   -> {summary['served_features_table']}"]
-          if SERVED in summary else []),
+        *([f"  served features     {summary[SERVED_FEATURES]:>9,}   -> {summary['served_features_table']}"]
+          if SERVED_FEATURES in summary else []),
         *([f"  events archived     {sum(summary['events'].values()):>9,}   -> {summary['events_table']}  ("
            + ", ".join(f"{role} {n:,}" for role, n in sorted(summary["events"].items())) + ")"]
           if "events" in summary else []),
     ]), flush=True)
 
 
+PROG = "python -m beam_app.streaming"
+OPTION_CLASSES = (CommonOptions, StreamingOptions)
+BEAM_FLAGS = ("Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner), "
+              "--project, --region, --temp_location, ...")
+
+
 def main() -> None:
     quiet_tensorflow()
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print_help("python -m beam_app.streaming", __doc__, (CommonOptions, StreamingOptions),
-                   "Any Apache Beam pipeline option is accepted too: --runner (DirectRunner here, DataflowRunner), "
-               "--project, --region, --temp_location, ...")
+    if wants_help(sys.argv[1:]):
+        print_help(PROG, __doc__, OPTION_CLASSES, BEAM_FLAGS)
         return
+    from models.export import SpecMismatch  # imports TensorFlow: after quiet_tensorflow, and not for --help
+
     stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        if stop.is_set():  # a second Ctrl-C: do not wait for the tables
-            raise KeyboardInterrupt
-        logging.info("%s: stopping (again to stop at once)", signal.Signals(signum).name)
-        stop.set()
-
-    # Ctrl-C and SIGTERM (docker stop, a supervisor) stop the DirectRunner job the same way.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
     try:
-        run(sys.argv[1:], stop=stop)
+        with stop_on_signals(stop):
+            run(sys.argv[1:], stop=stop)
     except (UsageError, SpecError, SpecMismatch, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     # The DirectRunner's Pub/Sub reader may sit in a 30 s pull that nobody
     # will use: do not wait for it at interpreter exit.
     logging.shutdown()
     sys.stdout.flush()
+    restore_stderr()  # os._exit skips atexit: the stderr filter writes out what it holds first
     os._exit(0)
 
 

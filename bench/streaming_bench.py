@@ -8,7 +8,7 @@
    per request -> the same BigQuery write), the ceiling of the runner and
    emulators without features or the model;
 4. throughput and latency at --sustainable_rate of the job without its
-   evidence tables (--served_features_table, --events_table), to show what
+   evidence tables (--served_features, --events_table), to show what
    logging the served features and archiving the events cost.
 
 Latency is a prediction row's processing_time minus its event time, which
@@ -42,7 +42,7 @@ START_TIME = "2013-12-02T11:00:00Z"  # a busy December morning
 def without_evidence_command(model: str, bigquery_endpoint: str) -> list[str]:
     """The demo's job command without the served-features log and the events archive."""
     command = streaming_job_command(model, bigquery_endpoint)
-    for flag in ("--served_features_table", "--events_table"):
+    for flag in ("--served_features", "--events_table"):
         at = command.index(flag)
         del command[at:at + 2]
     return command
@@ -60,6 +60,7 @@ def passthrough_job(bigquery_endpoint: str) -> None:
 
     from beam_app import streaming
     from beam_app.bigquery.client import EndpointBigQueryClient, bigquery_client, ensure_table
+    from beam_app.bigquery.write import write_outputs
     from beam_app.bigquery.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, prediction_row
     from transforms.events import rfc3339_to_time_us
     from transforms.examples import RequestKey
@@ -77,10 +78,10 @@ def passthrough_job(bigquery_endpoint: str) -> None:
                 | ReadFromPubSub(subscription=SUBSCRIPTION, with_attributes=True, timestamp_attribute="event_time")
                 | beam.Filter(lambda message: message.attributes.get("role") == "request")
                 | beam.Map(to_row))
-    streaming.write_outputs({"predictions": requests, "dead_letters": pipeline | beam.Create([])},
-                            {"predictions": (PREDICTIONS, PREDICTIONS_SCHEMA), "dead_letters": (DEAD_LETTERS, DEAD_LETTERS_SCHEMA)},
-                            EndpointBigQueryClient("test-project", bigquery_endpoint),
-                            insert_shards=streaming.insert_shards(streaming.StreamingOptions(["--runner", "DirectRunner"])))
+    write_outputs({"predictions": requests, "dead_letters": pipeline | beam.Create([])},
+                  {"predictions": (PREDICTIONS, PREDICTIONS_SCHEMA), "dead_letters": (DEAD_LETTERS, DEAD_LETTERS_SCHEMA)},
+                  EndpointBigQueryClient("test-project", bigquery_endpoint),
+                  insert_shards=streaming.insert_shards(streaming.StreamingOptions(["--runner", "DirectRunner"])))
     result = pipeline.run()
     try:
         while True:
@@ -92,7 +93,7 @@ def passthrough_job(bigquery_endpoint: str) -> None:
 
 def publish(events: int, rate: float, record: Path) -> dict:
     """The publisher in its own process (as a user runs it), not competing for this one's GIL."""
-    subprocess.run([sys.executable, "-m", "beam_app.publish", "--topic", TOPIC, "--start_time", START_TIME,
+    subprocess.run([sys.executable, "-m", "beam_app.publish", "--topic", TOPIC, "--start", START_TIME,
                     "--limit", str(events), "--rate", str(rate), "--rebase_to_now", "--record", str(record)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     return {"requests": sum('"role":"request"' in line for line in record.read_text().splitlines()),

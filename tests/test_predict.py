@@ -238,3 +238,5 @@ def test_predictions_go_to_the_predictions_table_marked_batch(bigquery_emulator,
     assert {(row["source"], row["model_version"]) for row in rows} == {("batch", version_dir.name)}
     (letter,) = [dict(row) for row in client.query("SELECT * FROM `test-project.backfill.dead_letters`").result()]
     assert (letter["stage"], letter["payload"]) == ("parse", "{not json")
+    # Counted once (by the job, not again by the table write), so the counts add up as with --output.
+    assert summary["dead_letters"]["parse"] == 1 and all(summary["checks"].values()), summary["checks"]

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from beam_app.common.options import CommonOptions
-from beam_app.streaming import StreamingOptions, UsageError, _check_options
+from beam_app.common.errors import UsageError
+from beam_app.streaming import StreamingOptions, _check_options
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "templates" / "streaming"
@@ -104,7 +105,7 @@ def test_required_options_are_declared_required_and_the_input_as_one_of_two(para
             "model": "gs://my-bucket/models/delay", "predictions_table": "my-project:features.predictions",
             "dead_letter_table": "my-project:features.dead_letters"}
     full["bootstrap_input"] = str(REPO / "transforms" / "specs" / "flights.yaml")  # checked: it must match a file
-    full["served_features_table"] = "my-project:features.served_features"  # each table flag its own table
+    full["served_features"] = "my-project:features.served_features"  # each table flag its own table
     full["events_table"] = "my-project:features.events"
     for name, action in _job_options().items():
         if name not in full and name != "input_topic" and action.nargs != 0:
@@ -164,10 +165,10 @@ CASES = {
          "gs://-bucket/model"]),
     "predictions_table": (TABLE_GOOD, TABLE_BAD),
     "dead_letter_table": (TABLE_GOOD, TABLE_BAD),
-    "served_features_table": (TABLE_GOOD, TABLE_BAD),
+    "served_features": (TABLE_GOOD, TABLE_BAD),
     "events_table": (TABLE_GOOD, TABLE_BAD),
-    "served_features_rate": (["1", "1.0", "0.5", "0.05", ".1", "0.001"],
-                             ["0", "0.0", "1.5", "2", "-0.1", "10%", "", "1e-2", "0.10000001"]),
+    "served_features_fraction": (["1", "1.0", "0.5", "0.05", ".1", "0.001"],
+                                 ["0", "0.0", "1.5", "2", "-0.1", "10%", "", "1e-2", "0.10000001"]),
     "create_tables": (["true", "false"], ["True", "yes", "1", "", "true ", "--create_tables"]),
     "spec": (
         ["flights", "my_spec", "/template/specs/my_spec.yaml", "/opt/specs/flights.json"],
@@ -373,7 +374,7 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
         assert published["published"] == 40
         requests = sum(json.loads(line)["role"] == "request" for line in recorded.read_text().splitlines())
         assert requests > 0
-        wait_until(lambda: predictions() >= requests, 90, f"{requests} predictions", job_alive)
+        wait_until(lambda: predictions() >= requests, 90, f"{requests} predictions", job_alive, progress=predictions)
         job.send_signal(signal.SIGINT)
         job.wait(60)
     finally:

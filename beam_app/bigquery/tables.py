@@ -46,6 +46,9 @@ PREDICTIONS_SCHEMA: tuple[dict[str, str], ...] = (
 )
 PREDICTION_SOURCES = ("streaming", "batch")
 
+# The tables by the names a job's outputs, its `job_tables` and its summary's counts use.
+PREDICTIONS, DEAD_LETTERS, SERVED_FEATURES, EVENTS = "predictions", "dead_letters", "served_features", "events"
+
 DEAD_LETTERS_SCHEMA: tuple[dict[str, str], ...] = (
     {"name": "stage", "type": "STRING", "mode": "REQUIRED",
      "description": "The step that gave up: parse, inference or bigquery."},
@@ -203,7 +206,7 @@ def event_row(event: Event, names: Iterable[str], processed_at_us: int) -> dict[
 def row_table(row: dict[str, Any]) -> str:
     """Which table a row of the job belongs to: dead_letters, predictions, events or served_features."""
     if "stage" in row:
-        return "dead_letters"
+        return DEAD_LETTERS
     if "prediction" in row:
-        return "predictions"
-    return "events" if "role" in row else "served_features"
+        return PREDICTIONS
+    return EVENTS if "role" in row else SERVED_FEATURES
