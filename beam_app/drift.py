@@ -21,7 +21,7 @@ These are TensorFlow Data Validation's skew and drift measures
 (https://www.tensorflow.org/tfx/guide/tfdv#skewdetect). Rows logged under
 another spec fingerprint than the statistics' are counted and left out.
 
-Writes under --output_dir (default output/drift):
+Writes under --output (default output/drift):
 
     drift.json        every number, per feature and overall
     report.html       the report: plots/ *.png, the table, what each measure means
@@ -30,7 +30,7 @@ Run it on a model directory (its LATEST version's assets.extra/stats.json)
 and the served-features table, for one day:
 
     python -m beam_app.drift --model output/model \\
-        --served_features_table my-project:features.served_features \\
+        --served_features my-project:features.served_features \\
         --start 2024-05-01T00:00:00Z --end 2024-05-02T00:00:00Z --fail_above 0.1
 
 or on files, with the consistency job's summary shown in the report:
@@ -59,12 +59,15 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from beam_app.monitoring import drift_measures as measures
-from beam_app.common.options import configure_logging
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from beam_app.common.options import ArgumentParser, configure_logging, quiet_tensorflow
+from beam_app.common.times import TIME_HELP, time_flag_rfc3339
 from beam_app.bigquery.served_log import read_served_rows
 from beam_app.bigquery.tables import served_columns
 from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339
 from transforms.spec import FeatureSpec, SpecError, load_spec, presence_name, spec_from_dict
 
+PROG = "python -m beam_app.drift"
 JSD = "jensen_shannon_divergence"
 L_INFINITY = "l_infinity_distance"
 TRAIN_SPLIT = "train"
@@ -430,15 +433,13 @@ def _threshold(text: str) -> float:
 
 def _timestamp(text: str) -> str:
     try:
-        rfc3339_to_time_us(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected RFC 3339 like 2024-05-01T00:00:00Z, got {text!r}") from None
-    return text
+        return time_flag_rfc3339(text, "time")
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"expected {TIME_HELP}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m beam_app.drift", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     training = parser.add_argument_group("training statistics (one of)")
     which = training.add_mutually_exclusive_group(required=True)
     which.add_argument(
@@ -451,19 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", metavar="SPEC",
         help="The feature spec (a shipped name or a file). Default: the spec.json beside the statistics. Must be "
              "the spec the statistics were computed with.")
-    served = parser.add_argument_group("served-features log (one of)")
-    log = served.add_mutually_exclusive_group(required=True)
-    log.add_argument("--served_features_table", metavar="TABLE",
-                     help="BigQuery table project:dataset.table the streaming job logs served features to.")
-    log.add_argument("--served_features", metavar="GLOB",
-                     help="NDJSON files of the same rows: a path or glob, local or gs://.")
+    served = parser.add_argument_group("served-features log")
+    served.add_argument("--served_features", metavar="TABLE_OR_GLOB", required=True,
+                        help="The log the streaming job keeps (its --served_features): a BigQuery table "
+                             "project:dataset.table, or NDJSON files of the same rows (a path or glob, local or gs://).")
     served.add_argument("--bigquery_endpoint", metavar="URL",
                         help="BigQuery endpoint URL, e.g. the local emulator's http://127.0.0.1:9050 (default: "
                              "Google's, with the default credentials).")
     served.add_argument("--start", type=_timestamp, metavar="TIME",
-                        help="Only rows with event_time >= this (RFC 3339, e.g. 2024-05-01T00:00:00Z).")
-    served.add_argument("--end", type=_timestamp, metavar="TIME", help="Only rows with event_time < this (RFC 3339).")
-    parser.add_argument("--output_dir", default="output/drift", metavar="DIR",
+                        help=f"Only rows with event_time at or after this: {TIME_HELP}.")
+    served.add_argument("--end", type=_timestamp, metavar="TIME",
+                        help="Only rows with event_time before this (same forms; excluded).")
+    parser.add_argument("--output", default="output/drift", metavar="DIR",
                         help="Where drift.json, report.html and plots/ go (default: %(default)s).")
     parser.add_argument("--fail_above", type=_threshold, metavar="X",
                         help="Exit 1 (after writing the report) when any feature's measure exceeds X (0..1; e.g. "
@@ -486,8 +486,8 @@ def run(argv: Optional[list[str]] = None) -> int:
         spec = resolve_spec(args.spec, source, stats["spec"]["fingerprint"])
         consistency = json.loads(Path(args.consistency).read_text()) if args.consistency else None
     except (DriftInputError, SpecError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
     training = stats["splits"][TRAIN_SPLIT]["features"]
     features = served_features(spec)
@@ -495,7 +495,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     skipped = {name: ("the label: the model is not served it" if f.get("role") == "label" else "not served")
                for name, f in training.items() if name not in served_names}
     log = ServedLog(features, training, stats["spec"]["fingerprint"])
-    served_source = args.served_features_table or args.served_features
+    served_source = args.served_features
     logging.info("reading served features from %s", served_source)
     try:
         for row in read_served_rows(served_source, args.start, args.end, args.bigquery_endpoint):
@@ -507,16 +507,16 @@ def run(argv: Optional[list[str]] = None) -> int:
         document = drift_document(stats, source, served_source, args.start, args.end, log, skipped, args.fail_above,
                                   now.isoformat().replace("+00:00", "Z"))
     except (DriftInputError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
-    output = Path(args.output_dir)
+    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     drift_json = output / "drift.json"
     drift_json.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     report = drift_report.write_report(document, output, consistency)
     print(summary_text(document, drift_json, report))
-    return 1 if document["passed"] is False else 0
+    return EXIT_CHECK_FAILED if document["passed"] is False else EXIT_OK
 
 
 def summary_text(document: Mapping[str, Any], drift_json: Path, report: Path) -> str:
@@ -538,6 +538,7 @@ def summary_text(document: Mapping[str, Any], drift_json: Path, report: Path) ->
 
 
 def main() -> None:
+    quiet_tensorflow()
     sys.exit(run())
 
 

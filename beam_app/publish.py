@@ -25,11 +25,11 @@ match: python -m beam_app.batch --input FILE --input_format json
 Replay a day to the emulator (PUBSUB_EMULATOR_HOST=127.0.0.1:8085), as fast as possible:
 
     python -m beam_app.publish --topic projects/local/topics/flights --create_topic \\
-        --start_time 2013-06-01 --limit 2000 --rate 0 --rebase_to_now --record sent.ndjson
+        --start 2013-06-01 --limit 2000 --rate 0 --rebase_to_now --record sent.ndjson
 
 Replay a month to real Pub/Sub, an hour of flights per second, as if live:
 
-    python -m beam_app.publish --project my-project --topic flights --start_time 2013-06-01 \
+    python -m beam_app.publish --project my-project --topic flights --start 2013-06-01 \
         --speedup 3600 --rebase_to_now
 """
 
@@ -56,13 +56,16 @@ from google.cloud import pubsub_v1
 
 from beam_app.adapters import load_adapters
 from beam_app.common.inputs import add_input_arguments, resolve_inputs
-from beam_app.common.options import CommonOptions, configure_logging
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
+from beam_app.common.options import ArgumentParser, CommonOptions, configure_logging, quiet_tensorflow
+from beam_app.common.times import TIME_HELP, time_flag_us
 from transforms.events import Event, InvalidRecord, RawRecord, event_to_json, time_us_to_rfc3339
 from transforms.parse import RecordParser
 from transforms.point_in_time import OBSERVATION, REQUEST
 from transforms.read_files import matched_files, read_records
-from transforms.spec import SpecError, load_spec, parse_utc_date
+from transforms.spec import SpecError, load_spec
 
+PROG = "python -m beam_app.publish"
 DEFAULT_RATE = 100.0
 _PROJECT = r"[^/\s]+"
 _TOPIC = re.compile(rf"^projects/(?P<project>{_PROJECT})/topics/(?P<topic>[^/\s]+)$")
@@ -74,10 +77,6 @@ _ADMIN_RETRY = Retry(initial=0.25, maximum=2.0, timeout=20.0)
 # Up to 1000 messages per request (the client alone: ~16k msg/s to the emulator here,
 # ~13k with its default 100). 50 ms is the most a message waits for its batch.
 _BATCH_SETTINGS = pubsub_v1.types.BatchSettings(max_messages=1000, max_bytes=1_000_000, max_latency=0.05)
-
-
-class UsageError(ValueError):
-    """A flag or the environment is wrong; the message says what to do instead."""
 
 
 class Pacing(NamedTuple):
@@ -102,7 +101,7 @@ class Loaded(NamedTuple):
 
 class Selection(NamedTuple):
     events: list[Event]  # in publish order
-    before_start: int  # dropped by --start_time
+    before_start: int  # dropped by --start
     beyond_limit: int  # dropped by --limit
 
 
@@ -338,16 +337,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The flags, checked; adds `topic_path`, `pacing` and `start_us`. Bad flags exit
     with a usage message. Plain argparse, not PipelineOptions: this runs no pipeline,
     unknown flags must fail rather than be ignored, and Beam has its own --project."""
-    parser = argparse.ArgumentParser(prog="python -m beam_app.publish", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     CommonOptions._add_argparse_args(parser)
     add_input_arguments(parser, "Events to publish")
     parser.add_argument("--topic", required=True, help="projects/PROJECT/topics/TOPIC, or a short name with --project.")
     parser.add_argument("--project", default=None, help="Google Cloud project of a short --topic name.")
     parser.add_argument("--create_topic", action="store_true", help="Create the topic if it does not exist.")
-    parser.add_argument("--start_time", default=None,
-                        help="Skip events before this UTC date/time, e.g. 2013-06-01 or 2013-06-01T12:00:00.")
-    parser.add_argument("--limit", type=int, default=None, help="Publish only the first N events (after --start_time).")
+    parser.add_argument("--start", default=None, metavar="TIME",
+                        help=f"Skip events before this time: {TIME_HELP}.")
+    parser.add_argument("--limit", type=int, default=None, help="Publish only the first N events (after --start).")
     pacing = parser.add_mutually_exclusive_group()
     pacing.add_argument("--rate", type=float, default=None,
                         help=f"Events per second, evenly spaced (default {DEFAULT_RATE:g}); 0: as fast as possible.")
@@ -371,10 +369,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         rate=DEFAULT_RATE if args.rate is None else args.rate)
     try:
         args.topic_path = topic_path(args.topic, args.project)
-        start = parse_utc_date(args.start_time, "--start_time") if args.start_time else None
+        args.start_us = time_flag_us(args.start, "--start")
     except (UsageError, SpecError) as err:
         parser.error(str(err))
-    args.start_us = None if start is None else int(start.timestamp()) * 1_000_000 + start.microsecond
     return args
 
 
@@ -387,7 +384,7 @@ def summarize(loaded: Loaded, selection: Selection, stats: PublishStats, **conte
         "dead_letters": loaded.dead_letters,
         "dead_letter_reasons": loaded.first_reasons,
         "events_read": len(loaded.events),
-        "before_start_time": selection.before_start,
+        "before_start": selection.before_start,
         "beyond_limit": selection.beyond_limit,
         "selected": selected,
         "published": stats.published,
@@ -402,7 +399,7 @@ def summarize(loaded: Loaded, selection: Selection, stats: PublishStats, **conte
         **context,
     }
     summary["checks"] = {
-        "events_read == before_start_time + beyond_limit + selected":
+        "events_read == before_start + beyond_limit + selected":
             len(loaded.events) == selection.before_start + selection.beyond_limit + selected,
         "published + failed + skipped == selected": stats.published + stats.failed + skipped == selected,
     }
@@ -458,8 +455,8 @@ def _print_summary(summary: dict) -> None:
         f"  topic               {summary['topic']}",
         f"  records read        {summary['records_read']:>9,}   dead letters {summary['dead_letters']:,}",
         *(f"      {reason}" for reason in summary["dead_letter_reasons"]),
-        (f"  events read         {summary['events_read']:>9,}   before --start_time "
-         f"{summary['before_start_time']:,}, beyond --limit {summary['beyond_limit']:,}"),
+        (f"  events read         {summary['events_read']:>9,}   before --start "
+         f"{summary['before_start']:,}, beyond --limit {summary['beyond_limit']:,}"),
         f"  selected            {summary['selected']:>9,}",
         (f"  published           {summary['published']:>9,}   at {summary['rate_achieved'] or 0:,.0f} msg/s "
          f"in {summary['publish_seconds']} s ({summary['pacing']})"),
@@ -475,17 +472,21 @@ def _print_summary(summary: dict) -> None:
 
 
 def main() -> None:
+    quiet_tensorflow()
     try:
         summary = run(sys.argv[1:])
-    except (SpecError, FileNotFoundError, UsageError, api_exceptions.GoogleAPIError) as err:
-        sys.exit(f"error: {err}")
+    except (SpecError, FileNotFoundError, UsageError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except api_exceptions.GoogleAPIError as err:
+        sys.exit(f"{PROG}: error: {err}")
     except KeyboardInterrupt:  # before publishing began (the loop reports its own interruption)
         sys.exit("interrupted: nothing was published")
     except google.auth.exceptions.DefaultCredentialsError:
-        sys.exit("error: no Google Cloud credentials: run `gcloud auth application-default login`, "
+        sys.exit(f"{PROG}: error: no Google Cloud credentials: run `gcloud auth application-default login`, "
                  "or set PUBSUB_EMULATOR_HOST=host:port to publish to the emulator")
     if summary["failed"] or summary["skipped"] or not all(summary["checks"].values()):
-        sys.exit(1)
+        sys.exit(EXIT_CHECK_FAILED)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "output" / "model"),
                         help="The model to score with (default: output/model, what `make run` trained).")
-    parser.add_argument("--work_dir", default=None, help="Where the outputs go (default: a temporary directory).")
+    parser.add_argument("--output", default=None, help="Where the outputs go (default: a temporary directory).")
     args = parser.parse_args(argv)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="predict_bench_"))
+    work = Path(args.output or tempfile.mkdtemp(prefix="predict_bench_"))
     load = os.getloadavg()[0]
 
     batch_s, batch = _run(["beam_app.batch", "--runner", "DirectRunner", "--no_stats",

@@ -67,7 +67,7 @@ def faults(model: str, events: int, work: Path) -> None:
             publisher.publish(TOPIC, data, **attributes(now)).result()
         record = work / "published.ndjson"
         with contextlib.redirect_stdout(io.StringIO()):  # the publisher's own summary
-            publish.run(["--topic", TOPIC, "--start_time", "2013-12-02T11:00:00Z", "--limit", str(events),
+            publish.run(["--topic", TOPIC, "--start", "2013-12-02T11:00:00Z", "--limit", str(events),
                          "--rate", "50", "--rebase_to_now", "--record", str(record)])
         sent = [json.loads(line) for line in record.read_text().splitlines()]
         twice = sent[: events // 2]
@@ -109,7 +109,7 @@ def stops(model: str, count: int, work: Path) -> None:
         log = work / f"stop_{index}.log"
         with streaming_stack(model, log) as stack:
             with contextlib.redirect_stdout(io.StringIO()):
-                publish.run(["--topic", TOPIC, "--start_time", "2013-12-02T11:00:00Z", "--limit", "20",
+                publish.run(["--topic", TOPIC, "--start", "2013-12-02T11:00:00Z", "--limit", "20",
                              "--rate", "0", "--rebase_to_now", "--record", str(work / "stop.ndjson")])
             requests = sum('"role":"request"' in line for line in (work / "stop.ndjson").read_text().splitlines())
             wait_for_predictions(stack.bigquery, stack.job, requests, timeout_s=120, progress=False)

@@ -68,6 +68,7 @@ from typing import Sequence
 import numpy as np
 
 from models.features import ModelInputs, model_inputs, training_spec, unseen_later
+from transforms.command_line import ArgumentParser, quiet_tensorflow
 from transforms.spec import FeatureSpec, presence_name
 
 ADAPT_SEED = 0  # the preprocessing sample must be the same on a resumed run
@@ -224,8 +225,7 @@ def check_warm_start_spec(warm: WarmStart, spec: FeatureSpec, data_dir: str) -> 
 
 def parse_args(argv: Sequence[str]) -> Params:
     defaults = Params("", "")
-    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m models.train", description=__doc__)
     parser.add_argument("--data_dir", default="./output", help="Output of beam_app.batch (default: ./output).")
     parser.add_argument("--model_dir", default=None,
                         help="Where versions are exported (default: <data_dir>/model; with --warm_start_from, the "
@@ -577,7 +577,7 @@ def _print_summary(metrics: dict, version_dir: str | Path) -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no GPU/CPU-feature chatter
+    quiet_tensorflow()  # before TensorFlow loads: no GPU/CPU-feature chatter
     params = parse_args(sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
@@ -586,7 +586,8 @@ def main() -> None:
     try:
         run(params)
     except (FileNotFoundError, SpecMismatch, WarmStartError) as err:
-        sys.exit(f"error: {err}")
+        print(f"python -m models.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

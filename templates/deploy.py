@@ -8,7 +8,8 @@ printed, then run, and the first failure stops the deploy. The steps, in the
 order `all` runs them:
 
   resources  the bucket; the Pub/Sub topic and subscription; the BigQuery dataset
-             and its two tables, whose schema files are written from beam_app/bigquery/tables.py
+             and its four tables (predictions, dead_letters, served_features, events),
+             whose schema files are written from beam_app/bigquery/tables.py
   image      the Artifact Registry repository; the image of templates/streaming/Dockerfile,
              built by Cloud Build from the repository root and pushed as
              REGION-docker.pkg.dev/PROJECT/REPOSITORY/streaming:TAG
@@ -32,7 +33,7 @@ Resources are created only if missing (a describe first, or `bq mk --force`), so
 re-running a step is safe; the image is rebuilt each time (same tag, replaced),
 and Dataflow refuses a second running job of the same --job_name. Generated files
 (the Cloud Build config, the upload's ignore list, the tables' schemas) go to
---workdir; commands run from the repository root.
+--output; commands run from the repository root.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Optional, Sequence
+
+from transforms.command_line import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "templates/streaming/Dockerfile"
@@ -295,7 +298,7 @@ def run_parameters(c: Config) -> dict[str, str]:
         "predictions_table": c.predictions_table,
         "dead_letter_table": c.dead_letter_table,
         # The evidence of no skew (beam_app.consistency, beam_app.drift): every prediction's features, every event.
-        "served_features_table": c.served_features_table,
+        "served_features": c.served_features_table,
         "events_table": c.events_table,
     }
     if c.id_attribute:
@@ -442,8 +445,7 @@ def local_data_file(spec: str) -> str:
 def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
     """argv -> (step, config, dry_run); exits with a usage message on bad flags."""
     defaults = Config(project="", bucket="")
-    parser = argparse.ArgumentParser(prog="python templates/deploy.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python templates/deploy.py", description=__doc__)
     parser.add_argument("step", choices=("all", *STEPS), help="What to deploy (see above).")
     parser.add_argument("--spec", default=defaults.spec,
                         help=f"The use case: a feature spec shipped in transforms/specs/ "
@@ -471,7 +473,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
                        help=f"Pub/Sub subscription the job reads (default: {defaults.subscription}, or "
                             f"{defaults.subscription}-SPEC for another spec).")
     names.add_argument("--dataset", default=defaults.dataset,
-                       help="BigQuery dataset of the predictions and dead_letters tables (default: %(default)s).")
+                       help="BigQuery dataset of the four tables: predictions, dead_letters, served_features, events "
+                            "(default: %(default)s).")
     job = parser.add_argument_group("the streaming job")
     job.add_argument("--model", default="",
                      help="The trained model on Cloud Storage: the --model_dir of models.train (with LATEST), or a "
@@ -501,7 +504,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
     script.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="Print every command, run none (needs no credentials). Generated files are "
                              "still written.")
-    script.add_argument("--workdir", default=defaults.workdir,
+    script.add_argument("--output", dest="workdir", default=defaults.workdir,
                         help="Where generated files go, relative to the repository root (default: %(default)s).")
     args = parser.parse_args(argv)
     config = Config(

@@ -57,7 +57,7 @@ def dry_run(tmp_path, monkeypatch):
 
     def run(step: str, **overrides):
         lines: list[str] = []
-        deploy.main([step, *_flags(**overrides), "--workdir", str(tmp_path), "--dry-run"], out=lines.append)
+        deploy.main([step, *_flags(**overrides), "--output", str(tmp_path), "--dry-run"], out=lines.append)
         commands = [shlex.split(line) for text in lines for line in text.splitlines()
                     if line.strip() and not line.startswith("#") and not line.startswith("cd ")]
         return lines, commands
@@ -113,7 +113,7 @@ def test_run_passes_the_job_parameters_and_the_same_image_to_the_workers(dry_run
         "model": "gs://my-bucket/model",
         "predictions_table": "my-project:features.predictions",
         "dead_letter_table": "my-project:features.dead_letters",
-        "served_features_table": "my-project:features.served_features",
+        "served_features": "my-project:features.served_features",
         "events_table": "my-project:features.events",
         "id_attribute": "message_key",
         "sdk_container_image": IMAGE,
@@ -223,7 +223,7 @@ def test_another_spec_deploys_its_data_and_spec_under_its_own_names(dry_run):
         "spec": "chicago_taxi",
         "predictions_table": "my-project:features.predictions",  # shared: rows carry spec_fingerprint
         "dead_letter_table": "my-project:features.dead_letters",
-        "served_features_table": "my-project:features.served_features",
+        "served_features": "my-project:features.served_features",
         "events_table": "my-project:features.events",
         "id_attribute": "message_key",
         "sdk_container_image": IMAGE,
@@ -297,7 +297,27 @@ def test_bad_flags_are_refused_with_what_to_give(capsys):
         deploy.parse_args(["deploy", "--project", "my-project", "--bucket", "b"])  # no such step
     step, config, dry = deploy.parse_args(["all", "--project", "my-project", "--bucket", "gs://my-bucket/"])
     assert (step, config.bucket, dry, config.model_path) == ("all", "my-bucket", False, "gs://my-bucket/model")
-    assert config.tag  # from git, or latest
+    assert config.tag == deploy.default_tag(ROOT)  # the checkout's commit (see the next test)
+
+
+def test_the_default_tag_is_the_commit_marked_dirty_and_latest_outside_git(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert deploy.default_tag(repo) == "latest"  # not in a git work tree
+    git("init", "--quiet")
+    (repo / "file").write_text("one\n")
+    git("add", "file")
+    git("commit", "--quiet", "--message", "first")
+    commit = git("rev-parse", "HEAD")
+    tag = deploy.default_tag(repo)
+    assert len(tag) >= 7 and commit.startswith(tag)
+    (repo / "file").write_text("two\n")  # an uncommitted change: the image is not that commit's
+    assert deploy.default_tag(repo) == f"{tag}-dirty"
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", f"{tag}-dirty")  # a Docker tag
 
 
 def test_help_lists_the_steps_and_flags(capsys):
@@ -345,7 +365,7 @@ def test_without_dry_run_each_printed_command_runs_in_order(tmp_path, monkeypatc
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     lines: list[str] = []
-    deploy.main(["all", *_flags(), "--workdir", str(tmp_path / "generated")], out=lines.append)
+    deploy.main(["all", *_flags(), "--output", str(tmp_path / "generated")], out=lines.append)
     printed = [line for line in lines if line.startswith(("gcloud", "bq"))]
     expected = [part.replace(" >/dev/null 2>&1", "") for line in printed for part in line.split(" || ")]
     assert log.read_text().splitlines() == expected

@@ -26,9 +26,11 @@ def h(*probabilities: float) -> float:
 
 def test_jensen_shannon_of_a_fair_coin_and_a_certain_one():
     # P = (1/2, 1/2), Q = (1, 0): M = (3/4, 1/4), JSD = H(M) - (H(P) + H(Q)) / 2 = H(3/4, 1/4) - 1/2
-    expected = h(0.75, 0.25) - (1 + 0) / 2
-    assert expected == pytest.approx(0.311278, abs=1e-6)
-    assert drift_measures.jensen_shannon_divergence([5, 5], [7, 0]) == pytest.approx(expected, abs=1e-12)
+    # H(3/4, 1/4) = 2 - (3/4) log2(3) = 0.811278..., so JSD = 0.311278...
+    divergence = drift_measures.jensen_shannon_divergence([5, 5], [7, 0])
+    assert divergence == pytest.approx(0.311278, abs=1e-6)
+    assert divergence == pytest.approx(h(0.75, 0.25) - (1 + 0) / 2, abs=1e-12)
+    assert drift_measures.jensen_shannon_divergence([7, 0], [5, 5]) == pytest.approx(divergence, abs=1e-12)
 
 
 def test_jensen_shannon_is_0_for_the_same_distribution_and_1_for_disjoint_ones():
@@ -184,7 +186,7 @@ def run_cli(inputs, *extra: str) -> tuple[int, dict]:
     status = drift.run(["--stats", str(inputs["stats"]), "--spec", "flights",
                         "--served_features", str(inputs["log"].parent / "served-*.ndjson"),
                         "--start", "2024-05-01T00:00:00Z", "--end", "2024-05-01T05:00:00Z",
-                        "--output_dir", str(inputs["out"]), "--consistency", str(inputs["consistency"]), *extra])
+                        "--output", str(inputs["out"]), "--consistency", str(inputs["consistency"]), *extra])
     return status, json.loads((inputs["out"] / "drift.json").read_text())
 
 
@@ -342,14 +344,14 @@ def test_fail_above_exits_1_above_the_threshold_and_0_below(drift_inputs, capsys
 def test_no_served_row_in_the_range_fails_a_threshold_rather_than_passing_it(drift_inputs):
     status = drift.run(["--stats", str(drift_inputs["stats"]), "--spec", "flights",
                         "--served_features", str(drift_inputs["log"]), "--start", "2030-01-01T00:00:00Z",
-                        "--output_dir", str(drift_inputs["out"]), "--fail_above", "0.5"])
+                        "--output", str(drift_inputs["out"]), "--fail_above", "0.5"])
     document = json.loads((drift_inputs["out"] / "drift.json").read_text())
     assert (status, document["served"]["rows_read"], document["passed"]) == (1, 0, False)
 
 
 def test_statistics_of_another_spec_are_refused(drift_inputs, capsys):
     assert drift.run(["--stats", str(drift_inputs["stats"]), "--spec", "chicago_taxi",
-                      "--served_features", str(drift_inputs["log"]), "--output_dir", str(drift_inputs["out"])]) == 2
+                      "--served_features", str(drift_inputs["log"]), "--output", str(drift_inputs["out"])]) == 2
     assert "compare a model with its own spec" in capsys.readouterr().err
 
 
@@ -361,7 +363,7 @@ def test_the_model_directory_leads_to_its_latest_version_statistics_and_spec(dri
     (extra / "spec.json").write_text(json.dumps({"spec": FLIGHTS.to_document(), "fingerprint": FLIGHTS.fingerprint}))
     (tmp_path / "model" / "LATEST").write_text("20240501T000000Z\n")
     status = drift.run(["--model", str(tmp_path / "model"), "--served_features", str(drift_inputs["log"]),
-                        "--end", "2024-05-01T05:00:00Z", "--output_dir", str(drift_inputs["out"])])
+                        "--end", "2024-05-01T05:00:00Z", "--output", str(drift_inputs["out"])])
     document = json.loads((drift_inputs["out"] / "drift.json").read_text())
     assert (status, document["training"]["model_version"]) == (0, "20240501T000000Z")
     assert document["features"]["origin"]["value"] == pytest.approx(0.75)

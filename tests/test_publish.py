@@ -13,8 +13,10 @@ import pytest
 
 from beam_app import publish
 from beam_app.adapters import load_adapters
+from beam_app.common.errors import UsageError
 from beam_app.publish import Pacing
 from tests.conftest import HOUR_US, MIN_US, observation, request
+from tests.emulators import wait_until
 from transforms.events import RawRecord, event_from_json, rfc3339_to_time_us
 from transforms.parse import RecordParser
 from transforms.point_in_time import OBSERVATION, REQUEST, PendingEvent
@@ -199,7 +201,7 @@ def test_topic_path(topic, project, expected):
     ("flights", "my project", "without slashes or spaces"),
 ])
 def test_topic_path_refuses_with_what_to_do(topic, project, reason):
-    with pytest.raises(publish.UsageError, match=reason):
+    with pytest.raises(UsageError, match=reason):
         publish.topic_path(topic, project)
 
 
@@ -207,7 +209,7 @@ def test_flags():
     args = publish.parse_args(["--topic", "projects/p/topics/flights"])
     assert (args.pacing, args.start_us, args.limit, args.rebase_to_now) == (Pacing(rate=100), None, None, False)
     args = publish.parse_args(["--topic", "flights", "--project", "p", "--speedup", "3600",
-                               "--start_time", "2013-06-01T12:00:00"])
+                               "--start", "2013-06-01T12:00:00"])
     assert (args.topic_path, args.pacing, args.start_us) == ("projects/p/topics/flights", Pacing(speedup=3600),
                                                               1_370_088_000_000_000)
     assert publish.parse_args(["--topic", "projects/p/topics/fast", "--rate", "0"]).pacing == Pacing(rate=0)
@@ -218,11 +220,14 @@ def test_flags():
     (["--rate", "-1"], "--rate: events per second, 0 or more"),
     (["--speedup", "0"], "--speedup: a factor above 0"),
     (["--limit", "-3"], "--limit: 0 or more events"),
-    (["--start_time", "June"], "--start_time: expected an ISO date"),
+    (["--start", "June"], "--start: expected a UTC date"),
+    (["--strat", "2013-06-01"], "unknown flag --strat; did you mean --start?"),
+    (["--limit", "3", "extra"], "unexpected argument 'extra'"),
 ])
 def test_bad_flags_exit_with_a_usage_message(capsys, argv, reason):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         publish.parse_args(["--topic", "projects/p/topics/flights", *argv])
+    assert exit_.value.code == 2
     assert reason in capsys.readouterr().err
 
 
@@ -249,12 +254,15 @@ def test_replay_to_the_emulator_arrives_complete_and_as_recorded(pubsub_emulator
     assert all(summary["checks"].values())
 
     received = []
-    deadline = time.monotonic() + 60
-    while len(received) < 200 and time.monotonic() < deadline:
+
+    def pull() -> bool:
         response = subscriber.pull(subscription=subscription, max_messages=500, timeout=10)
-        received += [m.message for m in response.received_messages]
+        received.extend(m.message for m in response.received_messages)
         if response.received_messages:
             subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages])
+        return len(received) >= 200
+
+    wait_until(pull, 60, "the 200 published messages", progress=lambda: len(received))
     assert len(received) == 200
 
     events = []

@@ -58,7 +58,7 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
     pubsub_v1.PublisherClient().create_topic(name=topic)
 
     def replay(start_time: str, record: Path) -> list[dict]:
-        summary = publish.run(["--topic", topic, "--input", str(source), "--start_time", start_time,
+        summary = publish.run(["--topic", topic, "--input", str(source), "--start", start_time,
                                "--limit", str(PART), "--rebase_to_now", "--rate", "100", "--record", str(record)])
         assert summary["published"] == PART
         return [json.loads(line) for line in record.read_text().splitlines()]
@@ -74,7 +74,7 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
             "--runner", "DirectRunner", "--input_subscription", _subscribe(topic, f"restart-{name}"),
             "--model", str(version_dir.parent), "--predictions_table", f"{PROJECT}:restart_{name}.predictions",
             "--dead_letter_table", f"{PROJECT}:restart_{name}.dead_letters", "--create_tables",
-            "--served_features_table", f"{PROJECT}:restart_{name}.served_features",
+            "--served_features", f"{PROJECT}:restart_{name}.served_features",
             "--bigquery_endpoint", bigquery_emulator.endpoint, *extra])
     try:
         for name, job in jobs.items():
@@ -83,8 +83,9 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
         assert not {(e["event_id"], e["role"]) for e in after} & {(e["event_id"], e["role"]) for e in before}
         requests = {event["event_id"] for event in after if event["role"] == "request"}
         for name, job in jobs.items():
-            wait_until(lambda: len(_rows(client, f"SELECT event_id FROM `{PROJECT}.restart_{name}.predictions`"))
-                       >= len(requests), 180, f"the {name} job's predictions", job.check)
+            written = lambda: len(_rows(client, f"SELECT event_id FROM `{PROJECT}.restart_{name}.predictions`"))  # noqa
+            wait_until(lambda: written() >= len(requests), 180, f"the {name} job's predictions", job.check,
+                       progress=written)
     finally:
         for job in jobs.values():
             job.stop()
@@ -114,7 +115,7 @@ def test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does
         output = tmp_path / f"consistency_{name}"
         checks[name] = consistency.run([
             "--runner", "DirectRunner", "--served_features", f"{PROJECT}:restart_{name}.served_features",
-            "--history", str(history), "--bigquery_endpoint", bigquery_emulator.endpoint, "--output", str(output)])
+            "--input", str(history), "--bigquery_endpoint", bigquery_emulator.endpoint, "--output", str(output)])
         assert checks[name]["requests_compared"] == len(requests)
     assert checks["warm"]["differences"] == 0 and checks["warm"]["passed"]
     cold = checks["cold"]

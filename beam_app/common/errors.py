@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
-EXIT_STATUS_HELP = "Exit status: 0 done, 1 a check failed (the summary says which), 2 a usage error (the message says what to fix)."
+from transforms.command_line import EXIT_STATUS_HELP  # noqa: F401 - the commands' --help says it
 
 
 class UsageError(ValueError):

@@ -5,7 +5,6 @@ dropped as Beam's own parser would drop it."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ from typing import Optional, Sequence, TypeVar
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from beam_app.common.errors import EXIT_STATUS_HELP, UsageError
+from transforms.command_line import ArgumentParser, quiet_tensorflow, unknown_flag_message  # noqa: F401 - commands import them here
 from transforms.spec import shipped_specs
 
 
@@ -24,12 +24,6 @@ class CommonOptions(PipelineOptions):
             "--spec", default="flights",
             help=f"Feature spec: a shipped spec name ({', '.join(shipped_specs())}; default flights) "
                  "or a path to a spec YAML/JSON file.")
-
-
-def quiet_tensorflow() -> None:
-    """TensorFlow's C++ start-up chatter (no GPU here, CPU features): errors only.
-    Must run before TensorFlow is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -56,22 +50,6 @@ BEAM_FLAGS_HELP = ("Any Apache Beam pipeline option is accepted too: --runner (D
                    "with --project/--region/--temp_location/--setup_file ./setup.py), --direct_num_workers, ...")
 
 Options = TypeVar("Options", bound=PipelineOptions)
-
-
-def closest_flag(flag: str, known: Sequence[str]) -> Optional[str]:
-    """The known flag a mistyped one most resembles (None when nothing is close)."""
-    matches = difflib.get_close_matches(flag.split("=", 1)[0], list(known), n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def unknown_flag_message(unknown: Sequence[str], known: Sequence[str]) -> str:
-    """What the user sees for arguments no parser took: the first, and the flag meant."""
-    first = next((arg for arg in unknown if arg.startswith("-")), unknown[0])
-    if not first.startswith("-"):
-        return f"unexpected argument {first!r}: every value follows its flag (--flag value or --flag=value)"
-    suggestion = closest_flag(first, known)
-    hint = f"; did you mean {suggestion}?" if suggestion else ""
-    return f"unknown flag {first.split('=', 1)[0]}{hint} (--help lists the flags)"
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -101,25 +79,6 @@ def pipeline_options(option_class: type[Options], argv: Sequence[str],
     if unknown:
         raise UsageError(unknown_flag_message(unknown, known))
     return option_class(list(argv))
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the commands without Beam options: no abbreviations (--out is
-    not --output), an unknown flag names the closest known one, and usage errors
-    exit 2 as argparse's own do."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
-        super().__init__(*args, **kwargs)
-
-    def parse_args(self, args=None, namespace=None):
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            known = [flag for action in self._actions for flag in action.option_strings]
-            self.error(unknown_flag_message(unknown, known))
-        return parsed
 
 
 def command_parser(prog: str, description: Optional[str], option_classes: Sequence[type],

