@@ -133,8 +133,8 @@ def time_restriction(since_us: Optional[int], until_us: Optional[int]) -> Option
     """The half-open [since, until) on event_time as a BigQuery condition (a
     Storage API row_restriction, or a WHERE clause); None when unbounded."""
     if since_us is not None and until_us is not None and since_us >= until_us:
-        raise BigQueryInputError(f"--input_since ({time_us_to_rfc3339(since_us)}) must be before --input_until "
-                                 f"({time_us_to_rfc3339(until_us)})")
+        raise BigQueryInputError(f"the rows to read start at {time_us_to_rfc3339(since_us)}, after their end "
+                                 f"({time_us_to_rfc3339(until_us)}): --end must be after --start")
     conditions = ([f"event_time >= {_timestamp_literal(since_us)}"] if since_us is not None else []) + (
         [f"event_time < {_timestamp_literal(until_us)}"] if until_us is not None else [])
     return " AND ".join(conditions) or None
