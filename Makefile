@@ -17,31 +17,36 @@ DUCKDB_PLATFORM ?= $(if $(filter aarch64 arm64,$(shell uname -m)),linux_arm64,li
 DUCKDB_EXTENSIONS := $(foreach name,icu spatial ducklake,\
 	$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/$(name).duckdb_extension)
 
-.PHONY: venv venv-bq run demo loop test test-fast bench clean deploy deploy-dry-run
+.PHONY: venv venv-bq constraints run demo loop test test-fast bench clean deploy deploy-dry-run
 
+# constraints.txt and constraints-bq.txt pin every package of the two venvs, dependencies of dependencies
+# included, at the versions CI tested: a new machine installs exactly those (`make constraints` rewrites them
+# from working venvs after a requirement changes).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python requirements.txt setup.py
-	$(BIN)/pip install --quiet -r requirements.txt
+$(VENV)/.installed: $(BIN)/python requirements.txt setup.py constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
-	$(BIN)/pip install --quiet -r requirements-test.txt
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements-test.txt
 	touch $@
 
 venv: $(VENV)/.installed
 
 $(BQ_BIN)/python:
 	$(PYTHON_BQ) -m venv $(BQ_VENV)
-	$(BQ_BIN)/pip install --quiet --upgrade pip
+	$(BQ_BIN)/pip install --quiet -c constraints-bq.txt --upgrade pip
 
 # local-bigquery 0.4.0 asks for duckdb>=2.0, but the extensions are on PyPI only up to 1.5.5, and it runs on
 # 1.5.5 (docs/architecture.md, "Emulators"): install it, then put duckdb 1.5.5 and the extension packages in its place.
-$(BQ_VENV)/.installed: $(BQ_BIN)/python
-	$(BQ_BIN)/pip install --quiet local-bigquery==0.4.0
+# local-bigquery's own install takes constraints-bq.txt, whose duckdb is the one it asks for; the
+# override below pins its versions itself.
+$(BQ_VENV)/.installed: $(BQ_BIN)/python constraints-bq.txt
+	$(BQ_BIN)/pip install --quiet -c constraints-bq.txt local-bigquery==0.4.0
 	$(BQ_BIN)/pip install --quiet --no-deps duckdb==$(DUCKDB_VERSION) duckdb-extensions==$(DUCKDB_VERSION) \
 		$(foreach name,icu spatial ducklake,duckdb-extension-$(name)==$(DUCKDB_VERSION))
 	touch $@
@@ -51,6 +56,14 @@ $(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/%.duckdb_extens
 	$(BQ_BIN)/python -c 'from duckdb_extensions import import_extension; import_extension("$*", force_install=True)'
 
 venv-bq: $(DUCKDB_EXTENSIONS)
+
+# Rewrites both constraints files from the venvs as they are (after a requirement changed and they were rebuilt).
+constraints: $(VENV)/.installed-test $(BQ_VENV)/.installed
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --all --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	{ sed -n '/^#/p;/^duckdb==/p' constraints-bq.txt; $(BQ_BIN)/pip freeze --all | grep -v -i -E '^duckdb(_|-|==)'; } \
+		> constraints-bq.txt.new
+	mv constraints-bq.txt.new constraints-bq.txt
 
 # `make run SPEC=chicago_taxi` runs the second use case through the same code, into output/chicago_taxi.
 SPEC ?= flights
@@ -72,16 +85,21 @@ LOOP_FLAGS ?=
 loop: $(VENV)/.installed venv-bq
 	$(BIN)/python -m beam_app.local.loop $(LOOP_FLAGS)
 
+# Two workers (pytest-xdist) on the two cores; tests/conftest.py orders the slowest first, spread over both.
+TEST_WORKERS ?= 2
+TEST_FLAGS ?= -n $(TEST_WORKERS) --dist worksteal
+
 test: $(VENV)/.installed-test venv-bq
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest $(TEST_FLAGS) tests
 
 test-fast: $(VENV)/.installed-test venv-bq
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest $(TEST_FLAGS) tests -m "not slow"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/batch_bench.py
 	$(BIN)/python bench/model_bench.py
 	$(BIN)/python bench/inference_bench.py
+	$(BIN)/python bench/reference_sql_bench.py
 
 # Google Cloud (README, "Deploying to Google Cloud"): templates/deploy.py with these variables; empty ones
 # keep the script's defaults. STEP is all (resources, image, template, run) or one of them, or batch; SPEC (the

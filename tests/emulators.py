@@ -18,19 +18,20 @@ PROJECT = "test-project"
 
 
 @pytest.fixture(scope="session")
-def pubsub_emulator() -> Iterator[PubSubEmulator]:
-    """The Pub/Sub emulator, with PUBSUB_EMULATOR_HOST (and NO_GCE_CHECK) set for the session."""
+def _pubsub_process() -> Iterator[PubSubEmulator]:
+    """The Pub/Sub emulator process: started once per session (per xdist worker), on free ports."""
     with PubSubEmulator() as emulator:
-        previous = {name: os.environ.get(name) for name in emulator.env}
-        os.environ.update(emulator.env)
-        try:
-            yield emulator
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        yield emulator
+
+
+@pytest.fixture
+def pubsub_emulator(_pubsub_process, monkeypatch) -> PubSubEmulator:
+    """The session's Pub/Sub emulator, with PUBSUB_EMULATOR_HOST (and NO_GCE_CHECK) set for this
+    test only: a test that does not ask for it does not reach it by accident."""
+    _pubsub_process.check_running()
+    for name, value in _pubsub_process.env.items():
+        monkeypatch.setenv(name, value)
+    return _pubsub_process
 
 
 @pytest.fixture(scope="session")
@@ -40,18 +41,41 @@ def bigquery_emulator() -> Iterator[BigQueryEmulator]:
         yield emulator
 
 
+def deadline_scale() -> float:
+    """How much longer than on an idle machine a wait may take: TEST_DEADLINE_SCALE (default 1)
+    times the load per core when it is above 1 (pytest-xdist's workers, another job on the cores)."""
+    scale = float(os.environ.get("TEST_DEADLINE_SCALE", "1"))
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        load = 1.0
+    return scale * max(1.0, load)
+
+
 def wait_until(condition: Callable[[], Any], deadline_s: float, what: str,
-               check: Callable[[], None] = lambda: None) -> Any:
+               check: Callable[[], None] = lambda: None, progress: Callable[[], Any] | None = None) -> Any:
     """Polls `condition` each second until it returns something truthy (returned);
-    `check` raises if what is being waited on has failed (a job that died)."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
+    `check` raises if what is being waited on has failed (a job that died).
+
+    It fails after `deadline_s` (scaled by `deadline_scale()`) without progress: with
+    `progress` (a value that changes as the work advances, such as the rows written so
+    far), the time counts from its last change, so a slow machine that is still moving
+    does not fail; without it, from the start."""
+    limit = deadline_s * deadline_scale()
+    started = last_change = time.monotonic()
+    seen = progress() if progress else None
+    while True:
         check()
         value = condition()
         if value:
             return value
+        if progress is not None and (now := progress()) != seen:
+            seen, last_change = now, time.monotonic()
+        if time.monotonic() - last_change > limit:
+            waited = time.monotonic() - started
+            stalled = f"no progress (last: {seen!r}) for {limit:.0f} s, " if progress is not None else ""
+            raise AssertionError(f"timed out waiting for {what}: {stalled}{waited:.0f} s in all")
         time.sleep(1)
-    raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
 
 
 def tables_exist(client, dataset: str) -> bool:

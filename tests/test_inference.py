@@ -150,9 +150,26 @@ def test_a_model_of_another_spec_is_refused_at_load(trained_model, flights_spec)
 
 
 def test_the_placeholder_the_load_warms_the_model_with_is_an_example_of_the_spec(trained_model, flights_spec):
-    _, version_dir = trained_model
+    import math
+
+    params, version_dir = trained_model
+    placeholder = placeholder_example(flights_spec)
+    # The columns of an example the batch job wrote (its label aside), and every value zero or empty.
+    written = tf.train.Example.FromString(_test_examples(params.data_dir, 1)[0]).features.feature
+    parsed = tf.train.Example.FromString(placeholder).features.feature
+    assert set(parsed) == set(written) - {flights_spec.label.name}
+    for name, feature in parsed.items():
+        kind = feature.WhichOneof("kind")
+        assert kind == written[name].WhichOneof("kind"), name
+        values = list(getattr(feature, kind).value)
+        assert len(values) == len(getattr(written[name], kind).value), name
+        assert all(value in (0, b"") for value in values), (name, values)
+    # The loaded model scores it as the SavedModel's signature does.
     model = load_checked_model(str(version_dir), flights_spec)
-    assert len(predict([placeholder_example(flights_spec)], model)) == 1
+    (prediction,) = predict([placeholder], model)
+    direct = tf.saved_model.load(str(version_dir / "saved_model")).signatures["serving_default"](
+        examples=tf.constant([placeholder]))["prediction"].numpy()
+    assert math.isfinite(prediction) and prediction == pytest.approx(float(direct[0]), rel=1e-6, abs=1e-6)
 
 
 def test_prediction_row_has_every_schema_field_in_bigquery_form():

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from beam_app.bigquery.client import EndpointBigQueryClient, bigquery_client, ensure_table, parse_table_spec
-from beam_app.local.stack import BigQueryEmulator, EmulatorError, PubSubEmulator, free_port
+from beam_app.local.stack import BigQueryEmulator, EmulatorError, PortInUse, PubSubEmulator, free_port
 
 PROJECT = "test-project"
 SCHEMA = [
@@ -57,6 +57,32 @@ def test_a_port_in_use_is_refused_before_starting():
         listener.listen()
         with pytest.raises(EmulatorError, match=f"port {listener.getsockname()[1]} is in use"):
             PubSubEmulator(listener.getsockname()[1]).start()
+
+
+@pytest.mark.slow
+def test_a_port_it_picked_that_another_process_takes_first_is_picked_again(monkeypatch):
+    """Two test workers may pick the same free port before either binds it: the emulator that
+    cannot bind starts again on new ports, and is not fooled by the other one answering there."""
+    from beam_app.local import stack
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: free to a probe, taken for the emulator's bind
+        port = taken.getsockname()[1]
+        picks = [port]
+        monkeypatch.setattr(stack, "free_port", lambda: picks.pop() if picks else free_port())
+        with PubSubEmulator() as emulator:
+            assert emulator.port != port
+            emulator.check_running()
+            assert f"listening on {emulator.port}" in emulator.log_tail()
+
+
+@pytest.mark.slow
+def test_a_port_it_was_given_that_is_taken_fails_at_once_with_the_bind_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse, match=f"(?s)could not listen on its ports \\[{port}\\].*log tail"):
+            PubSubEmulator(port, start_timeout_s=60).start()
 
 
 def test_an_emulator_that_dies_at_start_fails_with_its_log(monkeypatch, tmp_path):

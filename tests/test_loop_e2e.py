@@ -28,13 +28,16 @@ def _ndjson(*paths: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
+def test_the_loop_serves_archives_retrains_and_reloads(trained_model, tmp_path):
+    """v1 is the session's small model (--v1_model: the loop's own v1 training is the batch job and
+    models.train, which their own tests cover); everything after it is the loop's."""
     pytest.importorskip("tensorflow")
-    from tests.test_streaming_e2e import _batch_reference
+    from tests.test_streaming_e2e import _batch_references
 
+    _, v1_dir = trained_model
     out = tmp_path / "loop"
-    done = subprocess.run([sys.executable, "-m", "beam_app.local.loop", "--output", str(out), "--train_days", "3",
-                           "--events", "120", "--after_swap_events", "60", "--rate", "20"],
+    done = subprocess.run([sys.executable, "-m", "beam_app.local.loop", "--output", str(out),
+                           "--v1_model", str(v1_dir), "--events", "120", "--after_swap_events", "60", "--rate", "20"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     print(done.stdout[-4000:])
     summary = json.loads((out / "loop.json").read_text())
@@ -52,6 +55,8 @@ def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
     served = _ndjson(out / "served_predictions.ndjson")
     assert sorted(row["event_id"] for row in served) == sorted(requests_a | requests_b)
     v1, v2 = summary["v1"]["version"], summary["v2"]["version"]
+    assert v1 == v1_dir.name and (out / "model" / v1 / "saved_model").is_dir()  # a copy: the fixture's stays
+    assert (v1_dir.parent / "LATEST").read_text().strip() == v1_dir.name
     assert v1 != v2 and (out / "model" / "LATEST").read_text().strip() == v2
     version_of = {row["event_id"]: row["model_version"] for row in served}
     assert {version_of[i] for i in requests_a} == {v1}
@@ -93,8 +98,9 @@ def test_the_loop_serves_archives_retrains_and_reloads(tmp_path):
         e["role"] != "request" and when(e["event_time"]) < when(row["event_time"])
         and when(e["processing_time"]) > when(row["processing_time"]) for e in archive)}
     assert summary["parity"]["differ_unexplained"] == 0
+    references = _batch_references("flights", history, tmp_path / "batch", [out / "model" / v1, out / "model" / v2])
     for version in (v1, v2):
-        reference = _batch_reference("flights", history, tmp_path / f"batch-{version}", out / "model" / version)
+        reference = references[version]
         mine = {row["event_id"]: row["prediction"] for row in served if row["model_version"] == version}
         checked = set(mine) & set(reference)
         assert checked == {i for i in mine if labels[i] is not None}  # the batch job keeps labeled requests
@@ -161,3 +167,21 @@ def test_a_difference_is_explained_only_where_an_earlier_observation_arrived_aft
     batch["v1"]["saw_it"] = 2.0
     result = parity(served, batch, {"before", "missed", "saw_it"}, frozenset(late))
     assert not result["passed"] and result["differ_unexplained"] == 1
+
+
+def test_v1_model_is_copied_from_a_version_or_the_latest_of_a_model_directory(tmp_path):
+    from beam_app.local.loop import LoopError, copy_version
+
+    source = tmp_path / "models"
+    for version in ("v1", "v2"):
+        (source / version / "saved_model").mkdir(parents=True)
+        (source / version / "metrics.json").write_text(f'{{"version": "{version}"}}')
+    (source / "LATEST").write_text("v1\n")  # not the newest directory: LATEST decides
+    assert copy_version(source, tmp_path / "a" / "model") == "v1"
+    assert (tmp_path / "a" / "model" / "LATEST").read_text() == "v1\n"
+    assert json.loads((tmp_path / "a" / "model" / "v1" / "metrics.json").read_text()) == {"version": "v1"}
+    assert copy_version(source / "v2", tmp_path / "b" / "model") == "v2"
+    assert sorted(p.name for p in (tmp_path / "b" / "model").iterdir()) == ["LATEST", "v2"]
+    assert (source / "LATEST").read_text() == "v1\n"  # the source is left as it was
+    with pytest.raises(LoopError, match="not a version directory"):
+        copy_version(tmp_path / "a", tmp_path / "c" / "model")

@@ -25,7 +25,7 @@ tf = pytest.importorskip("tensorflow")
 
 from beam_app import publish  # noqa: E402
 from beam_app.bigquery.client import bigquery_client  # noqa: E402
-from tests.test_streaming_e2e import _batch_reference, _rows  # noqa: E402
+from tests.test_streaming_e2e import _batch_references, _rows  # noqa: E402
 
 PROJECT = "test-project"
 CHUNK = 40  # events per publish
@@ -81,14 +81,16 @@ def test_a_new_version_takes_over_without_restart_and_one_of_another_spec_is_ref
         wait_until(lambda: tables_exist(client, "swap"), 60, "the job's tables", job.check)
         first = publish_chunk()
         requests |= first
-        wait_until(lambda: len(versions_of(first)) == len(first), 180, "v1's predictions", job.check)
+        wait_until(lambda: len(versions_of(first)) == len(first), 180, "v1's predictions", job.check,
+                   progress=lambda: len(versions_of(first)))
 
         # A model of another spec: refused, v1 keeps serving.
         shutil.copytree(taxi_dir, model_dir / "taxi-version")
         (model_dir / "LATEST").write_text("taxi-version\n")
         second = publish_chunk()
         requests |= second
-        wait_until(lambda: len(versions_of(second)) == len(second), 120, "predictions after the refusal", job.check)
+        wait_until(lambda: len(versions_of(second)) == len(second), 120, "predictions after the refusal", job.check,
+                   progress=lambda: len(versions_of(second)))
         refused = wait_until(lambda: _rows(client, f"SELECT * FROM {dead_letters_sql} WHERE stage = 'model'"), 60,
                              "the refused model's dead letter", job.check)
 
@@ -99,7 +101,8 @@ def test_a_new_version_takes_over_without_restart_and_one_of_another_spec_is_ref
         while not any(v == v2_dir.name for v in versions_of(requests).values()):
             chunk = publish_chunk()
             requests |= chunk
-            wait_until(lambda: len(versions_of(chunk)) == len(chunk), 120, "predictions after v2", job.check)
+            wait_until(lambda: len(versions_of(chunk)) == len(chunk), 120, "predictions after v2", job.check,
+                       progress=lambda: len(versions_of(chunk)))
             assert time.time() - switched_at < 120, "v2 never served"
     finally:
         job.stop()
@@ -123,8 +126,9 @@ def test_a_new_version_takes_over_without_restart_and_one_of_another_spec_is_ref
     # Each prediction is its own version's prediction of the batch example.
     history = tmp_path / "history.ndjson"
     history.write_text("".join(path.read_text() for path in recorded))
+    references = _batch_references("flights", history, tmp_path / "batch", [v1_dir, v2_dir])
     for version_dir in (v1_dir, v2_dir):
-        reference = _batch_reference("flights", history, tmp_path / f"batch-{version_dir.name}", version_dir)
+        reference = references[version_dir.name]
         served = {row["event_id"]: row["prediction"] for row in by_version[version_dir.name]}
         checked = set(served) & set(reference)
         assert checked

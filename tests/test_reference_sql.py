@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import math
 import time
-import zipfile
 from pathlib import Path
 
 import duckdb
@@ -283,35 +282,54 @@ def test_split_bounds(tmp_path):
         == ["train", "eval", "eval", "test"]
 
 
-@pytest.mark.slow
-def test_full_data(tmp_path):
-    with zipfile.ZipFile(DATA / "flights.csv.zip") as z:
-        z.extract("flights.csv", tmp_path)
-    flights_csv, weather_csv = str(tmp_path / "flights.csv"), str(DATA / "weather.csv")
+def check_flights_v2_rows(flights_csv: str, weather_csv: str) -> dict:
+    """FLIGHTS_V2_FEATURES_SQL on real flights: asserts what must hold of every row (the tail-number
+    features agree with each other, no negative stddev, no wind from the dead rows) and that its first
+    five features are FEATURES_SQL's, row for row; returns figures to check against the data: rows,
+    rows without a tail number, the dead weather rows, seconds. On the test slice here, and on all
+    336,776 flights in bench/reference_sql_bench.py."""
     con = duckdb.connect()
     start = time.perf_counter()
     result = con.execute(FLIGHTS_V2_FEATURES_SQL, [flights_csv, weather_csv])
     assert [d[0] for d in result.description] == V2_COLUMNS
     rows = result.fetchall()
-    elapsed = time.perf_counter() - start
-    assert len(rows) == 336776, elapsed
-    assert con.execute(WEATHER_DEAD_ROWS_SQL, [weather_csv]).fetchall() == [
-        ("EWR", "2013-02-12T08:00:00Z", "wind_speed", "20130212T08-EWR")]  # wind_speed 1048.36
-
+    seconds = time.perf_counter() - start
     by_name = [dict(zip(V2_COLUMNS, row)) for row in rows]
     no_tail = [r for r in by_name if r["tailnum"] is None]
-    assert len(no_tail) == 2512 and all(r[name] is None for r in no_tail for name in TAIL_FEATURES)
+    assert all(r[name] is None for r in no_tail for name in TAIL_FEATURES)
     for r in by_name:
         if r["tailnum"] is not None:
             last3 = r["tailnum_dep_delay_last3_24h"]
-            assert r["tailnum_dep_delay_last3_24h_length"] == len(last3) <= 3
-            assert r["tailnum_last_dep_delay_24h"] == (last3[0] if last3 else None)
-            seconds = r["tailnum_seconds_since_last_24h"]
-            assert (seconds is None) == (not last3) and (seconds is None or 0 < seconds <= 86400)
-        assert r["origin_dep_delay_std_3h"] is None or r["origin_dep_delay_std_3h"] >= 0
-        assert r["origin_wind_speed_max_3h"] is None or r["origin_wind_speed_max_3h"] < 100
-
+            assert r["tailnum_dep_delay_last3_24h_length"] == len(last3) <= 3, r
+            assert r["tailnum_last_dep_delay_24h"] == (last3[0] if last3 else None), r
+            seconds_since = r["tailnum_seconds_since_last_24h"]
+            assert (seconds_since is None) == (not last3) and (seconds_since is None or 0 < seconds_since <= 86400), r
+        assert r["origin_dep_delay_std_3h"] is None or r["origin_dep_delay_std_3h"] >= 0, r
+        assert r["origin_wind_speed_max_3h"] is None or r["origin_wind_speed_max_3h"] < 100, r
     # The five existing features are those of FEATURES_SQL, row for row.
     old = {row[0]: row for row in con.execute(FEATURES_SQL, [flights_csv]).fetchall()}
     assert len(old) == len(rows)
     assert all(old[row[0]] == tuple(row[:3]) + tuple(row[4:9]) for row in rows)
+    return {"rows": len(rows), "rows_without_tailnum": len(no_tail),
+            "tail_features_seen": sum(bool(r["tailnum_dep_delay_last3_24h"]) for r in by_name),
+            "dead_weather_rows": con.execute(WEATHER_DEAD_ROWS_SQL, [weather_csv]).fetchall(),
+            "seconds": round(seconds, 2)}
+
+
+@pytest.mark.slow
+def test_real_data_slice(tmp_path):
+    """The checks of every row on real flights, on the days the end-to-end tests use (all 336,776
+    flights: bench/reference_sql_bench.py): one row per flight, no tail-number feature where the
+    flight has no tail number, and the one dead row of the real weather file."""
+    from tests.conftest import DAYS
+    from tests.flights_slice import flights_lines
+
+    lines = flights_lines(lambda month, day: (month, day) in DAYS)
+    (tmp_path / "flights.csv").write_text("\n".join(lines) + "\n")
+    figures = check_flights_v2_rows(str(tmp_path / "flights.csv"), str(DATA / "weather.csv"))
+    tailnums = [line.split(",")[FLIGHT_COLUMNS.index("tailnum")] for line in lines[1:]]
+    assert figures["rows"] == len(tailnums) > 3000
+    assert figures["rows_without_tailnum"] == tailnums.count("NA") > 0
+    assert figures["tail_features_seen"] > 1000  # aircraft flying more than once a day
+    assert figures["dead_weather_rows"] == [
+        ("EWR", "2013-02-12T08:00:00Z", "wind_speed", "20130212T08-EWR")]  # wind_speed 1048.36

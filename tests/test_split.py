@@ -22,4 +22,28 @@ def test_hash_split_is_stable_and_follows_the_fractions(flights_spec):
     assert first == [assign_split(split, 10**15, event_id) for event_id in ids]  # time plays no part
     shares = {name: first.count(name) / len(ids) for name in ("train", "eval", "test")}
     assert abs(shares["eval"] - 0.2) < 0.01 and abs(shares["test"] - 0.1) < 0.01
-    assert assign_split(split, 0, "20130101-UA1545-EWR") == assign_split(split, 0, "20130101-UA1545-EWR")
+
+
+def test_hash_split_is_the_same_in_another_process_with_another_hash_seed(flights_spec):
+    """Stable across runs and machines: another interpreter, whose str hashes differ
+    (PYTHONHASHSEED), assigns every id as this one does."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    split = dataclasses.replace(flights_spec.split, method="hash", eval_fraction=0.2, test_fraction=0.1)
+    ids = [f"20130101-UA{i}-EWR" for i in range(2_000)]
+    here = [assign_split(split, 0, event_id) for event_id in ids]
+    code = ("import dataclasses, json, sys; from transforms.split import assign_split; "
+            "from transforms.spec import load_spec; "
+            "split = dataclasses.replace(load_spec('flights').split, method='hash', eval_fraction=0.2, "
+            "test_fraction=0.1); print(json.dumps([assign_split(split, 0, i) for i in json.load(sys.stdin)]))")
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # not this process's seed
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": seed},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == here
+    assert set(here) == {"train", "eval", "test"}

@@ -128,6 +128,20 @@ def _republish(topic: str, events: list[dict]) -> None:
                           message_key=f"{event['event_id']}/{event['role']}").result()
 
 
+def _nothing_left_to_pull(subscription: str) -> bool:
+    """True when the subscription holds no message that no one has pulled: a pull of our own finds none.
+    Any it does find are handed straight back (ack deadline 0), for the job to pull as it would have."""
+    from google.cloud import pubsub_v1
+
+    subscriber = pubsub_v1.SubscriberClient()
+    response = subscriber.pull(subscription=subscription, max_messages=1000, return_immediately=True, timeout=30)
+    if not response.received_messages:
+        return True
+    subscriber.modify_ack_deadline(subscription=subscription, ack_deadline_seconds=0,
+                                   ack_ids=[message.ack_id for message in response.received_messages])
+    return False
+
+
 def _conflicting_copy(events: list[dict]) -> dict:
     """A published observation with its first numeric field changed: same identity, other content."""
     observation = next(event for event in events if event["role"] == "observation")
@@ -148,16 +162,25 @@ def _print_latency(rows) -> None:
 
 def _batch_reference(spec: str, recorded: Path, output: Path, version_dir: Path) -> dict[str, float]:
     """The batch branch on the file the publisher wrote, its examples scored by the same SavedModel."""
+    return _batch_references(spec, recorded, output, [version_dir])[version_dir.name]
+
+
+def _batch_references(spec: str, recorded: Path, output: Path, version_dirs: list[Path]) -> dict[str, dict]:
+    """The batch branch on the file the publisher wrote, once, its examples scored by each version's
+    SavedModel: {version: {event_id: prediction}}."""
     batch.run(["--runner", "DirectRunner", "--direct_num_workers", "1", "--spec", spec, "--input", str(recorded),
                "--input_format", "json", "--output", str(output)])
-    serve = tf.saved_model.load(str(version_dir / "saved_model")).signatures["serving_default"]
-    reference = {}
-    for split in SPLITS:
-        for records in tf.data.TFRecordDataset(split_files(str(output), split), compression_type="GZIP").batch(256):
-            ids = tf.io.parse_example(records, {"event_id": tf.io.FixedLenFeature([], tf.string)})["event_id"]
-            values = serve(examples=records)["prediction"].numpy()
-            reference.update((i.decode(), float(v)) for i, v in zip(ids.numpy(), values))
-    return reference
+    references = {}
+    for version_dir in version_dirs:
+        serve = tf.saved_model.load(str(version_dir / "saved_model")).signatures["serving_default"]
+        reference = references[version_dir.name] = {}
+        for split in SPLITS:
+            for records in tf.data.TFRecordDataset(split_files(str(output), split),
+                                                   compression_type="GZIP").batch(256):
+                ids = tf.io.parse_example(records, {"event_id": tf.io.FixedLenFeature([], tf.string)})["event_id"]
+                values = serve(examples=records)["prediction"].numpy()
+                reference.update((i.decode(), float(v)) for i, v in zip(ids.numpy(), values))
+    return references
 
 
 def _batch_scoring(spec: str, recorded: Path, output: Path, version_dir: Path) -> dict[str, dict]:
@@ -197,7 +220,7 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         "--runner", "DirectRunner", "--spec", spec, "--input_subscription", subscription,
         "--model", str(version_dir.parent), "--predictions_table", predictions_table,
         "--dead_letter_table", dead_letter_table, "--create_tables",
-        "--served_features_table", served_table, "--events_table", events_table,
+        "--served_features", served_table, "--events_table", events_table,
         "--bigquery_endpoint", bigquery_emulator.endpoint])
     job_failed = job.check
     try:
@@ -217,15 +240,19 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         _republish(topic, copies + [conflict])
         messages = len(malformed) + events + len(copies) + 1
 
-        def all_predicted():
-            rows = _rows(client, f"SELECT event_id, COUNT(*) AS n FROM {predictions_sql} GROUP BY event_id")
-            return rows if sum(row["n"] for row in rows) >= len(requests) else None
+        def predicted() -> int:
+            return _rows(client, f"SELECT COUNT(*) AS n FROM {predictions_sql}")[0]["n"]
 
-        # Generous: on a busy machine the first bundle (the model loading, the first pull) can take long.
-        wait_until(all_predicted, 180, f"{len(requests)} predictions", job_failed)
+        # Generous: on a busy machine the first bundle (the model loading, the first pull) can take long;
+        # after that, a job that writes no prediction for 120 s is stuck.
+        wait_until(lambda: predicted() >= len(requests), 180, f"{len(requests)} predictions", job_failed,
+                   progress=predicted)
         dead = wait_until(lambda: (rows := _rows(client, f"SELECT * FROM {dead_letters_sql}")) and
                           len(rows) >= len(malformed) + 1 and rows, 60, "the dead letters", job_failed)
-        time.sleep(3)  # anything extra (a duplicate) would arrive now
+        # The job has pulled every message, the copies included, before it stops (its stop then lets what it
+        # pulled reach the tables): a copy let through would be a second prediction, which the counts below see.
+        wait_until(lambda: _nothing_left_to_pull(subscription), 60, "the job to pull every message, the copies too",
+                   job_failed)
         job.stop_event.set()
         # The batch reference while the job stops.
         reference = _batch_reference(spec, recorded, tmp_path / "batch", version_dir)
@@ -248,7 +275,7 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
     # difference allowed, each one reproduced bit for bit by leaving out the observations that arrived after
     # the request's time (transforms/skew.py), and few.
     check = consistency.run(["--runner", "DirectRunner", "--spec", spec, "--served_features", served_table,
-                             "--history", events_table, "--bigquery_endpoint", bigquery_emulator.endpoint,
+                             "--input", events_table, "--bigquery_endpoint", bigquery_emulator.endpoint,
                              "--output", str(tmp_path / "consistency")])
     late = {json.loads(line)["event_id"] for path in (tmp_path / "consistency").glob("differences-*")
             for line in path.read_text().splitlines()}

@@ -339,7 +339,7 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
 
     from beam_app import publish
     from beam_app.bigquery.client import bigquery_client
-    from tests.emulators import tables_exist, wait_until
+    from tests.emulators import deadline_scale, tables_exist, wait_until
     from tests.flights_slice import flights_lines
 
     _, version_dir = trained_model
@@ -354,7 +354,8 @@ def test_template_main_runs_the_streaming_job_on_the_emulators(pubsub_emulator, 
                "--input_subscription", subscription, "--model", str(version_dir.parent),
                "--predictions_table", f"{PROJECT}:template.predictions",
                "--dead_letter_table", f"{PROJECT}:template.dead_letters", "--create_tables=true",
-               "--bigquery_endpoint", bigquery_emulator.endpoint, "--duration_s", "240"]
+               "--bigquery_endpoint", bigquery_emulator.endpoint,
+               "--duration_s", str(round(240 * deadline_scale()))]  # a bound on a job left running, not a wait
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
 
     def predictions() -> int:
