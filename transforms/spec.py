@@ -292,7 +292,7 @@ def parse_duration_s(text: Any, where: str = "duration") -> int:
 def parse_utc_date(text: Any, where: str) -> dt.datetime:
     """An ISO date or datetime, read as UTC when it carries no offset."""
     try:
-        value = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+        value = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise SpecError(f"{where}: expected an ISO date like 2013-11-01, got {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)

@@ -9,18 +9,18 @@ from typing import Optional
 
 from beam_app.common.errors import UsageError
 from transforms.events import datetime_to_time_us, time_us_to_rfc3339
+from transforms.spec import SpecError, parse_utc_date
 
 TIME_HELP = "a UTC date (2013-11-01) or an RFC 3339 time (2013-11-01T06:30:00Z)"
 
 
 def parse_time(text: str, flag: str) -> dt.datetime:
-    """`text` as an aware UTC datetime; UsageError naming `flag` when it is neither form."""
+    """`text` as an aware UTC datetime, read as a spec reads its dates; UsageError naming `flag`
+    when it is neither form."""
     try:
-        value = dt.datetime.fromisoformat(str(text).strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        value = parse_utc_date(str(text).strip(), flag)
+    except SpecError:
         raise UsageError(f"{flag}: expected {TIME_HELP}, got {text!r}") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
     return value.astimezone(dt.timezone.utc)
 
 
