@@ -37,7 +37,7 @@ import json
 import logging
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -113,6 +113,14 @@ def history_table(values: Optional[Sequence[str]]) -> Optional[str]:
     return tables[0] if tables else None
 
 
+def arrived_from_row(row: dict, names: tuple[str, ...], validate: Callable[[Event], Event]) -> Arrived:
+    """An events archive row -> Arrived(the validated Event, when the job received it).
+    Raises InvalidRecord (or KeyError for a missing column) when the spec refuses the row."""
+    fields = {name: row.get(name) for name in names if row.get(name) is not None}
+    event = validate(Event(row["event_id"], row["role"], rfc3339_to_time_us(row["event_time"]), fields))
+    return Arrived(event, rfc3339_to_time_us(row["processing_time"]))
+
+
 class _EventsFromTable(beam.DoFn):
     """Events archive rows -> Arrived(validated Event, arrival): a row the spec refuses is counted and left out."""
 
@@ -124,14 +132,11 @@ class _EventsFromTable(beam.DoFn):
         self._validate = EventValidator(self._spec)
 
     def process(self, row: dict):
-        fields = {name: row.get(name) for name in self._names if row.get(name) is not None}
         try:
-            event = self._validate(Event(row["event_id"], row["role"], rfc3339_to_time_us(row["event_time"]), fields))
+            yield arrived_from_row(row, self._names, self._validate)
         except (InvalidRecord, KeyError) as err:
             logging.warning("history row %s refused: %s", row.get("event_id"), err)
             yield beam.pvalue.TaggedOutput(REFUSED, (counters.HISTORY_REFUSED.key, 1))
-            return
-        yield Arrived(event, rfc3339_to_time_us(row["processing_time"]))
 
 
 def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start_us: Optional[int],

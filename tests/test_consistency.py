@@ -27,7 +27,7 @@ from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
 from beam_app.common.options import pipeline_options
 from beam_app.bigquery.client import bigquery_client, ensure_table
 from beam_app.bigquery.tables import event_row, events_schema, served_columns, served_features_row
-from transforms.events import Event, event_to_json, rfc3339_to_time_us
+from transforms.events import Event, InvalidRecord, event_to_json, rfc3339_to_time_us
 from transforms.examples import RequestKey, row_values
 from transforms.skew import Arrived, explain_group, group_values
 from transforms.spec import SpecError, load_spec
@@ -266,3 +266,22 @@ def test_main_exits_2_on_a_usage_error_and_1_when_the_check_fails(monkeypatch, c
     with pytest.raises(SystemExit) as exited:
         consistency.main()
     assert exited.value.code == EXIT_CHECK_FAILED
+
+
+def test_an_archive_row_becomes_the_validated_event_and_its_arrival(flights_spec):
+    from beam_app.bigquery.tables import event_fields
+    from transforms.parse import EventValidator
+
+    names, validate = tuple(event_fields(flights_spec)), EventValidator(flights_spec)
+    row = {"event_id": "20131201-UA1-EWR", "role": "observation", "event_time": "2013-12-01T10:00:00Z",
+           "processing_time": "2026-12-06T10:00:02.5Z", "origin": "EWR", "carrier": "UA", "dest": "ORD",
+           "tailnum": None, "dep_delay": 12.0, "unrelated": "x"}
+    arrived = consistency.arrived_from_row(row, names, validate)
+    assert arrived.event.event_id == "20131201-UA1-EWR" and arrived.event.role == "observation"
+    assert arrived.event.time_us == 1_385_892_000_000_000
+    assert arrived.event.fields["dep_delay"] == 12.0 and "unrelated" not in arrived.event.fields
+    assert arrived.arrival_us == 1_796_551_202_500_000
+    with pytest.raises(InvalidRecord, match="origin"):
+        consistency.arrived_from_row({**row, "origin": "BOS"}, names, validate)
+    with pytest.raises(KeyError):
+        consistency.arrived_from_row({k: v for k, v in row.items() if k != "processing_time"}, names, validate)
