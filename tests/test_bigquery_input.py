@@ -117,7 +117,7 @@ def test_table_specs_and_the_time_filter():
     assert time_restriction(since, until) == ("event_time >= TIMESTAMP '2013-11-01 00:00:00.000000+00:00' AND "
                                               "event_time < TIMESTAMP '2013-11-01 06:30:00.250000+00:00'")
     assert time_restriction(None, None) is None
-    with pytest.raises(BigQueryInputError, match="before"):
+    with pytest.raises(BigQueryInputError, match="--end must be after --start"):
         time_restriction(until, since)
 
 

@@ -228,9 +228,9 @@ def test_warm_start_refuses_a_version_of_another_spec(trained_model, tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "models.train", "--data_dir", old_params.data_dir, "--warm_start_from", str(model_dir)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    assert completed.returncode != 0
     error = completed.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: --warm_start_from") and other.fingerprint[:12] in error
+    assert completed.returncode == 2  # a usage error: the flag names a model of another spec
+    assert error.startswith("python -m models.train: error: --warm_start_from") and other.fingerprint[:12] in error
     assert training_spec(old_params.data_dir).fingerprint[:12] in error and "Train from scratch" in error
     assert sorted(path.name for path in model_dir.iterdir()) == before  # nothing written, LATEST unmoved
     assert (model_dir / "LATEST").read_text().strip() == old_version.name
