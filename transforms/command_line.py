@@ -64,7 +64,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # process the DirectRunner starts (they inherit the descriptor).
 _CHATTER = re.compile(
     rb"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are on|"
-    rb"cudart_stub\.cc|Could not find cuda drivers|Unable to register cu(DNN|FFT|BLAS) factory|"
+    rb"cudart_stub\.cc|Could not find cuda drivers|failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
     rb"computation_placer\.cc|This TensorFlow binary is optimized|TF-TRT Warning")
 _filter: Optional[tuple[int, threading.Thread]] = None
 
