@@ -140,3 +140,29 @@ def test_the_readme_sample_counts_are_the_embedded_flights():
         **dict(re.findall(r"(train|eval|test) ([\d,]+)", block)),
     }
     assert {name: int(value.replace(",", "")) for name, value in found.items()} == expected
+
+
+def test_the_stderr_filter_drops_tensorflow_start_up_lines_and_keeps_the_rest():
+    """In a child process, as a command runs: absl's pre-init lines written to descriptor 2 (by this process
+    and by a worker process that inherits it) are dropped; other lines and an exit traceback are kept."""
+    import subprocess
+
+    program = r'''
+import os, subprocess, sys
+from transforms.command_line import quiet_tensorflow
+quiet_tensorflow()
+os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+os.write(2, b"I0000 00:00:1 port.cc:153] oneDNN custom operations are on. You may see ...\n")
+os.write(2, b"a line of ours\n")
+subprocess.run([sys.executable, "-c", "import os; os.write(2, b'I0 cudart_stub.cc:31] Could not find cuda drivers\\n'); "
+                                      "os.write(2, b'worker says hello\\n')"], check=True)
+print("partial line without newline", end="", file=sys.stderr, flush=True)
+print("", file=sys.stderr)
+raise RuntimeError("the job failed")
+'''
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[:3] == ["a line of ours", "worker says hello", "partial line without newline"]
+    assert lines[-1] == "RuntimeError: the job failed" and "Traceback (most recent call last):" in lines
+    assert not [line for line in lines if "absl" in line or "oneDNN" in line or "cuda" in line]
