@@ -137,13 +137,23 @@ def _spread(items: list, workers: int) -> list:
     return [item for share in shares for item in share]
 
 
+# What TensorFlow's first import sets in os.environ (2.21): not a test's doing, and TensorFlow needs them kept.
+TENSORFLOW_IMPORT_SETS = {"TF2_BEHAVIOR", "HDF5_PLUGIN_PATH", "TPU_ML_PLATFORM", "TPU_ML_PLATFORM_VERSION",
+                          "ENABLE_RUNTIME_UPTIME_TELEMETRY"}
+
+
 @pytest.fixture(autouse=True)
 def _no_environment_leak(request):
     """A test leaves os.environ as it found it (monkeypatch.setenv for what a test needs):
     a variable left behind (PUBSUB_EMULATOR_HOST, say) would change what the next one tests."""
+    import sys
+
     before = {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}  # pytest's own
+    tensorflow_before = "tensorflow" in sys.modules
     yield
     after = {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
+    if not tensorflow_before and "tensorflow" in sys.modules:  # imported by this test, for the first time
+        after = {name: value for name, value in after.items() if name in before or name not in TENSORFLOW_IMPORT_SETS}
     if after != before:
         changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
         for name in changed:
