@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from beam_app import drift
-from beam_app.monitoring import drift_measures
+from beam_app.monitoring import drift_compare, drift_measures
 from beam_app.monitoring.drift_measures import OTHER
 from beam_app.bigquery.served_log import is_table, read_served_rows
 from transforms.spec import load_spec
@@ -390,11 +390,11 @@ def test_served_rows_from_bigquery_in_a_time_range(bigquery_emulator):
     from tests.emulators import PROJECT
 
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
-    table = f"{PROJECT}:drift.served_features"
+    table = f"{PROJECT}:drift_compare.served_features"
     ensure_table(client, table, served_features_schema(FLIGHTS))
     rows = [served_row(hour, event_time=f"2024-05-01T0{hour}:00:00.250000Z") for hour in range(4)]
     rows[2]["dest"] = None
-    assert client.insert_rows_json(f"{PROJECT}.drift.served_features", rows) == []
+    assert client.insert_rows_json(f"{PROJECT}.drift_compare.served_features", rows) == []
 
     read = sorted(read_served_rows(table, start="2024-05-01T01:00:00.250Z", end="2024-05-01T03:00:00.250000Z",
                                    bigquery_endpoint=bigquery_emulator.endpoint), key=lambda row: row["event_time"])
