@@ -6,7 +6,7 @@ events / dead-letter rows) on the FnApiRunner, Beam's portable runner
 in-process (one SDK worker, one thread: one vCPU), over a bounded replay.
 
 The replay is the embedded flights data from --start_time: each event becomes
-the Pub/Sub message the publisher would send (`beam_app.publish.build_message`),
+the Pub/Sub message the publisher would send (`beam_app.pubsub.replay.build_message`),
 stamped with its event time as its publish time (a TimestampedValue). The
 input is marked unbounded, so `DeduplicateEvents` and `WindowedFeatures` take
 their streaming branches (state and event-time timers; the runner fires the
@@ -49,7 +49,7 @@ def load_replay(spec, start_time: str, limit: int) -> list:
     """The first `limit` flights events from `start_time`, in event-time order."""
     from beam_app.adapters import load_adapters
     from beam_app.common.inputs import resolve_inputs
-    from beam_app.publish import load_events, select
+    from beam_app.pubsub.replay import load_events, select
     from transforms.parse import RecordParser
     from transforms.read_files import matched_files, read_records
     from transforms.spec import parse_utc_date
@@ -83,7 +83,7 @@ def replay(spec, model: str, events: list, inference_batch_size: int) -> dict:
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     from beam_app import streaming
-    from beam_app.publish import build_message
+    from beam_app.pubsub.replay import build_message
 
     messages = []
     for number, event in enumerate(events):

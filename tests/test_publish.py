@@ -12,9 +12,10 @@ from concurrent.futures import Future
 import pytest
 
 from beam_app import publish
+from beam_app.pubsub import publisher, replay
 from beam_app.adapters import load_adapters
 from beam_app.common.errors import UsageError
-from beam_app.publish import Pacing
+from beam_app.pubsub.replay import Pacing
 from tests.conftest import HOUR_US, MIN_US, observation, request
 from tests.emulators import wait_until
 from transforms.events import RawRecord, event_from_json, rfc3339_to_time_us
@@ -33,7 +34,7 @@ def _ids(events) -> list[tuple[str, str]]:
 def test_order_is_the_engines_time_then_requests_then_id():
     events = [observation("20130101-UA2-EWR", T0, 5.0), request("20130101-UA2-EWR", T0),
               request("20130101-UA1-EWR", T0), observation("20130101-UA9-EWR", T0 - MIN_US, 1.0)]
-    selected = publish.select(events).events
+    selected = replay.select(events).events
     assert _ids(selected) == [("20130101-UA9-EWR", "observation"), ("20130101-UA1-EWR", "request"),
                               ("20130101-UA2-EWR", "request"), ("20130101-UA2-EWR", "observation")]
     pending = sorted(events, key=lambda e: PendingEvent(
@@ -43,47 +44,47 @@ def test_order_is_the_engines_time_then_requests_then_id():
 
 def test_start_time_is_inclusive_and_limit_counts_after_it():
     events = [request(f"20130101-UA{i}-EWR", T0 + i * MIN_US) for i in (5, 1, 4, 2, 3)]
-    selection = publish.select(events, start_us=T0 + 2 * MIN_US, limit=2)
+    selection = replay.select(events, start_us=T0 + 2 * MIN_US, limit=2)
     assert [e.event_id for e in selection.events] == ["20130101-UA2-EWR", "20130101-UA3-EWR"]
     assert (selection.before_start, selection.beyond_limit) == (1, 2)
-    assert publish.select(events, limit=0) == ([], 0, 5)
+    assert replay.select(events, limit=0) == ([], 0, 5)
 
 
 def test_schedule_under_rate_speedup_and_as_fast_as_possible():
     events = [request(f"20130101-UA{i}-EWR", T0 + minutes * MIN_US) for i, minutes in enumerate((0, 1, 1, 3))]
-    due = lambda pacing: [p.due_us for p in publish.schedule(events, pacing)]  # noqa: E731
+    due = lambda pacing: [p.due_us for p in replay.schedule(events, pacing)]  # noqa: E731
     assert due(Pacing(rate=4)) == [0, 250_000, 500_000, 750_000]
     assert due(Pacing(speedup=60)) == [0, 1_000_000, 1_000_000, 3_000_000]  # a minute of events per second
     assert due(Pacing(rate=0)) == [0, 0, 0, 0]
-    assert [p.event for p in publish.schedule(events, Pacing())] == events
+    assert [p.event for p in replay.schedule(events, Pacing())] == events
 
 
 def test_rebase_gives_whole_milliseconds_from_now_in_the_same_order():
     origin_us = 1_700_000_000_123_456  # rounds to ...123 ms
     events = [request("20130101-UA1-EWR", T0), observation("20130101-UA9-EWR", T0 + MIN_US, 2.0),
               request("20130101-UA3-EWR", T0 + HOUR_US)]
-    paced = list(publish.rebase(publish.schedule(events, Pacing(rate=4)), origin_us))
+    paced = list(replay.rebase(replay.schedule(events, Pacing(rate=4)), origin_us))
     assert [p.event.time_us for p in paced] == [1_700_000_000_123_000, 1_700_000_000_373_000, 1_700_000_000_623_000]
     assert [p.due_us for p in paced] == [0, 250_000, 500_000]
     assert [p.event._replace(time_us=0) for p in paced] == [e._replace(time_us=0) for e in events]
 
     # Due 0.33 ms apart: rounding puts all three in ms 123; later original times step 1 ms.
-    fast = [p.event for p in publish.rebase(publish.schedule(events, Pacing(rate=3000)), origin_us)]
+    fast = [p.event for p in replay.rebase(replay.schedule(events, Pacing(rate=3000)), origin_us)]
     assert [e.time_us // 1000 - 1_700_000_000_000 for e in fast] == [123, 124, 125]
 
 
 def test_rebase_keeps_ties_tied_and_the_order_intact():
     # A tie at T0 (a request sorts before an observation) and a later event, all due at once.
-    events = publish.select([observation("20130101-UA1-EWR", T0, 3.0), request("20130101-UA1-EWR", T0),
+    events = replay.select([observation("20130101-UA1-EWR", T0, 3.0), request("20130101-UA1-EWR", T0),
                              request("20130101-UA2-EWR", T0 + MIN_US)]).events
-    rebased = [p.event for p in publish.rebase(publish.schedule(events, Pacing(rate=0)), 1_700_000_000_000_000)]
+    rebased = [p.event for p in replay.rebase(replay.schedule(events, Pacing(rate=0)), 1_700_000_000_000_000)]
     assert [e.time_us for e in rebased] == [1_700_000_000_000_000, 1_700_000_000_000_000, 1_700_000_000_001_000]
-    assert publish.select(rebased).events == rebased
+    assert replay.select(rebased).events == rebased
 
 
 def test_message_attributes_match_the_payload_and_parse_back(flights_spec):
     event = request("20130101-UA1545-EWR", 1_700_000_000_123_000, label=2.0)
-    message = publish.build_message(event)
+    message = replay.build_message(event)
     assert message.attributes == {"event_time": "2023-11-14T22:13:20.123000Z", "event_id": "20130101-UA1545-EWR",
                                   "role": "request", "message_key": "20130101-UA1545-EWR/request"}
     payload = json.loads(message.data)
@@ -98,7 +99,7 @@ def test_records_that_do_not_parse_are_counted_with_their_reasons(flights_spec):
              "2013,11,1,600,600,3,900,900,1,UA,9997,N1,BOS,ORD,100,700,6,0,2013-11-01T11:00:00Z",
              "2013,11,1,600,600,3,900"]
     records = [RawRecord(f"f.csv:{n}", line, "csv", header) for n, line in enumerate(lines, start=2)]
-    loaded = publish.load_events(records, RecordParser(flights_spec, load_adapters(flights_spec)))
+    loaded = replay.load_events(records, RecordParser(flights_spec, load_adapters(flights_spec)))
     assert (loaded.records, loaded.dead_letters, len(loaded.events)) == (4, 2, 3)
     assert loaded.first_reasons[0].startswith("f.csv:4: origin: unknown value 'BOS'")
     assert loaded.first_reasons[1].startswith("f.csv:5: expected 19 CSV columns")
@@ -128,24 +129,24 @@ def test_the_loop_paces_counts_failures_and_records_only_what_was_published():
     events = [request(f"20130101-UA{i}-EWR", T0 + i * MIN_US) for i in range(3)]
     fake, record = FakeTime(), io.BytesIO()
     outcomes = iter([None, RuntimeError("quota"), None])
-    stats = publish.publish_all(publish.schedule(events, Pacing(rate=2)), lambda message: _done(next(outcomes)),
+    stats = publisher.publish_all(replay.schedule(events, Pacing(rate=2)), lambda message: _done(next(outcomes)),
                                 clock=fake.clock, sleep=fake.sleep, record=record)
     assert fake.sleeps == [0.5, 0.5]
     assert (stats.sent, stats.published, stats.failed, stats.stopped) == (3, 2, 1, None)
     assert stats.first_reasons == ["20130101-UA1-EWR/request: RuntimeError('quota')"]
     assert record.getvalue().decode().splitlines() == [
-        publish.build_message(events[i]).data.decode() for i in (0, 2)]
+        replay.build_message(events[i]).data.decode() for i in (0, 2)]
     assert (stats.first_time_us, stats.last_time_us, stats.seconds) == (T0, T0 + 2 * MIN_US, 1.0)
 
 
 def test_the_loop_stops_after_failures_in_a_row_and_the_rest_is_skipped():
     events = [request(f"20130101-UA{i}-EWR", T0 + i * MIN_US) for i in range(10)]
     fake = FakeTime()
-    stats = publish.publish_all(publish.schedule(events, Pacing(rate=0)), lambda m: _done(PermissionError("gone")),
+    stats = publisher.publish_all(replay.schedule(events, Pacing(rate=0)), lambda m: _done(PermissionError("gone")),
                                 clock=fake.clock, sleep=fake.sleep, max_consecutive_failures=3)
     assert (stats.sent, stats.failed, stats.stopped) == (3, 3, "3 publish failures in a row")
-    loaded = publish.Loaded(events, 10, 0, [])
-    summary = publish.summarize(loaded, publish.select(events), stats)
+    loaded = replay.Loaded(events, 10, 0, [])
+    summary = publish.summarize(loaded, replay.select(events), stats)
     assert (summary["published"], summary["failed"], summary["skipped"]) == (0, 3, 7)
     assert all(summary["checks"].values())
 
@@ -169,16 +170,16 @@ def test_the_loop_keeps_a_bounded_number_of_messages_unsettled():
         return futures[-1]
 
     fake = FakeTime()
-    stats = publish.publish_all(publish.schedule(events, Pacing(rate=0)), send, clock=fake.clock, sleep=fake.sleep,
+    stats = publisher.publish_all(replay.schedule(events, Pacing(rate=0)), send, clock=fake.clock, sleep=fake.sleep,
                                 max_outstanding=4)
     assert (stats.sent, stats.published) == (20, 20)
 
 
 def test_progress_line_says_count_rate_and_event_time():
     fake = FakeTime()
-    progress = publish.Progress(1000, io.StringIO(), fake.clock)
+    progress = publisher.Progress(1000, io.StringIO(), fake.clock)
     fake.now += 2.0
-    stats = publish.PublishStats(sent=520, published=500, last_time_us=T0, lag_s=1.5)
+    stats = publisher.PublishStats(sent=520, published=500, last_time_us=T0, lag_s=1.5)
     assert progress.line(stats) == ("published 500 of 1,000  failed 0  250 msg/s  event time 2013-01-01T08:00:00Z"
                                     "  behind schedule 1.5 s")
 
@@ -189,7 +190,7 @@ def test_progress_line_says_count_rate_and_event_time():
     ("flights", "p-1", "projects/p-1/topics/flights"),
 ])
 def test_topic_path(topic, project, expected):
-    assert publish.topic_path(topic, project) == expected
+    assert publisher.topic_path(topic, project) == expected
 
 
 @pytest.mark.parametrize("topic,project,reason", [
@@ -202,7 +203,7 @@ def test_topic_path(topic, project, expected):
 ])
 def test_topic_path_refuses_with_what_to_do(topic, project, reason):
     with pytest.raises(UsageError, match=reason):
-        publish.topic_path(topic, project)
+        publisher.topic_path(topic, project)
 
 
 def test_flags():
@@ -240,9 +241,9 @@ def test_replay_to_the_emulator_arrives_complete_and_as_recorded(pubsub_emulator
     lines = flights_lines(lambda month, day: (month, day) == (1, 1))
     source = tmp_path / "jan1.csv"
     source.write_text("\n".join(lines + ["2013,1,1,600,600,3,900"]) + "\n")
-    expected = publish.select(slice_events(flights_spec, lines), limit=200).events
+    expected = replay.select(slice_events(flights_spec, lines), limit=200).events
     topic, subscription = "projects/local/topics/replay", "projects/local/subscriptions/replay-check"
-    publish.ensure_topic(pubsub_v1.PublisherClient(), topic, create=True)  # messages need the subscription first
+    publisher.ensure_topic(pubsub_v1.PublisherClient(), topic, create=True)  # messages need the subscription first
     subscriber = pubsub_v1.SubscriberClient()
     subscriber.create_subscription(name=subscription, topic=topic)
 
@@ -281,8 +282,8 @@ def test_replay_to_the_emulator_arrives_complete_and_as_recorded(pubsub_emulator
     record = recorded.read_text().splitlines()
     assert sorted(record) == sorted(m.data.decode() for m in received)
     in_record = [event_from_json(line) for line in record]
-    assert publish.select(in_record).events == in_record
-    assert sorted(events, key=publish.publish_order) == in_record
+    assert replay.select(in_record).events == in_record
+    assert sorted(events, key=replay.publish_order) == in_record
     assert _ids(in_record) == _ids(expected)
     parse = RecordParser(flights_spec)
     assert [parse(RawRecord("record", line, "json"))[0].fields for line in record] == [e.fields for e in expected]

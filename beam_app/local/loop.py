@@ -125,7 +125,7 @@ def stretches(start_us: int, first: int, second: int) -> tuple[list, list]:
     of them and the `second` after those. Flights rows are dated locally and stamped in UTC:
     the day before and after are read too."""
     from beam_app.adapters import load_adapters
-    from beam_app.publish import publish_order
+    from beam_app.pubsub.replay import publish_order
     from transforms.events import RawRecord
     from transforms.parse import RecordParser
     from transforms.spec import load_spec

@@ -1,0 +1,1 @@
+"""Pub/Sub: the publisher's replay plan (pure) and its sending."""
