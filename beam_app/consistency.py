@@ -37,7 +37,7 @@ import json
 import logging
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -46,26 +46,18 @@ from apache_beam.options.pipeline_options import SetupOptions
 from beam_app.adapters import load_adapters
 from beam_app.bigquery.read import is_bigquery_input, parse_input_table
 from beam_app.bigquery.served_log import is_table, read_served_rows
-from beam_app.bigquery.tables import event_fields, served_columns
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
 from beam_app.common.inputs import input_names, read_inputs, resolve_inputs
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.times import add_time_range_arguments, time_flag_rfc3339, time_range_us
-from beam_app.monitoring.verdicts import difference_record, judge, must_be_logged
+from beam_app.monitoring.recompute import (COUNTS, RECORDS, REFUSED, SAMPLE_UNEXPLAINED, CompareWithBatch,
+                                           EventsFromTable, summarize)
 from transforms import counters
-from transforms.deduplicate import DeduplicateEvents
-from transforms.events import Event, InvalidRecord, rfc3339_to_time_us, time_us_to_rfc3339
-from transforms.examples import row_values
-from transforms.feature_layout import EventLayout, event_key, feature_groups
-from transforms.parse import DEAD_LETTERS, EventValidator, ParseEvents
-from transforms.skew import Arrived, column_groups, explain_group
+from transforms.events import time_us_to_rfc3339
+from transforms.parse import DEAD_LETTERS, ParseEvents
+from transforms.skew import Arrived
 from transforms.spec import FeatureSpec, SpecError, load_spec
-from transforms.windowed_features import WindowedFeatures
-
-DIFFERENCES = "differences"
-REFUSED = "refused"
-SAMPLE_UNEXPLAINED = 100  # listed in consistency.json; differences-*.ndjson has them all
 
 
 class ConsistencyOptions(CommonOptions):
@@ -113,32 +105,6 @@ def history_table(values: Optional[Sequence[str]]) -> Optional[str]:
     return tables[0] if tables else None
 
 
-def arrived_from_row(row: dict, names: tuple[str, ...], validate: Callable[[Event], Event]) -> Arrived:
-    """An events archive row -> Arrived(the validated Event, when the job received it).
-    Raises InvalidRecord (or KeyError for a missing column) when the spec refuses the row."""
-    fields = {name: row.get(name) for name in names if row.get(name) is not None}
-    event = validate(Event(row["event_id"], row["role"], rfc3339_to_time_us(row["event_time"]), fields))
-    return Arrived(event, rfc3339_to_time_us(row["processing_time"]))
-
-
-class _EventsFromTable(beam.DoFn):
-    """Events archive rows -> Arrived(validated Event, arrival): a row the spec refuses is counted and left out."""
-
-    def __init__(self, spec: FeatureSpec):
-        self._spec = spec
-        self._names = tuple(event_fields(spec))
-
-    def setup(self):
-        self._validate = EventValidator(self._spec)
-
-    def process(self, row: dict):
-        try:
-            yield arrived_from_row(row, self._names, self._validate)
-        except (InvalidRecord, KeyError) as err:
-            logging.warning("history row %s refused: %s", row.get("event_id"), err)
-            yield beam.pvalue.TaggedOutput(REFUSED, (counters.HISTORY_REFUSED.key, 1))
-
-
 def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start_us: Optional[int],
                  end_us: Optional[int]):
     """(PCollection[Arrived], PCollection of (counter key, 1) per history record
@@ -153,152 +119,12 @@ def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start
                 | "HistoryTable" >> beam.Create([table])
                 | "ReadHistory" >> beam.FlatMap(lambda name: read_served_rows(name, since, until, endpoint))
                 | "SpreadHistory" >> beam.Reshuffle()
-                | "HistoryEvents" >> beam.ParDo(_EventsFromTable(spec)).with_outputs(REFUSED, main="events"))
+                | "HistoryEvents" >> beam.ParDo(EventsFromTable(spec)).with_outputs(REFUSED, main="events"))
         return rows.events, rows[REFUSED]
     records = read_inputs(pipeline, resolve_inputs(spec, options.input), options)
     parsed = records | "ParseHistory" >> ParseEvents(spec, adapters=load_adapters(spec))
     refused = parsed[DEAD_LETTERS] | "RefusedHistory" >> beam.Map(lambda _: (counters.HISTORY_REFUSED.key, 1))
     return parsed["events"] | "UnknownArrival" >> beam.Map(lambda event: Arrived(event, None)), refused
-
-
-class _TimeBounds(beam.CombineFn):
-    """The earliest and latest served event time: the range an open --start/--end means."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, bounds, time_us):
-        return (time_us, time_us) if bounds is None else (min(bounds[0], time_us), max(bounds[1], time_us))
-
-    def merge_accumulators(self, accumulators):
-        present = [b for b in accumulators if b is not None]
-        return (min(b[0] for b in present), max(b[1] for b in present)) if present else None
-
-    def extract_output(self, bounds):
-        return bounds
-
-
-class _Compare(beam.DoFn):
-    """(event_id, {"served": [rows], "batch": [FeatureRow]}) -> (counter key, n)
-    (main) and, per served row that differs, (difference id, difference) (tagged).
-    The verdicts are beam_app/monitoring/verdicts.py's."""
-
-    def __init__(self, spec: FeatureSpec, start_us: Optional[int], end_us: Optional[int], fraction: float):
-        self._spec = spec
-        self._range = (start_us, end_us)
-        self._fraction = fraction
-        self._columns = tuple(column.name for column in served_columns(spec))
-
-    def process(self, joined, logged):
-        event_id, sides = joined
-        served, recomputed = list(sides["served"]), list(sides["batch"])
-        request = recomputed[0].event if recomputed else None
-        expected_in_log = not served and request is not None and must_be_logged(
-            event_id, request.time_us, *self._range, logged, self._fraction)
-        verdicts = judge(served, row_values(self._spec, recomputed[0]) if recomputed else None, self._columns,
-                         self._spec.fingerprint, expected_in_log)
-        yield from verdicts.counts.items()
-        for difference in verdicts.differences:
-            yield beam.pvalue.TaggedOutput(DIFFERENCES, (f"{event_id}#{difference.index}",
-                                                         difference_record(event_id, request, difference)))
-
-
-def _difference_keys(spec: FeatureSpec):
-    """A difference -> ((key field, key value), (difference id, group index)) per differing feature group."""
-    owner = column_groups(spec)
-    groups = feature_groups(spec)
-    layout = EventLayout.of(spec)
-
-    def keys(keyed):
-        difference_id, difference = keyed
-        touched = {groups.index(owner[name]) for name in difference["columns"] if owner.get(name) is not None}
-        for index in sorted(touched):
-            group = groups[index]
-            yield (group.name, event_key(layout, group, difference["request"])), (difference_id, index, difference)
-    return keys
-
-
-class _Explain(beam.DoFn):
-    """((group name, key value), {"differences": [...], "observations": [Arrived]}) -> (difference id, (group, explanation))."""
-
-    def __init__(self, spec: FeatureSpec):
-        self._spec = spec
-
-    def process(self, joined):
-        _, sides = joined
-        observations = list(sides["observations"])
-        groups = feature_groups(self._spec)
-        for difference_id, index, difference in sides["differences"]:
-            explanation = explain_group(self._spec, groups[index], difference["request"], difference["served"],
-                                        observations, rfc3339_to_time_us(difference["job_start_time"]))
-            yield difference_id, (groups[index].name, explanation)
-
-
-def _finish_difference(spec: FeatureSpec):
-    owner = column_groups(spec)
-
-    def finish(joined):
-        difference_id, sides = joined
-        (difference,) = sides["difference"]
-        explained = dict(sides["explanations"])
-        static = [name for name in difference["columns"] if owner.get(name) is None]
-        groups = {owner[name].name for name in difference["columns"] if owner.get(name) is not None}
-        explanations = {field: explained.get(field) for field in sorted(groups)}
-        complete = not static and all(explanations.values())
-        categories = sorted({part for e in explanations.values() if e for part in e.category.split("+")})
-        return {
-            "event_id": difference["event_id"], "event_time": difference["event_time"],
-            "model_version": difference["model_version"], "processing_time": difference["processing_time"],
-            "job_start_time": difference["job_start_time"], "columns": difference["columns"],
-            "explained": complete, "categories": categories if complete else categories + ["unexplained"],
-            "explanations": {field: (e.detail if e else None) for field, e in explanations.items()},
-            **({"unexplained_static_columns": static} if static else {}),
-        }
-    return finish
-
-
-def _difference_counters(record: dict):
-    """A finished difference -> (counter key, 1): explained (and by what), or unexplained."""
-    if record["explained"]:
-        yield counters.DIFFERENCES_EXPLAINED.key, 1
-        for category in record["categories"]:
-            yield counters.explained_by(category).key, 1
-    else:
-        yield counters.DIFFERENCES_UNEXPLAINED.key, 1
-
-
-def summarize(counts: dict[str, int], unexplained: list[dict], spec: FeatureSpec, settings: dict) -> dict:
-    """The consistency.json body from the counter keys' totals (transforms/counters.py);
-    `settings`: the job's flags, echoed (max_mismatch_fraction decides "passed")."""
-    c = lambda counter: counter.of(counts)  # noqa: E731
-    columns = {name: {verdict: c(counters.column_verdict(name, verdict)) for verdict in counters.COLUMN_VERDICTS}
-               for name in (column.name for column in served_columns(spec))}
-    equal, different = c(counters.REQUESTS_EQUAL), c(counters.REQUESTS_DIFFERENT)
-    compared = equal + different
-    mismatch = different / compared if compared else 0.0
-    explained, unexplained_count = c(counters.DIFFERENCES_EXPLAINED), c(counters.DIFFERENCES_UNEXPLAINED)
-    return {
-        "spec": {"name": spec.name, "fingerprint": spec.fingerprint},
-        **settings,
-        "history_records_refused": c(counters.HISTORY_REFUSED),
-        "rows_logged": c(counters.ROWS_LOGGED),
-        "requests_logged": c(counters.REQUESTS_LOGGED),
-        "requests_logged_more_than_once": c(counters.REQUESTS_LOGGED_MORE_THAN_ONCE),
-        "rows_spec_mismatch": c(counters.ROWS_SPEC_MISMATCH),
-        "requests_compared": compared,
-        "requests_equal": equal,
-        "requests_different": different,
-        "rows_logged_not_recomputable": c(counters.ROWS_LOGGED_NOT_RECOMPUTABLE),
-        "requests_recomputable_not_logged": c(counters.REQUESTS_RECOMPUTABLE_NOT_LOGGED),
-        "differences": explained + unexplained_count,
-        "differences_explained": explained,
-        "differences_unexplained": unexplained_count,
-        "explained_by": dict(sorted(counters.explained_by_category(counts).items())),
-        "mismatch_fraction": mismatch,
-        "passed": mismatch <= settings["max_mismatch_fraction"],
-        "features": columns,
-        "unexplained": sorted(unexplained, key=lambda d: d["event_id"])[:SAMPLE_UNEXPLAINED],
-    }
 
 
 def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: FeatureSpec) -> None:
@@ -310,41 +136,11 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
               | "ReadServed" >> beam.FlatMap(lambda log: read_served_rows(log, start, end, endpoint))
               | "SpreadServed" >> beam.Reshuffle()
               | "ServedById" >> beam.Map(lambda row: (row["event_id"], row)))
-    bounds = (served | "ServedTimes" >> beam.MapTuple(lambda _, row: rfc3339_to_time_us(row["event_time"]))
-              | "ServedRange" >> beam.CombineGlobally(_TimeBounds()))
     history, refused = read_history(pipeline, spec, options, start_us, end_us)
-    unique = (history
-              | "Events" >> beam.Map(lambda arrived: arrived.event)
-              | "DeduplicateEvents" >> DeduplicateEvents(horizon_s=0))
-    recomputed = (unique["events"]
-                  | "WindowedFeatures" >> WindowedFeatures(spec)
-                  | "BatchById" >> beam.Map(lambda row: (row.event.event_id, row)))
-    compared = ({"served": served, "batch": recomputed} | "JoinById" >> beam.CoGroupByKey()
-                | "Compare" >> beam.ParDo(_Compare(spec, start_us, end_us, options.served_features_fraction),
-                                          logged=beam.pvalue.AsSingleton(bounds))
-                .with_outputs(DIFFERENCES, main="counters"))
-    differences = compared[DIFFERENCES]
-
-    # Only the observations of key values that have a difference travel on to be explained.
-    by_key = differences | "ByKey" >> beam.FlatMap(_difference_keys(spec))
-    keys = (by_key | "Keys" >> beam.Map(lambda item: item[0]) | "DistinctKeys" >> beam.Distinct()
-            | "KeyFlags" >> beam.Map(lambda key: (key, True)))
-    groups, layout = feature_groups(spec), EventLayout.of(spec)
-
-    def observation_keys(arrived, wanted):
-        keyed = ((group.name, event_key(layout, group, arrived.event)) for group in groups)
-        return [(key, arrived) for key in keyed if key[1] is not None and key in wanted]
-
-    observations = (
-        history
-        | "Observations" >> beam.Filter(lambda arrived: arrived.event.role != "request")
-        | "ObservationKeys" >> beam.FlatMap(observation_keys, wanted=beam.pvalue.AsDict(keys)))
-    explanations = ({"differences": by_key, "observations": observations} | "JoinByKey" >> beam.CoGroupByKey()
-                    | "Explain" >> beam.ParDo(_Explain(spec)))
-    records = ({"difference": differences, "explanations": explanations} | "JoinDifference" >> beam.CoGroupByKey()
-               | "Finish" >> beam.Map(_finish_difference(spec)))
-
-    counts = ((compared.counters, refused, records | "DifferenceCounters" >> beam.FlatMap(_difference_counters))
+    compared = {"served": served, "history": history} | "CompareWithBatch" >> CompareWithBatch(
+        spec, start_us, end_us, options.served_features_fraction)
+    records = compared[RECORDS]
+    counts = ((compared[COUNTS], refused)
               | "AllCounters" >> beam.Flatten()
               | "Count" >> beam.CombinePerKey(sum)
               | "ToDict" >> beam.combiners.ToDict())

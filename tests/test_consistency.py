@@ -23,6 +23,7 @@ import math
 import pytest
 
 from beam_app import consistency
+from beam_app.monitoring import recompute
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
 from beam_app.common.options import pipeline_options
 from beam_app.bigquery.client import bigquery_client, ensure_table
@@ -276,12 +277,12 @@ def test_an_archive_row_becomes_the_validated_event_and_its_arrival(flights_spec
     row = {"event_id": "20131201-UA1-EWR", "role": "observation", "event_time": "2013-12-01T10:00:00Z",
            "processing_time": "2026-12-06T10:00:02.5Z", "origin": "EWR", "carrier": "UA", "dest": "ORD",
            "tailnum": None, "dep_delay": 12.0, "unrelated": "x"}
-    arrived = consistency.arrived_from_row(row, names, validate)
+    arrived = recompute.arrived_from_row(row, names, validate)
     assert arrived.event.event_id == "20131201-UA1-EWR" and arrived.event.role == "observation"
     assert arrived.event.time_us == 1_385_892_000_000_000
     assert arrived.event.fields["dep_delay"] == 12.0 and "unrelated" not in arrived.event.fields
     assert arrived.arrival_us == 1_796_551_202_500_000
     with pytest.raises(InvalidRecord, match="origin"):
-        consistency.arrived_from_row({**row, "origin": "BOS"}, names, validate)
+        recompute.arrived_from_row({**row, "origin": "BOS"}, names, validate)
     with pytest.raises(KeyError):
-        consistency.arrived_from_row({k: v for k, v in row.items() if k != "processing_time"}, names, validate)
+        recompute.arrived_from_row({k: v for k, v in row.items() if k != "processing_time"}, names, validate)
