@@ -65,7 +65,8 @@ class ArgumentParser(argparse.ArgumentParser):
 _CHATTER = re.compile(
     rb"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are on|"
     rb"cudart_stub\.cc|Could not find cuda drivers|failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
-    rb"computation_placer\.cc|This TensorFlow binary is optimized|TF-TRT Warning")
+    rb"computation_placer\.cc|This TensorFlow binary is optimized|TF-TRT Warning|"
+    rb"oneDNN supports DT_BOOL only on platforms with AVX-512")
 _filter: Optional[tuple[int, threading.Thread]] = None
 
 
