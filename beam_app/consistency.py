@@ -47,7 +47,7 @@ from beam_app.adapters import load_adapters
 from beam_app.bigquery.read import is_bigquery_input, parse_input_table
 from beam_app.bigquery.served_log import is_table, read_served_rows
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
-from beam_app.common.inputs import input_names, read_inputs, resolve_inputs
+from beam_app.common.inputs import add_format_argument, input_names, read_inputs, resolve_inputs
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.times import add_time_range_arguments, time_flag_rfc3339, time_range_us
@@ -74,9 +74,7 @@ class ConsistencyOptions(CommonOptions):
                  "which explains late observations), or files as the batch job reads them: a path or glob "
                  "(local or gs://) of NDJSON events or of CSV read by the adapter of the spec's first source, "
                  "SOURCE=PATH for another source; repeat for several files. Required.")
-        parser.add_argument(
-            "--input_format", default="auto", choices=("auto", "csv", "json"),
-            help="How to read --input files; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+        add_format_argument(parser, "--input_format", "--input files")
         add_time_range_arguments(parser, "Check the served requests")
         parser.add_argument(
             "--served_features_fraction", type=float, default=1.0,

@@ -47,7 +47,7 @@ from beam_app.bigquery.counts import table_counts
 from beam_app.bigquery.tables import SERVED_FEATURES, check_column_names, failed_inference_letters
 from beam_app.bigquery.write import Tables, job_tables, prepare_tables, write_outputs
 from beam_app.common.errors import EXIT_USAGE, UsageError
-from beam_app.common.inputs import Input, resolve_inputs
+from beam_app.common.inputs import Input, add_format_argument, resolve_inputs
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.runner import is_local_runner
@@ -139,9 +139,7 @@ class StreamingOptions(CommonOptions):
                  "several separated by commas) whose observations of the last max(window) plus "
                  "--allowed_lateness_s are loaded into the feature state before any request is answered, so the "
                  "first requests after a (re)start see full windows.")
-        parser.add_argument(
-            "--bootstrap_format", default="auto", choices=("auto", "csv", "json"),
-            help="How to read --bootstrap_input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+        add_format_argument(parser, "--bootstrap_format", "--bootstrap_input")
         parser.add_argument(
             "--allowed_lateness_s", type=int, default=3600,
             help="How far behind the watermark a request may arrive and still get exact features (default 3600).")

@@ -14,6 +14,13 @@ from transforms.read_files import ReadRecords, matched_files, resolve_input
 from transforms.spec import FeatureSpec, SpecError
 
 
+def add_format_argument(parser, flag: str, of: str) -> None:
+    """The flag that says how the files of flag `of` are read (ReadRecords' formats)."""
+    parser.add_argument(
+        flag, default="auto", choices=("auto", "csv", "json"),
+        help=f"How to read {of}; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+
+
 def add_input_arguments(parser, what: str, bigquery: bool = False) -> None:
     """--input and --input_format, read the same way by every entry point that
     reads events; with `bigquery`, BigQuery inputs too (bq:TABLE, --input_query,
@@ -26,9 +33,7 @@ def add_input_arguments(parser, what: str, bigquery: bool = False) -> None:
         help=f"{what}: a path or glob (local or gs://) of NDJSON events, or of CSV files read by the adapter "
              "of the spec's first source; SOURCE=PATH for another source of the spec (flights_weather: "
              f"weather=PATH).{tables} Repeat for several. Default: every source's embedded data set.")
-    parser.add_argument(
-        "--input_format", default="auto", choices=("auto", "csv", "json"),
-        help="How to read --input; auto: .ndjson/.jsonl/.json are events, anything else CSV.")
+    add_format_argument(parser, "--input_format", "--input")
     if not bigquery:
         return
     parser.add_argument(
