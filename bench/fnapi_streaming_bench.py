@@ -62,6 +62,13 @@ def load_replay(spec, start_time: str, limit: int) -> list:
     return select(loaded.events, int(start.timestamp()) * 1_000_000 + start.microsecond, limit).events
 
 
+_REPLAYS: dict[str, list] = {}
+
+
+def _replayed(_, token: str) -> list:
+    return _REPLAYS.pop(token)
+
+
 class _Count(object):
     """A counting sink per output: a Beam counter, nothing written."""
 
@@ -75,12 +82,14 @@ class _Count(object):
         return None
 
 
-def replay(spec, model: str, events: list, inference_batch_size: int) -> dict:
-    """One run of the streaming steps over `events` on the FnApiRunner -> counts and seconds."""
+def replay(spec, model: str, events: list, inference_batch_size: int, state_cache_mb: int = 0) -> dict:
+    """One run of the streaming steps over `events` on the FnApiRunner -> counts and seconds.
+    state_cache_mb: the SDK worker's state cache; 0 (off) is what Dataflow's workers run with
+    (`--max_cache_memory_usage_mb` defaults to 0), where the FnApiRunner's embedded worker has 100."""
     import apache_beam as beam
     from apache_beam.io.gcp.pubsub import PubsubMessage
     from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
     from beam_app import streaming
     from beam_app.pubsub.replay import build_message
@@ -91,21 +100,27 @@ def replay(spec, model: str, events: list, inference_batch_size: int) -> dict:
         messages.append(beam.window.TimestampedValue(
             PubsubMessage(message.data, message.attributes, message_id=str(number)),
             beam.utils.timestamp.Timestamp(micros=event.time_us)))
+    # Handed over in memory (the FnApiRunner's worker is this process), not in a Create, whose
+    # elements are pickled and bz2-compressed into the pipeline at run(): a cost that grows with the
+    # replay, and that no Pub/Sub read pays.
+    token = f"replay-{id(messages)}"
+    _REPLAYS[token] = messages
     pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
-    source = pipeline | "Replay" >> beam.Create(messages, reshuffle=False)
+    source = pipeline | "Start" >> beam.Impulse() | "Replay" >> beam.FlatMap(_replayed, token)
     source.is_bounded = False  # the streaming branches: state and event-time timers, as on Pub/Sub
     outputs = streaming.build(source, spec, model, key_shards=None, release_step_ms=1000,
                               inference_batch_size=inference_batch_size, served_fraction=1.0, archive_events=True,
                               clock=lambda: 0.0)
     for name, rows in outputs.items():
         rows | f"Count_{name}" >> beam.Map(_Count(name))
+    worker_handlers.STATE_CACHE_SIZE_MB = state_cache_mb  # read when the embedded worker starts
     started = time.perf_counter()
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - started
     counts = {counter.key.metric.name: counter.committed
               for counter in result.metrics().query()["counters"] if counter.key.metric.namespace == SINK}
-    return {"events": len(events), "requests": sum(event.role == "request" for event in events),
+    return {"events": len(events), "state_cache_mb": state_cache_mb, "requests": sum(event.role == "request" for event in events),
             "seconds": round(seconds, 2), "rows": counts}
 
 
@@ -126,7 +141,10 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "output" / "model"))
     parser.add_argument("--spec", default="flights")
     parser.add_argument("--start_time", default=START_TIME)
-    parser.add_argument("--events", default="3000,12000", help="Two replay sizes, smaller first.")
+    parser.add_argument("--events", default="5000,20000", help="Two replay sizes, smaller first.")
+    parser.add_argument("--cache_on_mb", type=int, default=100,
+                        help="The state cache of one more run of the smaller size, to compare with Dataflow's "
+                             "default (off); 100 is the FnApiRunner's own. 0: no such run.")
     parser.add_argument("--inference_batch_size", type=int, default=1024)
     args = parser.parse_args()
     os.environ.setdefault("NO_GCE_CHECK", "true")
@@ -146,17 +164,24 @@ def main() -> None:
         sys.exit(f"only {len(events)} events from {args.start_time}")
     load = os.getloadavg()
     runs = [replay(spec, location.saved_model, events[:n], args.inference_batch_size) for n in (small, large)]
+    cached = (replay(spec, location.saved_model, events[:small], args.inference_batch_size, args.cache_on_mb)
+              if args.cache_on_mb else None)
     load_after = os.getloadavg()
-    for run in runs:
+    for run in runs + ([cached] if cached else []):
         predictions = run["rows"].get("predictions", 0)
         ok = predictions == run["requests"]
-        print(f"  {run['events']:>7,} events ({run['requests']:,} requests): {run['seconds']:>7.1f} s, "
+        print(f"  {run['events']:>7,} events ({run['requests']:,} requests), state cache {run['state_cache_mb']} MB: "
+              f"{run['seconds']:>7.1f} s, "
               f"{run['events'] / run['seconds']:>7,.0f} events/s; rows {run['rows']}"
               f"{'' if ok else '  (predictions != requests!)'}", flush=True)
     a, b = runs
     steady = (b["events"] - a["events"]) / (b["seconds"] - a["seconds"])
     cold = b["events"] / b["seconds"]
-    print(f"\nstreaming steps on the FnApiRunner (one SDK worker, in memory), flights from {args.start_time}, "
+    if cached:
+        print(f"  state cache {args.cache_on_mb} MB over off, same {small:,} events: "
+              f"{cached['seconds'] / a['seconds']:.2f}x the time")
+    print(f"\nstreaming steps on the FnApiRunner (one SDK worker, in memory, state cache off as on Dataflow), "
+          f"flights from {args.start_time}, "
           f"load average {load[0]:.2f} before, {load_after[0]:.2f} after (1 min; {os.cpu_count()} cores)")
     table = sizing_table(steady, cold)
     width = max(len(what) for what, _, _ in table)
@@ -167,7 +192,7 @@ def main() -> None:
           "counts assume linear scaling and no hot key")
     out = ROOT / "bench" / "results" / "fnapi_streaming_bench.json"
     out.write_text(json.dumps({"runs": runs, "steady_events_per_s_per_vcpu": round(steady, 1),
-                               "cold_events_per_s": round(cold, 1), "load_average": [load[0], load_after[0]],
+                               "cold_events_per_s": round(cold, 1), "cache_on_run": cached, "load_average": [load[0], load_after[0]],
                                "table": table, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
     print(f"results: {out}")
 

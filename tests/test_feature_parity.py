@@ -22,6 +22,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import history_log, kept_histories, unbounded_features
 from transforms.deduplicate import DeduplicateEvents
 from transforms.events import Event
 from transforms.point_in_time import AGGREGATE_FUNCTIONS
@@ -157,9 +158,16 @@ def _read(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, key_shards, release_step_ms", [(1, None, 0), (2, 2, 300_000)],
-                         ids=["state_per_key", "two_shards_5min_steps"])
-def test_every_aggregate_streams_as_it_batches(tmp_path, seed, key_shards, release_step_ms):
+@pytest.mark.parametrize("seed, key_shards, release_step_ms, kept", [
+    (1, None, 0, True), (2, 2, 300_000, True), (3, 2, 0, False)],
+    ids=["state_per_key", "two_shards_5min_steps", "rebuilt_from_the_log_at_every_firing"])
+def test_every_aggregate_streams_as_it_batches(tmp_path, monkeypatch, seed, key_shards, release_step_ms, kept):
+    if not kept:  # nothing stays in memory between firings: each firing reads its history's log back
+        monkeypatch.setattr(kept_histories.KEPT, "max_size", 0)
+    logs_read = []  # the logs read back (through the real function; the streaming DirectRunner drops counters
+    # incremented in timer callbacks, so HISTORIES_REBUILT cannot be read here)
+    monkeypatch.setattr(unbounded_features, "histories_from_log", lambda features, lateness_s, entries: (
+        logs_read.append(len(entries)) or history_log.histories_from_log(features, lateness_s, entries)))
     steps_of_events, late = _events(seed)
     everything = [e for events in steps_of_events for e in events] + [e for step in late for e in step]
     assert any(late)
@@ -169,6 +177,7 @@ def test_every_aggregate_streams_as_it_batches(tmp_path, seed, key_shards, relea
     options.view_as(StandardOptions).streaming = True
     with TestPipeline(options=options) as pipeline:
         _features(pipeline, _stream(steps_of_events, late), tmp_path / "streaming", key_shards, release_step_ms)
+    assert any(logs_read) == (not kept), logs_read  # the log was read back exactly when nothing was kept
 
     batch, streaming = _read(tmp_path / "batch"), _read(tmp_path / "streaming")
     requests = {e.event_id for e in everything if e.role == "request"}

@@ -63,6 +63,8 @@ OBSERVATIONS_OUTSIDE_RANGE = Counter("time_range", "observations_outside_range")
 FEATURE_ROWS = Counter("windowed_features", "feature_rows")
 LATE_REQUESTS = Counter("windowed_features", "late_requests")
 LATE_OBSERVATIONS = Counter("windowed_features", "late_observations")
+# Streaming: a timer firing that found no kept history for its state key and read the log back.
+HISTORIES_REBUILT = Counter("windowed_features", "histories_rebuilt")
 
 # Examples (transforms/examples.py, split.py, beam_app/batch.py).
 EXAMPLES_ENCODED = Counter("examples", "encoded")

@@ -19,6 +19,7 @@ tested on their own.
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterable, Optional
 
 import apache_beam as beam
@@ -30,6 +31,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import counters
 from transforms.feature_layout import ID, RANK, TIME, FeatureGroup, fill, key_of, reads, state_key, to_pending
+from transforms.history_log import delta_entry, entry_size, histories_from_log, live_size, next_entries
+from transforms.kept_histories import KEPT, new_token
 from transforms.point_in_time import REQUEST, KeyHistory
 
 REQUEST_PART = -1  # the join's part holding the request itself; groups' parts are their indexes
@@ -100,10 +103,17 @@ class _PointInTimeDoFn(beam.DoFn):
     it. Every group runs in this one step (a state key belongs to one group:
     its index leads the key), because each step costs the streaming
     DirectRunner a bundle per firing. A state key holds one or more key
-    values, each with its own history."""
+    values, each with its own history.
+
+    The histories live in state as an append-only log (transforms/history_log.py)
+    and, between firings, decoded in the worker's memory
+    (transforms/kept_histories.py), checked against the token written with
+    the log: a firing reads the events it releases and a token, and writes the
+    observations it applied, whatever the key's window holds."""
 
     BUFFER = BagStateSpec("buffer", FastPrimitivesCoder())
-    HISTORIES = ReadModifyWriteStateSpec("histories", FastPrimitivesCoder())  # {key value: KeyHistory state}
+    LOG = BagStateSpec("log", FastPrimitivesCoder())  # history_log entries
+    TOKEN = ReadModifyWriteStateSpec("token", VarIntCoder())  # the kept histories' token for the log
     TIMER_AT = ReadModifyWriteStateSpec("timer_at", VarIntCoder())
     RELEASE = TimerSpec("release", TimeDomain.WATERMARK)
     # At the end of the window (a drained or finished stream) a timer set from
@@ -117,8 +127,10 @@ class _PointInTimeDoFn(beam.DoFn):
         self._lateness_s = allowed_lateness_s
         self._step_us = release_step_us
         self._shards = key_shards
+        self._owner = uuid.uuid4().hex  # this step's entries in the process's kept histories; its copies share it
         self._late_requests = counters.LATE_REQUESTS.metric()
         self._late_observations = counters.LATE_OBSERVATIONS.metric()
+        self._rebuilt = counters.HISTORIES_REBUILT.metric()
 
     def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
                 release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):
@@ -134,16 +146,28 @@ class _PointInTimeDoFn(beam.DoFn):
 
     @on_timer(RELEASE)
     def on_release(self, fired_at=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
-                   histories=beam.DoFn.StateParam(HISTORIES), timer_at=beam.DoFn.StateParam(TIMER_AT),
-                   release=beam.DoFn.TimerParam(RELEASE)):
-        return self._release(fired_at.micros, buffer, histories, timer_at, release)
+                   log=beam.DoFn.StateParam(LOG), token=beam.DoFn.StateParam(TOKEN),
+                   timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
+        return self._release(fired_at.micros, buffer, log, token, timer_at, release)
 
     @on_timer(DRAIN)
-    def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), histories=beam.DoFn.StateParam(HISTORIES),
-                 timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
-        return self._release(GlobalWindow().max_timestamp().micros, buffer, histories, timer_at, release)
+    def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), log=beam.DoFn.StateParam(LOG),
+                 token=beam.DoFn.StateParam(TOKEN), timer_at=beam.DoFn.StateParam(TIMER_AT),
+                 release=beam.DoFn.TimerParam(RELEASE)):
+        return self._release(GlobalWindow().max_timestamp().micros, buffer, log, token, timer_at, release)
 
-    def _release(self, up_to_us, buffer, histories, timer_at, release):
+    def _histories(self, kept_key: tuple, group: FeatureGroup, log, token) -> tuple[dict, int]:
+        """The state key's histories by key value, and the observations its log holds."""
+        written = token.read()
+        kept = KEPT.take(kept_key, written)
+        if kept is not None:
+            return kept
+        entries = list(log.read()) if written is not None else []
+        if entries:
+            self._rebuilt.inc()
+        return histories_from_log(group.features, self._lateness_s, entries), sum(map(entry_size, entries))
+
+    def _release(self, up_to_us, buffer, log, token, timer_at, release):
         """Applies the buffered events up to `up_to_us` (the watermark has passed
         them) and emits their requests' values; the rest wait for the next timer."""
         buffered = list(buffer.read())
@@ -153,21 +177,34 @@ class _PointInTimeDoFn(beam.DoFn):
         index = buffered[0][0]
         group = self._groups[index]
         ready, rest = split_release((item for _, item in buffered), up_to_us, group)
-        states = histories.read() or {}
         outputs = []
-        for key, items in ready.items():
-            history = KeyHistory.from_state(group.features, states.get(key), self._lateness_s)
-            answers, late_requests, late_observations = history.apply(to_pending(item, group) for item in items)
-            states[key] = history.to_state()
-            if group.counts_late_requests:  # every group sees the requests: count once
-                self._late_requests.inc(late_requests)
-            if group.counts_late_observations:
-                self._late_observations.inc(late_observations)
-            outputs.extend(beam.window.TimestampedValue((state_key(pending.event_id, self._shards),
-                                                         (pending.event_id, (index, answer))),
-                                                        Timestamp(micros=pending.time_us))
-                           for pending, answer in answers)
-        histories.write(states)
+        if ready:
+            kept_key = (self._owner, f"{index}/{state_key(next(iter(ready)), self._shards)}")
+            histories, logged = self._histories(kept_key, group, log, token)
+            entries = []
+            for key, items in ready.items():
+                history = histories.get(key)
+                if history is None:
+                    history = histories[key] = KeyHistory(group.features, self._lateness_s)
+                pending = [to_pending(item, group) for item in items]
+                answers, late_requests, late_observations = history.apply(pending)
+                entries.append(delta_entry(key, history.processed_through_us, pending))
+                if group.counts_late_requests:  # every group sees the requests: count once
+                    self._late_requests.inc(late_requests)
+                if group.counts_late_observations:
+                    self._late_observations.inc(late_observations)
+                outputs.extend(beam.window.TimestampedValue((state_key(pending_.event_id, self._shards),
+                                                             (pending_.event_id, (index, answer))),
+                                                            Timestamp(micros=pending_.time_us))
+                               for pending_, answer in answers)
+            entries, replace, logged = next_entries(histories, logged, entries)
+            if replace:
+                log.clear()
+            for entry in entries:
+                log.add(entry)
+            written = new_token()
+            token.write(written)
+            KEPT.put(kept_key, written, (histories, logged), live_size(histories))
         buffer.clear()
         timer_at.clear()
         next_us = next_release_us(rest, self._step_us)
