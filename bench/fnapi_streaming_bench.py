@@ -62,13 +62,6 @@ def load_replay(spec, start_time: str, limit: int) -> list:
     return select(loaded.events, int(start.timestamp()) * 1_000_000 + start.microsecond, limit).events
 
 
-_REPLAYS: dict[str, list] = {}
-
-
-def _replayed(_, token: str) -> list:
-    return _REPLAYS.pop(token)
-
-
 class _Count(object):
     """A counting sink per output: a Beam counter, nothing written."""
 
@@ -100,13 +93,8 @@ def replay(spec, model: str, events: list, inference_batch_size: int, state_cach
         messages.append(beam.window.TimestampedValue(
             PubsubMessage(message.data, message.attributes, message_id=str(number)),
             beam.utils.timestamp.Timestamp(micros=event.time_us)))
-    # Handed over in memory (the FnApiRunner's worker is this process), not in a Create, whose
-    # elements are pickled and bz2-compressed into the pipeline at run(): a cost that grows with the
-    # replay, and that no Pub/Sub read pays.
-    token = f"replay-{id(messages)}"
-    _REPLAYS[token] = messages
     pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
-    source = pipeline | "Start" >> beam.Impulse() | "Replay" >> beam.FlatMap(_replayed, token)
+    source = pipeline | "Replay" >> beam.Create(messages, reshuffle=False)
     source.is_bounded = False  # the streaming branches: state and event-time timers, as on Pub/Sub
     outputs = streaming.build(source, spec, model, key_shards=None, release_step_ms=1000,
                               inference_batch_size=inference_batch_size, served_fraction=1.0, archive_events=True,

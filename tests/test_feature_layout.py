@@ -8,9 +8,12 @@ from __future__ import annotations
 import zlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import HOUR_US, MIN_US, observation, request
 from transforms.bounded_features import answer_bucket, bucket_span_us, buckets_of
+from transforms.event_time import timer_us
 from transforms.events import Event
 from transforms.feature_layout import (FEATURES, EventLayout, event_key, feature_groups, fill, key_of,
                                        reads, state_key, to_pending)
@@ -141,9 +144,12 @@ def test_state_key_is_the_key_or_a_stable_shard():
 # ---- what the streaming DoFns decide ----
 
 def test_release_time_is_the_end_of_the_events_step():
-    assert [release_time(t, 600) for t in (0, 1, 599, 600, 601, 1200)] == [0, 600, 600, 600, 1200, 1200]
-    assert release_time(-1, 600) == 0  # ceiling, also below 0
-    assert release_time(12_345, 0) == release_time(12_345, 1) == 12_345  # no step: the event's own time
+    step = 600_000
+    assert [release_time(t, step) for t in (0, 1, 599_999, 600_000, 600_001, 1_200_000)] == [
+        0, step, step, step, 2 * step, 2 * step]
+    assert release_time(-1, step) == 0  # ceiling, also below 0
+    # No step: the event's own time, up to the next whole millisecond (a timer's resolution).
+    assert release_time(12_000, 0) == 12_000 and release_time(12_345, 0) == release_time(12_345, 1) == 13_000
 
 
 def test_split_release_keeps_what_the_watermark_has_not_passed(flights_spec):
@@ -248,3 +254,9 @@ def test_composite_key_values_cannot_collide(flights_spec):
     first = _item(flights_spec, request("r", 0, origin="EWR", dest='A","B'))
     second = _item(flights_spec, request("r", 0, origin='EWR","A', dest="B"))
     assert key_of(first, route) != key_of(second, route)
+
+
+@given(st.integers(-10**15, 10**15))
+def test_a_timer_is_set_at_or_after_its_time_on_a_whole_millisecond(time_us):
+    at = timer_us(time_us)
+    assert at % 1000 == 0 and time_us <= at < time_us + 1000

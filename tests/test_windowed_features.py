@@ -193,3 +193,40 @@ def test_take_joined_leaves_the_other_requests_of_a_shard_pending(flights_spec):
     assert joined[-1] == (1.0, 10.0, 10.0, 10.0, 20.0, None, None, None, 15.0, 12.0, 0.0)
     assert rest == [("r2", (REQUEST_PART, r2)), *(("r2", part) for part in answers[:2])]
     assert take_joined(rest, "r2", groups) == (None, rest)  # r2 still waits for the route and dest parts
+
+
+_FOUND: dict[str, list] = {}  # what an in-process runner's last step saw, by test
+
+
+def _found(row, test: str) -> None:
+    """A module function, pickled by reference: the FnApiRunner runs it in this process."""
+    _FOUND[test].append((row.event.event_id, row.features[0]))  # origin_departures_1h
+
+
+def test_event_times_with_microseconds_end_on_the_fnapi_runner(flights_spec):
+    """Timers fire at whole milliseconds (Beam's portable timers, as on Dataflow): a timer
+    set at an event's own microsecond once fired before it, found nothing due and was set
+    again, forever. Here every event has microseconds, nothing is stepped (release_step_ms 0),
+    and the run ends with the values counted by hand: the ledger and the releases fire at
+    the millisecond after their times."""
+    import threading
+
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from transforms.deduplicate import DeduplicateEvents
+
+    t0 = 1_357_000_000_000_000 + 123  # a whole second plus 123 µs
+    events = [observation(f"o{n}", t0 + n * 1_001, float(n)) for n in range(5)]
+    events += [request("r", t0 + 5_005 + 7), request("r0", t0 + 499)]  # r sees all five, r0 the first
+    found = _FOUND.setdefault("microseconds", [])
+    pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
+    source = pipeline | beam.Create([beam.window.TimestampedValue(e, Timestamp(micros=e.time_us)) for e in events])
+    source.is_bounded = False  # the streaming branches: state and event-time timers
+    unique = source | DeduplicateEvents(flights_spec.max_window_s + 3600)
+    rows = unique["events"] | WindowedFeatures(flights_spec, 3600, None, release_step_ms=0)
+    rows | beam.Map(_found, "microseconds")
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (pipeline.run().wait_until_finish(), done.set()), daemon=True)
+    runner.start()
+    assert done.wait(120), "the stream's timers never settled"
+    assert sorted(found) == [("r", 5.0), ("r0", 1.0)]

@@ -35,6 +35,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import counters
 from transforms.events import DeadLetter, Event, event_from_json, event_to_json, time_us_to_rfc3339
+from transforms.event_time import timer_us
 from transforms.feature_layout import state_key
 from transforms.gather import GatherInBundle
 
@@ -194,7 +195,7 @@ class _DeduplicateLive(beam.DoFn):
         if verdict == NEW:
             ledger_state.write(ledger.entries)
             pending = forget_at.read()
-            due = event.time_us + self._horizon_us
+            due = timer_us(event.time_us + self._horizon_us)
             if pending is None or due < pending:
                 forget.set(Timestamp(micros=due))
                 forget_at.write(due)
@@ -217,6 +218,7 @@ class _DeduplicateLive(beam.DoFn):
             ledger_state.clear()
             forget_at.clear()
             return
+        due = timer_us(due)
         ledger_state.write(ledger.entries)
         forget.set(Timestamp(micros=due))
         forget_at.write(due)

@@ -28,6 +28,16 @@ from typing import Mapping, NamedTuple, Optional
 from transforms.events import Event, InvalidRecord, rfc3339_to_time_us, time_us_to_rfc3339
 
 _US = 1_000_000
+TIMER_RESOLUTION_US = 1000
+
+
+def timer_us(time_us: int) -> int:
+    """The time to set an event-time timer at for `time_us`: the next whole
+    millisecond. Runners keep timer times in milliseconds (the portable timer
+    coder, Dataflow), so a timer set between two fires at the earlier one,
+    before the time it stands for: a DoFn that then finds nothing due and
+    sets it again would fire it forever. Event times may carry microseconds."""
+    return -(-time_us // TIMER_RESOLUTION_US) * TIMER_RESOLUTION_US
 # Beam's timestamps end near the year 294247; an epoch-ms attribute beyond that is not a time.
 _MAX_ATTRIBUTE_MS = 10 ** 16
 

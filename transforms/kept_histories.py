@@ -67,6 +67,11 @@ class KeptHistories:
             if old is not None:
                 self._size -= old[2]
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._size = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 

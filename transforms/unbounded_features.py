@@ -30,6 +30,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import counters
+from transforms.event_time import TIMER_RESOLUTION_US
 from transforms.feature_layout import ID, RANK, TIME, FeatureGroup, fill, key_of, reads, state_key, to_pending
 from transforms.history_log import delta_entry, entry_size, histories_from_log, live_size, next_entries
 from transforms.kept_histories import KEPT, new_token
@@ -42,8 +43,10 @@ def release_time(time_us: int, step_us: int) -> int:
     """When an event may be released: the end of its step of event time. The
     watermark has then passed every event of the step, so one timer firing
     releases them all, where a timer per event time would fire once per
-    distinct time (each firing a bundle through every later step)."""
-    return -(-time_us // step_us) * step_us if step_us > 1 else time_us
+    distinct time (each firing a bundle through every later step). Never
+    finer than a timer can fire (`timer_us`: whole milliseconds)."""
+    step = max(step_us, TIMER_RESOLUTION_US)
+    return -(-time_us // step) * step
 
 
 def split_release(items: Iterable[tuple], up_to_us: int, group: FeatureGroup
