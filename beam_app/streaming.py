@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import apache_beam as beam
 from apache_beam.io.gcp.pubsub import ReadFromPubSub
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, SetupOptions, StandardOptions, WorkerOptions
 
 from beam_app.adapters import load_adapters
 from beam_app.bigquery.counts import table_counts
@@ -217,7 +217,22 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
     return outputs
 
 
+def state_cache_mb(options) -> int:
+    """The SDK harness's state cache the flags ask for: --max_cache_memory_usage_mb, or
+    Beam's older --experiments state_cache_size=N (as the worker reads them)."""
+    for experiment in options.view_as(DebugOptions).experiments or []:
+        if experiment.startswith("state_cache_size="):
+            return int(experiment.partition("=")[2] or 0)
+    return options.view_as(WorkerOptions).max_cache_memory_usage_mb or 0
+
+
 def _check_options(options: StreamingOptions) -> None:
+    if state_cache_mb(options):
+        raise UsageError(
+            "leave Beam's state cache off (--max_cache_memory_usage_mb 0, Dataflow's default): with it on, Beam "
+            "weighs every state value it caches by walking it and the globals of every loaded module, which made "
+            "this job about 15 times slower (docs/performance.md, \"Beam's state cache\"). The job keeps what its "
+            "firings read in memory itself")
     if bool(options.input_subscription) == bool(options.input_topic):
         raise UsageError("give exactly one of --input_subscription projects/P/subscriptions/S "
                          "or --input_topic projects/P/topics/T")

@@ -54,6 +54,13 @@ def test_id_attribute_and_a_missing_bootstrap_are_refused_at_start_with_what_to_
         streaming._check_options(streaming.StreamingOptions([*FULL, "--bootstrap_input", str(tmp_path / "*.ndjson")]))
 
 
+@pytest.mark.parametrize("flags", [["--max_cache_memory_usage_mb", "100"], ["--experiments", "state_cache_size=50"]])
+def test_beams_state_cache_is_refused_with_why(flags):
+    with pytest.raises(UsageError, match="leave Beam's state cache off .* about 15 times slower"):
+        streaming._check_options(streaming.StreamingOptions([*FULL, *flags]))
+    streaming._check_options(streaming.StreamingOptions([*FULL, "--max_cache_memory_usage_mb", "0"]))
+
+
 @pytest.mark.parametrize("fraction", ["0", "-0.5", "1.01"])
 def test_the_served_features_fraction_is_a_share_above_0_and_at_most_1(fraction):
     with pytest.raises(UsageError, match="--served_features_fraction is a share of requests"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import re
@@ -271,10 +272,12 @@ class FeatureSpec:
             document["evaluation"] = {"rate_baseline": self.rate_baseline}
         return document
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the canonical normalized spec (every kind, source and
-        feature): equal specs, equal prints, however the YAML was formatted."""
+        feature): equal specs, equal prints, however the YAML was formatted.
+        Worked out once per spec object (the jobs stamp it on every row; the
+        spec is frozen, and a cached_property writes past the frozen setattr)."""
         canonical = json.dumps(self.to_document(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
