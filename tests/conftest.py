@@ -81,6 +81,7 @@ EXPECTED_SECONDS = {
     "tests/test_deduplicate.py::test_features_of_a_stream_delivered_twice_equal_batch_features_of_the_clean_events": 10,
     "tests/test_deploy.py::test_training_writes_every_file_of_a_remote_model_dir_through_gfile": 10,
     "tests/test_windowed_features.py::test_streaming_path_equals_batch_path_bit_for_bit": 7,
+    "tests/test_state_ends.py::test_ten_thousand_keys_seen_once_leave_no_state_once_the_watermark_passes_the_horizon": 8,
     "tests/test_feature_parity.py::test_every_aggregate_streams_as_it_batches": 6,
     "tests/test_streaming.py::test_a_model_trained_on_another_spec_refuses_to_start": 7,
     "tests/test_model.py::test_a_short_training_run_lowers_the_loss": 6,

@@ -79,7 +79,8 @@ def _check_read_back(firings, probe):
             history = kept.setdefault(key, KeyHistory(FEATURES, LATENESS_S))
             history.apply(events)
             deltas.append(delta_entry(key, history.processed_through_us, events))
-        entries, replace, logged = next_entries(kept, logged, deltas)
+        entries, replace, logged, ended = next_entries(kept, logged, deltas, watermark_us=0)
+        assert ended == 0  # the watermark has passed nothing
         compactions += replace
         log = entries if replace else log + entries
         assert logged == sum(map(history_log.entry_size, log))
@@ -96,12 +97,29 @@ def test_a_compacted_log_holds_what_the_windows_reach():
     for minute in range(0, 3000, 5):  # two days of an observation every 5 minutes
         events = [_pending(minute, False, minute, 1.0, 2.0), _pending(minute, True, minute, None, None)]
         kept["a"].apply(events)
-        entries, replace, logged = next_entries(kept, logged, [delta_entry("a", kept["a"].processed_through_us,
-                                                                           events)])
+        entries, replace, logged, _ = next_entries(kept, logged, [delta_entry("a", kept["a"].processed_through_us,
+                                                                              events)], minute * MIN)
         log = entries if replace else log + entries
     horizon_observations = (7200 + LATENESS_S) // 300  # the longest window plus lateness, one every 5 min
     assert logged <= history_log.COMPACT_FACTOR * (horizon_observations + 1) + history_log.COMPACT_SLACK + 2
     assert any(entry[0] == history_log.SNAPSHOT for entry in log)
+
+
+def test_a_shards_key_values_end_when_the_watermark_passes_their_newest_event_plus_the_horizon():
+    horizon_us = (7200 + LATENESS_S) * 1_000_000
+    kept = {key: KeyHistory(FEATURES, LATENESS_S) for key in "abc"}
+    for key, minute in (("a", 0), ("b", 1), ("c", 200)):
+        kept[key].apply([_pending(minute, False, minute, 1.0, 2.0)])
+    assert history_log.ended(kept["a"], horizon_us) and not history_log.ended(kept["b"], horizon_us)
+    # A firing of "c" far later, with a log long enough to be rewritten: "a" and "b" have ended by then.
+    deltas = [delta_entry("c", kept["c"].processed_through_us, [_pending(200, False, 200, 1.0, 2.0)])]
+    entries, replace, logged, ended = next_entries(kept, 10_000, deltas, 200 * MIN)
+    assert replace and ended == 2 and set(kept) == {"c"} and {entry[1] for entry in entries} == {"c"}
+    # Before the log is due for a rewrite, nothing is dropped: the log would still hold them.
+    kept = {key: KeyHistory(FEATURES, LATENESS_S) for key in "ab"}
+    kept["a"].apply([_pending(0, False, 0, 1.0, 2.0)])
+    kept["b"].apply([_pending(200, False, 1, 1.0, 2.0)])
+    assert next_entries(kept, 0, [], 200 * MIN)[1:] == (False, 0, 0) and set(kept) == {"a", "b"}
 
 
 def test_kept_histories_are_handed_out_once_and_only_under_their_token():

@@ -203,7 +203,7 @@ def _found(row, test: str) -> None:
     _FOUND[test].append((row.event.event_id, row.features[0]))  # origin_departures_1h
 
 
-def test_event_times_with_microseconds_end_on_the_fnapi_runner(flights_spec):
+def test_event_times_with_microseconds_end_on_the_fnapi_runner(flights_spec, monkeypatch):
     """Timers fire at whole milliseconds (Beam's portable timers, as on Dataflow): a timer
     set at an event's own microsecond once fired before it, found nothing due and was set
     again, forever. Here every event has microseconds, nothing is stepped (release_step_ms 0),
@@ -211,9 +211,11 @@ def test_event_times_with_microseconds_end_on_the_fnapi_runner(flights_spec):
     the millisecond after their times."""
     import threading
 
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
     from transforms.deduplicate import DeduplicateEvents
+
+    monkeypatch.setattr(worker_handlers, "STATE_CACHE_SIZE_MB", 0)  # as on Dataflow
 
     t0 = 1_357_000_000_000_000 + 123  # a whole second plus 123 µs
     events = [observation(f"o{n}", t0 + n * 1_001, float(n)) for n in range(5)]

@@ -65,6 +65,9 @@ LATE_REQUESTS = Counter("windowed_features", "late_requests")
 LATE_OBSERVATIONS = Counter("windowed_features", "late_observations")
 # Streaming: a timer firing that found no kept history for its state key and read the log back.
 HISTORIES_REBUILT = Counter("windowed_features", "histories_rebuilt")
+# Streaming: key values whose feature state is held (up on a first event, down when it ends), and those ended.
+LIVE_KEYS = Counter("windowed_features", "live_keys")
+STATE_CLEARED = Counter("windowed_features", "state_cleared")
 
 # Examples (transforms/examples.py, split.py, beam_app/batch.py).
 EXAMPLES_ENCODED = Counter("examples", "encoded")

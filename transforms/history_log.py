@@ -109,15 +109,33 @@ def live_size(histories: dict[str, KeyHistory]) -> int:
     return sum(len(history.times[0]) for history in histories.values())
 
 
-def next_entries(histories: dict[str, KeyHistory], logged: int, deltas: list[tuple]
-                 ) -> tuple[list[tuple], bool, int]:
+def history_horizon_us(group, lateness_s: int) -> int:
+    """How long after a key's newest event a request can still read its observations:
+    the group's longest window plus the allowed lateness (`KeyHistory.horizon_us`)."""
+    return (max(feature.window_s for feature in group.features) + lateness_s) * 1_000_000
+
+
+def ended(history: KeyHistory, watermark_us: int) -> bool:
+    """Whether no request can read the history any more: the watermark has passed its
+    newest event plus the horizon, so a request that is not later than the allowed
+    lateness comes after every window that holds one of its observations."""
+    return history.processed_through_us is not None and history.processed_through_us + history.horizon_us <= watermark_us
+
+
+def next_entries(histories: dict[str, KeyHistory], logged: int, deltas: list[tuple], watermark_us: int
+                 ) -> tuple[list[tuple], bool, int, int]:
     """After a firing applied `deltas` to `histories`, whose log held `logged`
     observations -> (the entries to write, whether they replace the log, the
-    observations the log then holds). The log is rewritten as snapshots once it
-    holds more than COMPACT_FACTOR times what the histories hold."""
+    observations the log then holds, how many key values ended). The log is
+    rewritten as snapshots once it holds more than COMPACT_FACTOR times what the
+    histories hold; the key values that have `ended` by the watermark are then
+    left out, and out of `histories` (a state key holding several: a shard)."""
     logged += sum(map(entry_size, deltas))
     if logged > COMPACT_FACTOR * live_size(histories) + COMPACT_SLACK:
+        gone = [key for key, history in histories.items() if ended(history, watermark_us)]
+        for key in gone:
+            del histories[key]
         snapshots = [snapshot_entry(key, history) for key, history in histories.items()]
-        return snapshots, True, sum(map(entry_size, snapshots))
-    return deltas, False, logged
+        return snapshots, True, sum(map(entry_size, snapshots)), len(gone)
+    return deltas, False, logged, 0
 

@@ -30,9 +30,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import counters
-from transforms.event_time import TIMER_RESOLUTION_US
+from transforms.event_time import TIMER_RESOLUTION_US, timer_us
 from transforms.feature_layout import ID, RANK, TIME, FeatureGroup, fill, key_of, reads, state_key, to_pending
-from transforms.history_log import delta_entry, entry_size, histories_from_log, live_size, next_entries
+from transforms.history_log import (delta_entry, entry_size, histories_from_log, history_horizon_us, live_size,
+                                    next_entries)
 from transforms.kept_histories import KEPT, new_token
 from transforms.point_in_time import REQUEST, KeyHistory
 
@@ -123,6 +124,10 @@ class _PointInTimeDoFn(beam.DoFn):
     # then on never fires: this one, set while the window is open, releases
     # whatever is still buffered.
     DRAIN = TimerSpec("drain", TimeDomain.WATERMARK)
+    # When no request can read the state key's observations any more: its newest
+    # event plus the horizon (the longest window plus the allowed lateness).
+    # Set again at every firing; when it fires, the state key's state ends.
+    EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
 
     def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, release_step_us: int,
                  key_shards: Optional[int] = None):
@@ -134,6 +139,8 @@ class _PointInTimeDoFn(beam.DoFn):
         self._late_requests = counters.LATE_REQUESTS.metric()
         self._late_observations = counters.LATE_OBSERVATIONS.metric()
         self._rebuilt = counters.HISTORIES_REBUILT.metric()
+        self._live_keys = counters.LIVE_KEYS.metric()
+        self._cleared = counters.STATE_CLEARED.metric()
 
     def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
                 release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):
@@ -150,14 +157,34 @@ class _PointInTimeDoFn(beam.DoFn):
     @on_timer(RELEASE)
     def on_release(self, fired_at=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
                    log=beam.DoFn.StateParam(LOG), token=beam.DoFn.StateParam(TOKEN),
-                   timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE)):
-        return self._release(fired_at.micros, buffer, log, token, timer_at, release)
+                   timer_at=beam.DoFn.StateParam(TIMER_AT), release=beam.DoFn.TimerParam(RELEASE),
+                   expire=beam.DoFn.TimerParam(EXPIRE)):
+        return self._release(fired_at.micros, buffer, log, token, timer_at, release, expire)
 
     @on_timer(DRAIN)
     def on_drain(self, buffer=beam.DoFn.StateParam(BUFFER), log=beam.DoFn.StateParam(LOG),
                  token=beam.DoFn.StateParam(TOKEN), timer_at=beam.DoFn.StateParam(TIMER_AT),
-                 release=beam.DoFn.TimerParam(RELEASE)):
-        return self._release(GlobalWindow().max_timestamp().micros, buffer, log, token, timer_at, release)
+                 release=beam.DoFn.TimerParam(RELEASE), expire=beam.DoFn.TimerParam(EXPIRE)):
+        return self._release(GlobalWindow().max_timestamp().micros, buffer, log, token, timer_at, release, expire)
+
+    @on_timer(EXPIRE)
+    def on_expire(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
+                  log=beam.DoFn.StateParam(LOG), token=beam.DoFn.StateParam(TOKEN),
+                  timer_at=beam.DoFn.StateParam(TIMER_AT), drain=beam.DoFn.TimerParam(DRAIN)):
+        """No request can read this state key's observations any more: its state ends.
+        Events still buffered (later ones) keep it: their firing sets this timer again."""
+        if timer_at.read() is not None:
+            return
+        index = int(key.partition("/")[0])
+        kept_key = (self._owner, key)
+        histories, _ = self._histories(kept_key, self._groups[index], log, token)
+        KEPT.drop(kept_key)
+        log.clear()
+        token.clear()
+        buffer.clear()
+        drain.clear()
+        self._live_keys.dec(len(histories))
+        self._cleared.inc(len(histories))
 
     def _histories(self, kept_key: tuple, group: FeatureGroup, log, token) -> tuple[dict, int]:
         """The state key's histories by key value, and the observations its log holds."""
@@ -170,7 +197,7 @@ class _PointInTimeDoFn(beam.DoFn):
             self._rebuilt.inc()
         return histories_from_log(group.features, self._lateness_s, entries), sum(map(entry_size, entries))
 
-    def _release(self, up_to_us, buffer, log, token, timer_at, release):
+    def _release(self, up_to_us, buffer, log, token, timer_at, release, expire):
         """Applies the buffered events up to `up_to_us` (the watermark has passed
         them) and emits their requests' values; the rest wait for the next timer."""
         buffered = list(buffer.read())
@@ -189,6 +216,7 @@ class _PointInTimeDoFn(beam.DoFn):
                 history = histories.get(key)
                 if history is None:
                     history = histories[key] = KeyHistory(group.features, self._lateness_s)
+                    self._live_keys.inc()
                 pending = [to_pending(item, group) for item in items]
                 answers, late_requests, late_observations = history.apply(pending)
                 entries.append(delta_entry(key, history.processed_through_us, pending))
@@ -200,7 +228,12 @@ class _PointInTimeDoFn(beam.DoFn):
                                                              (pending_.event_id, (index, answer))),
                                                             Timestamp(micros=pending_.time_us))
                                for pending_, answer in answers)
-            entries, replace, logged = next_entries(histories, logged, entries)
+            entries, replace, logged, ended = next_entries(histories, logged, entries, up_to_us)
+            if ended:  # key values of a shard no request can read any more, left out of the rewritten log
+                self._live_keys.dec(ended)
+                self._cleared.inc(ended)
+            newest = max(history.processed_through_us for history in histories.values())
+            expire.set(Timestamp(micros=timer_us(newest + history_horizon_us(group, self._lateness_s))))
             if replace:
                 log.clear()
             for entry in entries:
