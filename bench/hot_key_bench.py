@@ -13,10 +13,8 @@ observations and requests in turn, all within the shortest window, so each
 firing's windows hold N or more. The figures are per measured event: µs of
 the DoFn's processing and firings, and the state bytes read and written.
 
-Runners are left out on purpose: the FnApiRunner runs a bounded replay's
-stages one after the other, and its watermark jumps to the end of the input,
-so it cannot time one firing of one key (bench/fnapi_streaming_bench.py
-measures the whole job on it).
+Runners are left out on purpose (bench/dofn_harness.py says why;
+bench/fnapi_streaming_bench.py measures the whole job on the FnApiRunner).
 
     python bench/hot_key_bench.py [--populations 1000,10000,100000] [--measured 2000]
 
@@ -28,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import random
@@ -38,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from dofn_harness import Bytes, KeyState, fire_due  # noqa: E402  (bench/, this script's directory)
 
 T0_US = 1_386_000_000_000_000  # 2013-12-02T16:00:00Z
 SECOND = 1_000_000
@@ -64,91 +63,9 @@ def events(population: int, measured: int, seed: int = 7) -> list:
     return out
 
 
-class Bytes:
-    read = written = 0
-
-
-class _Bag:
-    """A bag as a cache-off runner keeps it: encoded, decoded at every read."""
-
-    def __init__(self, coder, counted: Bytes):
-        self._coder, self._counted, self._encoded = coder, counted, []
-
-    def add(self, value):
-        encoded = self._coder.encode(value)
-        self._counted.written += len(encoded)
-        self._encoded.append(encoded)
-
-    def read(self):
-        self._counted.read += sum(map(len, self._encoded))
-        return [self._coder.decode(encoded) for encoded in self._encoded]
-
-    def clear(self):
-        self._encoded = []
-
-
-class _Value:
-    def __init__(self, coder, counted: Bytes):
-        self._coder, self._counted, self._encoded = coder, counted, None
-
-    def read(self):
-        if self._encoded is None:
-            return None
-        self._counted.read += len(self._encoded)
-        return self._coder.decode(self._encoded)
-
-    def write(self, value):
-        self._encoded = self._coder.encode(value)
-        self._counted.written += len(self._encoded)
-
-    def clear(self):
-        self._encoded = None
-
-
-class _Timer:
-    def __init__(self):
-        self.at = None
-
-    def set(self, timestamp):
-        self.at = timestamp.micros
-
-    def clear(self):
-        self.at = None
-
-
-class KeyState:
-    """One state key's state and timers, for whichever state specs the DoFn declares."""
-
-    def __init__(self, dofn_class, counted: Bytes):
-        from apache_beam.transforms.userstate import BagStateSpec, TimerSpec
-
-        self.cells, self.timers, self._bound = {}, {}, {}
-        for spec in vars(dofn_class).values():
-            if isinstance(spec, TimerSpec):
-                self.timers[spec.name] = _Timer()
-            elif isinstance(spec, BagStateSpec):
-                self.cells[spec.name] = _Bag(spec.coder, counted)
-            elif hasattr(spec, "coder") and hasattr(spec, "name"):
-                self.cells[spec.name] = _Value(spec.coder, counted)
-
-    def arguments(self, method, **given) -> dict:
-        """A DoFn method's keyword arguments: its StateParam and TimerParam defaults bound to this key's."""
-        bound = self._bound.get(method.__name__)
-        if bound is None:
-            bound = self._bound[method.__name__] = {}
-            for name, parameter in inspect.signature(method).parameters.items():
-                default = parameter.default
-                spec = getattr(default, "state_spec", None) or getattr(default, "timer_spec", None)
-                if spec is not None:
-                    bound[name] = self.cells.get(spec.name) or self.timers[spec.name]
-        return {**bound, **given}
-
-
 def drive(spec, replay: list, counted: Bytes) -> tuple[int, float]:
     """The replay through `_Route` and `_PointInTimeDoFn`, a timer firing per step -> (answers, seconds
     spent on the steps after T0: the measured events)."""
-    from apache_beam.utils.timestamp import Timestamp
-
     from transforms.feature_layout import EventLayout, feature_groups
     from transforms.kept_histories import KEPT
     from transforms.unbounded_features import _POINTS, _PointInTimeDoFn, _Route
@@ -177,11 +94,8 @@ def drive(spec, replay: list, counted: Bytes) -> tuple[int, float]:
                 if state is None:
                     state = states[state_key] = KeyState(_PointInTimeDoFn, counted)
                 step.process((state_key, value), **state.arguments(step.process))
-        for state in states.values():  # the watermark passes the step: due timers fire
-            if state.timers["ts-release"].at is not None and state.timers["ts-release"].at <= step_end * SECOND:
-                fired = state.timers["ts-release"].at
-                state.timers["ts-release"].at = None
-                answers += len(step.on_release(**state.arguments(step.on_release, fired_at=Timestamp(micros=fired))))
+        for state_key, state in states.items():  # the watermark passes the step: due timers fire
+            answers += len(fire_due(step, state, step_end * SECOND, key=state_key))
         if step_end * SECOND > T0_US:
             timings.append(time.perf_counter() - started)
     return answers, sum(timings)
