@@ -109,12 +109,6 @@ def live_size(histories: dict[str, KeyHistory]) -> int:
     return sum(len(history.times[0]) for history in histories.values())
 
 
-def history_horizon_us(group, lateness_s: int) -> int:
-    """How long after a key's newest event a request can still read its observations:
-    the group's longest window plus the allowed lateness (`KeyHistory.horizon_us`)."""
-    return (max(feature.window_s for feature in group.features) + lateness_s) * 1_000_000
-
-
 def ended(history: KeyHistory, watermark_us: int) -> bool:
     """Whether no request can read the history any more: the watermark has passed its
     newest event plus the horizon, so a request that is not later than the allowed

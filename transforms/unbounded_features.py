@@ -32,8 +32,7 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms import counters
 from transforms.event_time import TIMER_RESOLUTION_US, timer_us
 from transforms.feature_layout import ID, RANK, TIME, FeatureGroup, fill, key_of, reads, state_key, to_pending
-from transforms.history_log import (delta_entry, entry_size, histories_from_log, history_horizon_us, live_size,
-                                    next_entries)
+from transforms.history_log import delta_entry, entry_size, histories_from_log, live_size, next_entries
 from transforms.kept_histories import KEPT, new_token
 from transforms.point_in_time import REQUEST, KeyHistory
 
@@ -232,8 +231,8 @@ class _PointInTimeDoFn(beam.DoFn):
             if ended:  # key values of a shard no request can read any more, left out of the rewritten log
                 self._live_keys.dec(ended)
                 self._cleared.inc(ended)
-            newest = max(history.processed_through_us for history in histories.values())
-            expire.set(Timestamp(micros=timer_us(newest + history_horizon_us(group, self._lateness_s))))
+            ends_at = max(history.processed_through_us + history.horizon_us for history in histories.values())
+            expire.set(Timestamp(micros=timer_us(ends_at)))
             if replace:
                 log.clear()
             for entry in entries:
