@@ -1,5 +1,6 @@
 """The consistency job: what the streaming job served, recomputed by the batch
-engine from the event history, feature by feature.
+engine from the event history, feature by feature; and whether every request
+of the history got a prediction.
 
     served-features log (BigQuery table or NDJSON files, a time range)
       \\
@@ -16,12 +17,22 @@ Per served column it counts: compared, equal, different, logged but not
 recomputable (no such request in the history), recomputable but not logged
 (a request of the range, in the --served_features_fraction sample, without a
 served row). Rows served under another spec fingerprint are counted and not
-compared. Exits 1 when the fraction of compared requests with any difference
-is above --max_mismatch_fraction (default 0: our contract is exact), 2 on a
-usage error.
+compared.
+
+With --predictions it also checks completeness (beam_app/monitoring/completeness.py):
+    history requests + predictions -> CoGroupByKey(event_id) -> missing-*.ndjson
+every request of the range without a prediction is listed with its event_id
+and time. One older than --allowed_lateness_s before the range's end is
+overdue: the job should have answered it (a crash on a runner that acks on
+pull loses what it held).
+
+Exits 1 when the fraction of compared requests with any difference is above
+--max_mismatch_fraction (default 0: our contract is exact) or a request is
+overdue, 2 on a usage error.
 
     python -m beam_app.consistency --runner DirectRunner \\
         --served_features my-project:features.served_features \\
+        --predictions my-project:features.predictions \\
         --input bq:my-project.features.events --start 2026-12-01 --end 2026-12-02 \\
         --output output/consistency
 
@@ -51,6 +62,7 @@ from beam_app.common.inputs import add_format_argument, input_names, read_inputs
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.times import add_time_range_arguments, time_flag_rfc3339, time_range_us
+from beam_app.monitoring.completeness import MISSING, SAMPLE_MISSING, CheckCompleteness, completeness_summary
 from beam_app.monitoring.recompute import (COUNTS, RECORDS, REFUSED, SAMPLE_UNEXPLAINED, CompareWithBatch,
                                            EventsFromTable, summarize)
 from transforms import counters
@@ -66,7 +78,18 @@ class ConsistencyOptions(CommonOptions):
         parser.add_argument(
             "--served_features", default=None,
             help="The served-features log: the streaming job's --served_features (project:dataset.table) or "
-                 "NDJSON files of its rows (a path or glob, local or gs://). Required.")
+                 "NDJSON files of its rows (a path or glob, local or gs://): its features are recomputed and "
+                 "compared. This, --predictions or both.")
+        parser.add_argument(
+            "--predictions", default=None,
+            help="The streaming job's --predictions_table (project:dataset.table) or NDJSON files of its rows: "
+                 "every request of the history in the range must have one prediction; those without one are "
+                 "listed in missing-*.ndjson with their event_id and time.")
+        parser.add_argument(
+            "--allowed_lateness_s", type=int, default=3600,
+            help="The streaming job's --allowed_lateness_s (default 3600): a request without a prediction fails "
+                 "the check when it is older than this before the end of the range (--end, or the history's "
+                 "latest event); a later one may still be in flight and is only reported.")
         parser.add_argument(
             "--input", default=None, action="append",
             help="The event history to recompute from: the streaming job's --events_table as "
@@ -128,56 +151,103 @@ def read_history(pipeline, spec: FeatureSpec, options: ConsistencyOptions, start
 def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: FeatureSpec) -> None:
     start_us, end_us = time_range_us(options.start, options.end)
     start, end = time_flag_rfc3339(options.start, "--start"), time_flag_rfc3339(options.end, "--end")
-    source, endpoint = options.served_features, options.bigquery_endpoint
-    served = (pipeline
-              | "ServedLog" >> beam.Create([source])
-              | "ReadServed" >> beam.FlatMap(lambda log: read_served_rows(log, start, end, endpoint))
-              | "SpreadServed" >> beam.Reshuffle()
-              | "ServedById" >> beam.Map(lambda row: (row["event_id"], row)))
+    endpoint = options.bigquery_endpoint
     history, refused = read_history(pipeline, spec, options, start_us, end_us)
-    compared = {"served": served, "history": history} | "CompareWithBatch" >> CompareWithBatch(
-        spec, start_us, end_us, options.served_features_fraction)
-    records = compared[RECORDS]
-    counts = ((compared[COUNTS], refused)
+    counted, records = [refused], None
+    if options.served_features:
+        source = options.served_features
+        served = (pipeline
+                  | "ServedLog" >> beam.Create([source])
+                  | "ReadServed" >> beam.FlatMap(lambda log: read_served_rows(log, start, end, endpoint))
+                  | "SpreadServed" >> beam.Reshuffle()
+                  | "ServedById" >> beam.Map(lambda row: (row["event_id"], row)))
+        compared = {"served": served, "history": history} | "CompareWithBatch" >> CompareWithBatch(
+            spec, start_us, end_us, options.served_features_fraction)
+        records = compared[RECORDS]
+        counted.append(compared[COUNTS])
+    missing = None
+    if options.predictions:
+        source = options.predictions
+        predictions = (pipeline
+                       | "PredictionsTable" >> beam.Create([source])
+                       | "ReadPredictions" >> beam.FlatMap(lambda table: read_served_rows(table, start, end, endpoint))
+                       | "SpreadPredictions" >> beam.Reshuffle())
+        checked = ({"history": history | "HistoryEvents" >> beam.Map(lambda arrived: arrived.event),
+                    "predictions": predictions}
+                   | "CheckCompleteness" >> CheckCompleteness(start_us, end_us, options.allowed_lateness_s))
+        missing = checked[MISSING]
+        counted.append(checked["counts"])
+    counts = (counted
               | "AllCounters" >> beam.Flatten()
               | "Count" >> beam.CombinePerKey(sum)
               | "ToDict" >> beam.combiners.ToDict())
-    unexplained = (records | "Unexplained" >> beam.Filter(lambda record: not record["explained"])
-                   | "Sample" >> beam.combiners.Top.Of(SAMPLE_UNEXPLAINED, key=lambda r: r["event_id"], reverse=True))
-    settings = {"served_features": source, "input": options.input, "start": start, "end": end,
+    settings = {"served_features": options.served_features, "predictions": options.predictions,
+                "input": options.input, "start": start, "end": end,
                 "served_features_fraction": options.served_features_fraction,
-                "max_mismatch_fraction": options.max_mismatch_fraction}
+                "max_mismatch_fraction": options.max_mismatch_fraction,
+                "allowed_lateness_s": options.allowed_lateness_s}
     output = options.output.rstrip("/")
     (counts
-     | "Summarize" >> beam.Map(lambda c, sample: json.dumps(summarize(c, sample, spec, settings), indent=2),
-                               sample=beam.pvalue.AsSingleton(unexplained))
+     | "Summarize" >> beam.Map(lambda c, unexplained, missing: json.dumps(
+         job_summary(c, unexplained, missing, spec, settings), indent=2),
+         unexplained=beam.pvalue.AsSingleton(_sample(pipeline, records, "Unexplained", SAMPLE_UNEXPLAINED,
+                                                     lambda record: not record["explained"])),
+         missing=beam.pvalue.AsSingleton(_sample(pipeline, missing, "Missing", SAMPLE_MISSING)))
      | "WriteSummary" >> beam.io.WriteToText(FileSystems.join(output, "consistency"), file_name_suffix=".json",
                                              shard_name_template=""))
-    (records
-     | "DifferencesToJson" >> beam.Map(lambda record: json.dumps(record, sort_keys=True, default=str))
-     | "WriteDifferences" >> beam.io.WriteToText(FileSystems.join(output, "differences"),
-                                                 file_name_suffix=".ndjson"))
+    for name, found in (("differences", records), (MISSING, missing)):
+        if found is not None:
+            (found
+             | f"{name.title()}ToJson" >> beam.Map(lambda record: json.dumps(record, sort_keys=True, default=str))
+             | f"Write{name.title()}" >> beam.io.WriteToText(FileSystems.join(output, name),
+                                                              file_name_suffix=".ndjson"))
+
+
+def job_summary(counts: dict, unexplained: list, missing: list, spec: FeatureSpec, settings: dict) -> dict:
+    """consistency.json: the served features' verdicts and, with --predictions, the completeness
+    check's. It passes when both do: the mismatch fraction within the bound, and no overdue request
+    without a prediction."""
+    summary = summarize(counts, unexplained, spec, settings)
+    if settings["predictions"]:
+        summary["completeness"] = completeness_summary(counts, missing, settings)
+        summary["passed"] = summary["passed"] and not summary["completeness"]["without_prediction_overdue"]
+    return summary
+
+
+def _sample(pipeline, records, name: str, size: int, keep=lambda record: True):
+    """A PCollection of one list: up to `size` of `records` that `keep`, by event_id (empty without records)."""
+    if records is None:
+        return pipeline | f"No{name}" >> beam.Create([[]])
+    return (records | name >> beam.Filter(keep)
+            | f"Sample{name}" >> beam.combiners.Top.Of(size, key=lambda r: r["event_id"], reverse=True))
 
 
 def check_options(options: ConsistencyOptions, spec: FeatureSpec) -> None:
     """UsageError (SpecError, FileNotFoundError) for a command line that cannot run: a required
     flag missing, a fraction out of range, a bad time range, an input that matches nothing."""
-    for flag in ("served_features", "input"):
-        if not getattr(options, flag):
-            raise UsageError(f"--{flag} is required (see --help)")
+    if not options.input:
+        raise UsageError("--input is required (see --help)")
+    if not (options.served_features or options.predictions):
+        raise UsageError("give --served_features (are the served features what batch computes?), --predictions "
+                         "(has every request a prediction?), or both")
+    if options.allowed_lateness_s < 0:
+        raise UsageError(f"--allowed_lateness_s is 0 or more: got {options.allowed_lateness_s}")
     if not 0 < options.served_features_fraction <= 1:
         raise UsageError(f"--served_features_fraction is above 0 and at most 1: got {options.served_features_fraction}")
     if options.max_mismatch_fraction < 0:
         raise UsageError(f"--max_mismatch_fraction is 0 or more: got {options.max_mismatch_fraction}")
     time_range_us(options.start, options.end)
-    if not is_table(options.served_features) and not FileSystems.match([options.served_features])[0].metadata_list:
-        raise FileNotFoundError(f"--served_features {options.served_features!r} matches no file")
+    for flag in ("served_features", "predictions"):
+        value = getattr(options, flag)
+        if value and not is_table(value) and not FileSystems.match([value])[0].metadata_list:
+            raise FileNotFoundError(f"--{flag} {value!r} matches no file")
     if history_table(options.input) is None:
         input_names(resolve_inputs(spec, options.input), options)  # FileNotFoundError says which pattern
 
 
 def _clear_previous(output: str) -> None:
     stale = [m.path for match in FileSystems.match([FileSystems.join(output, "differences-*"),
+                                                   FileSystems.join(output, f"{MISSING}-*"),
                                                    FileSystems.join(output, "consistency.json")])
              for m in match.metadata_list]
     if stale:
@@ -195,7 +265,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
     check_options(options, spec)
     output = options.output.rstrip("/")
     _clear_previous(output)
-    logging.info("consistency: %s against %s (spec %s %s)", options.served_features, ", ".join(options.input),
+    logging.info("consistency: %s against %s (spec %s %s)",
+                 " and ".join(filter(None, (options.served_features, options.predictions))), ", ".join(options.input),
                  spec.name, spec.fingerprint[:12])
     pipeline = beam.Pipeline(options=options)
     construct(pipeline, options, spec)
@@ -204,32 +275,53 @@ def run(argv: Optional[list[str]] = None) -> dict:
     with FileSystems.open(path) as summary_file:
         summary = json.loads(summary_file.read())
     summary["seconds"] = round(time.monotonic() - started, 1)
-    summary["outputs"] = {"summary": path, "differences": FileSystems.join(output, "differences-*.ndjson")}
+    summary["outputs"] = {"summary": path, "differences": FileSystems.join(output, "differences-*.ndjson"),
+                          MISSING: FileSystems.join(output, f"{MISSING}-*.ndjson")}
     _print_summary(summary)
     return summary
 
 
 def _print_summary(summary: dict) -> None:
-    explained = ", ".join(f"{name} {n:,}" for name, n in summary["explained_by"].items())
-    lines = [
-        f"consistency job finished in {summary['seconds']} s",
-        f"  served rows         {summary['rows_logged']:>9,}   ({summary['requests_logged']:,} requests; "
-        f"{summary['requests_logged_more_than_once']:,} logged more than once; "
-        f"{summary['rows_spec_mismatch']:,} of another spec, not compared)",
-        f"  compared            {summary['requests_compared']:>9,}   equal {summary['requests_equal']:,}, "
-        f"different {summary['requests_different']:,} (mismatch fraction {summary['mismatch_fraction']:.4%})",
-        f"  differences         {summary['differences']:>9,}   explained {summary['differences_explained']:,}"
-        + (f" ({explained})" if explained else "") + f", unexplained {summary['differences_unexplained']:,}",
-        f"  not comparable      logged but not recomputable {summary['rows_logged_not_recomputable']:,}, "
-        f"recomputable but not logged {summary['requests_recomputable_not_logged']:,}",
-        f"  history             {summary['history_records_refused']:,} records the spec refuses (left out)",
-    ]
-    for record in summary["unexplained"][:5]:
-        lines.append(f"  unexplained         {record['event_id']}: {', '.join(record['columns'])}")
-    lines.append(f"  output              {summary['outputs']['summary']}, {summary['outputs']['differences']}")
-    lines.append("  passed              " + ("yes" if summary["passed"] else
-                                            f"NO: mismatch fraction above --max_mismatch_fraction "
-                                            f"{summary['max_mismatch_fraction']}"))
+    lines = [f"consistency job finished in {summary['seconds']} s"]
+    if summary["served_features"]:
+        explained = ", ".join(f"{name} {n:,}" for name, n in summary["explained_by"].items())
+        lines += [
+            f"  served rows         {summary['rows_logged']:>9,}   ({summary['requests_logged']:,} requests; "
+            f"{summary['requests_logged_more_than_once']:,} logged more than once; "
+            f"{summary['rows_spec_mismatch']:,} of another spec, not compared)",
+            f"  compared            {summary['requests_compared']:>9,}   equal {summary['requests_equal']:,}, "
+            f"different {summary['requests_different']:,} (mismatch fraction {summary['mismatch_fraction']:.4%})",
+            f"  differences         {summary['differences']:>9,}   explained {summary['differences_explained']:,}"
+            + (f" ({explained})" if explained else "") + f", unexplained {summary['differences_unexplained']:,}",
+            f"  not comparable      logged but not recomputable {summary['rows_logged_not_recomputable']:,}, "
+            f"recomputable but not logged {summary['requests_recomputable_not_logged']:,}",
+        ]
+        lines += [f"  unexplained         {record['event_id']}: {', '.join(record['columns'])}"
+                  for record in summary["unexplained"][:5]]
+    complete = summary.get("completeness")
+    if complete:
+        lines += [
+            f"  requests            {complete['requests']:>9,}   answered {complete['answered']:,} "
+            f"({complete['answered_more_than_once']:,} more than once), without a prediction "
+            f"{complete['without_prediction']:,} (overdue {complete['without_prediction_overdue']:,}); "
+            f"predictions of requests not in the history {complete['predictions_without_request']:,}",
+        ]
+        lines += [f"  no prediction       {record['event_id']} at {record['event_time']}"
+                  + (" (overdue)" if record["overdue"] else " (may still be in flight)")
+                  for record in complete["missing"][:5]]
+    lines.append(f"  history             {summary['history_records_refused']:,} records the spec refuses (left out)")
+    outputs = summary["outputs"]
+    lines.append(f"  output              {outputs['summary']}"
+                 + (f", {outputs['differences']}" if summary["served_features"] else "")
+                 + (f", {outputs['missing']}" if complete else ""))
+    failures = []
+    if summary["mismatch_fraction"] > summary["max_mismatch_fraction"]:
+        failures.append(f"mismatch fraction above --max_mismatch_fraction {summary['max_mismatch_fraction']}")
+    if complete and complete["without_prediction_overdue"]:
+        failures.append(f"overdue requests without a prediction: {complete['without_prediction_overdue']:,}, older "
+                        f"than --allowed_lateness_s {complete['allowed_lateness_s']} before the range's end (listed in "
+                        f"{outputs['missing']}): publish them again, or see docs/howto.md, \"What a crash costs\"")
+    lines.append("  passed              " + ("yes" if summary["passed"] else "NO: " + "; ".join(failures)))
     print("\n".join(lines), flush=True)
 
 

@@ -230,7 +230,9 @@ def test_start_and_end_take_a_date_or_rfc3339():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--input", "h.ndjson"], "--served_features is required"),
+    (["--input", "h.ndjson"], "give --served_features .* --predictions"),
+    (["--predictions", "p.ndjson", "--input", "h.ndjson", "--allowed_lateness_s", "-1"],
+     "--allowed_lateness_s is 0 or more"),
     (["--served_features", "s.ndjson"], "--input is required"),
     (["--served_features", "s.ndjson", "--input", "h.ndjson", "--served_features_fraction", "0"],
      "--served_features_fraction is above 0 and at most 1"),
@@ -254,6 +256,9 @@ def test_inputs_that_match_nothing_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="--input"):
         consistency.check_options(_options("--served_features", str(served),
                                            "--input", str(tmp_path / "none-*.ndjson")), SPEC)
+    with pytest.raises(FileNotFoundError, match="--predictions"):
+        consistency.check_options(_options("--predictions", str(tmp_path / "none-*.ndjson"),
+                                           "--input", str(served)), SPEC)
 
 
 def test_main_exits_2_on_a_usage_error_and_1_when_the_check_fails(monkeypatch, capsys):

@@ -116,6 +116,13 @@ ROWS_LOGGED_NOT_RECOMPUTABLE = Counter("rows", "logged_not_recomputable")
 HISTORY_REFUSED = Counter("history", "refused")
 DIFFERENCES_EXPLAINED = Counter("differences", "explained")
 DIFFERENCES_UNEXPLAINED = Counter("differences", "unexplained")
+# Its completeness check (beam_app/monitoring/completeness.py): the history's requests against the predictions.
+HISTORY_REQUESTS = Counter("completeness", "requests")
+REQUESTS_ANSWERED = Counter("completeness", "answered")
+REQUESTS_ANSWERED_MORE_THAN_ONCE = Counter("completeness", "answered_more_than_once")
+REQUESTS_WITHOUT_PREDICTION = Counter("completeness", "without_prediction")
+REQUESTS_WITHOUT_PREDICTION_OVERDUE = Counter("completeness", "without_prediction_overdue")
+PREDICTIONS_WITHOUT_REQUEST = Counter("completeness", "predictions_without_request")
 
 COMPARED, EQUAL, DIFFERENT = "compared", "equal", "different"
 LOGGED_NOT_RECOMPUTABLE, RECOMPUTABLE_NOT_LOGGED = "logged_not_recomputable", "recomputable_not_logged"
