@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from typing import Callable, Optional
 
 import apache_beam as beam
@@ -56,6 +57,7 @@ from beam_app.serving.rows import ToEventRows, ToPredictionRows, message_to_reco
 from beam_app.serving.stop import stop_on_signals, stop_when_settled
 from models.inference import ModelLocation, WatchLatest, load_checked_model, locate_model, version_of
 from models.model_updates import WatchLatestModel
+from transforms import counters
 from transforms.bootstrap import RecentObservations
 from transforms.command_line import restore_stderr
 from transforms.deduplicate import ARRIVED
@@ -65,7 +67,7 @@ from transforms.event_time import TimeBounds
 from transforms.events import time_us_to_rfc3339
 from transforms.examples import EncodeExamples
 from transforms.parse import DEAD_LETTERS, LiveStamp, ParseEvents
-from transforms.spec import FeatureSpec, SpecError, load_spec
+from transforms.spec import REQUEST, FeatureSpec, SpecError, load_spec
 from transforms.windowed_features import WindowedFeatures
 
 
@@ -178,22 +180,25 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
           key_shards: Optional[int] = None, release_step_ms: int = 1000, inference_batch_size: int = 1024,
           clock: Callable[[], float] = time.time, max_future_s: int = 300,
           event_time_attribute: str = "event_time", history=None, watch: Optional[WatchLatest] = None,
-          served_fraction: Optional[float] = None, archive_events: bool = False, job_started_us: int = 0) -> dict:
+          served_fraction: Optional[float] = None, archive_events: bool = False, job_started_us: int = 0,
+          tally: Optional[str] = None) -> dict:
     """PCollection[PubsubMessage] (stamped with their publish time) ->
     {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O.
     history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap).
     watch: the model directory to follow (its LATEST): newer versions of the same spec take over.
     served_fraction: also "served_features", rows of the features a sample of the predictions were made
     from (job_started_us: when this job started, in each row); archive_events: also "events", a row
-    per accepted live event."""
+    per accepted live event. tally: a process-wide tally (transforms/counters.py) that the messages
+    read, the events accepted and the feature state's keys are counted into, for the local summary."""
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
+    _ = messages | "CountMessages" >> beam.ParDo(_CountMessages(tally))
     parsed = messages | "ParseEvents" >> ParseEvents(spec, live=live, to_record=message_to_record)
     events = parsed["events"] if history is None else (parsed["events"], history)
     unique = events | "DeduplicateEvents" >> DeduplicateEvents(
-        spec.max_window_s + allowed_lateness_s, key_shards)
+        spec.max_window_s + allowed_lateness_s, key_shards, tally=tally)
     examples = (
         unique["events"]
-        | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms)
+        | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms, tally=tally)
         | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True, max_batch_size=inference_batch_size)
     )
     # Each encoded batch is one element and one model call, until each request gets its prediction.
@@ -215,6 +220,37 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
     if archive_events:
         outputs["events"] = unique[ARRIVED] | "ToEventRows" >> beam.ParDo(ToEventRows(spec, clock))
     return outputs
+
+
+class _CountMessages(beam.DoFn):
+    """Counts the messages read (input/messages_read), before anything can refuse them."""
+
+    def __init__(self, tally: Optional[str]):
+        self._tally = tally
+
+    def setup(self):
+        self._read = counters.MESSAGES_READ.metric(self._tally)
+
+    def process(self, message):
+        self._read.inc()
+        return []
+
+
+def read_and_answered(tally: dict[str, int], written: dict) -> dict:
+    """The local job's own counts (`counters.tallied`) beside what its tables hold:
+    what it read, what it accepted, how many requests it answered, and its feature
+    state. A request read and not answered (nor a failed inference) was in flight
+    when the job stopped; the DirectRunner acked it when it pulled it."""
+    accepted = {key.partition("/")[2]: n for key, n in tally.items() if key.startswith(counters.accepted("").key)}
+    duplicates = sum(n for key, n in tally.items() if key.startswith(counters.duplicates("").key))
+    requests = accepted.get(REQUEST, 0)
+    answered = written["predictions"] + written["dead_letters"].get("inference", 0)
+    return {
+        "read": {"messages": counters.MESSAGES_READ.of(tally), "accepted": accepted, "identical_copies": duplicates},
+        "requests_unanswered": max(0, requests - answered),
+        "feature_state": {"live_keys": counters.LIVE_KEYS.of(tally), "cleared": counters.STATE_CLEARED.of(tally),
+                          "rebuilt_from_log": counters.HISTORIES_REBUILT.of(tally)},
+    }
 
 
 def state_cache_mb(options) -> int:
@@ -287,7 +323,7 @@ def tables_of(options: StreamingOptions, spec: FeatureSpec) -> Tables:
 
 
 def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureSpec, location: ModelLocation,
-              clock: Callable[[], float] = time.time, test_client=None) -> None:
+              clock: Callable[[], float] = time.time, test_client=None, tally: Optional[str] = None) -> None:
     """Every step of the job, as run() submits it (the offline Dataflow
     translation test builds it the same way): the Pub/Sub read, the warm
     start, the model watch, `build` and the writes. Reads nothing itself."""
@@ -314,7 +350,7 @@ def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureS
         inference_batch_size=options.inference_batch_size, clock=clock, max_future_s=options.max_future_s,
         event_time_attribute=options.event_time_attribute, history=history, watch=watch,
         served_fraction=options.served_features_fraction if options.served_features else None,
-        archive_events=bool(options.events_table), job_started_us=int(clock() * 1e6))
+        archive_events=bool(options.events_table), job_started_us=int(clock() * 1e6), tally=tally)
     write_outputs(outputs, tables_of(options, spec), test_client, clock, insert_shards(options))
 
 
@@ -347,7 +383,8 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
         test_client = EndpointBigQueryClient(parse_table_spec(options.predictions_table)[0], options.bigquery_endpoint)
 
     pipeline = beam.Pipeline(options=options)
-    construct(pipeline, options, spec, location, clock, test_client)
+    tally = uuid.uuid4().hex
+    construct(pipeline, options, spec, location, clock, test_client, tally)
     started_us = int(clock() * 1e6)
     result = pipeline.run()
     summary = {"spec": {"name": spec.name, "fingerprint": spec.fingerprint}, "model": location.saved_model,
@@ -365,16 +402,24 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     stop_when_settled(result, written, options.duration_s, started, stop or threading.Event())
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary.update(table_counts(written_to, options.bigquery_endpoint, started_us, deadline_s=5))
+    summary.update(read_and_answered(counters.tallied(tally), summary))
     _print_summary(summary)
     return summary
 
 
 def _print_summary(summary: dict) -> None:
     dead, by_version = summary["dead_letters"], summary.get("predictions_by_version", {})
+    read, state, unanswered = summary["read"], summary["feature_state"], summary["requests_unanswered"]
     print("\n".join([
         f"streaming job stopped after {summary['seconds']} s",
         f"  model               {summary['model_version']}  ({summary['model']})",
         f"  spec                {summary['spec']['name']} {summary['spec']['fingerprint'][:12]}",
+        f"  read                {read['messages']:>9,}   messages; accepted "
+        + ", ".join(f"{role} {n:,}" for role, n in sorted(read["accepted"].items()))
+        + f"; identical copies {read['identical_copies']:,}",
+        *([f"  NOT ANSWERED        {unanswered:>9,}   requests read but neither predicted nor a dead letter: in "
+           f"flight at the stop, and acked by this runner when read (docs/howto.md, \"What a crash costs\")"]
+          if unanswered else []),
         f"  predictions         {summary['predictions']:>9,}   -> {summary['predictions_table']}"
         + (f"  (by model version: {', '.join(f'{v} {n:,}' for v, n in sorted(by_version.items()))})"
            if len(by_version) > 1 else ""),
@@ -385,6 +430,8 @@ def _print_summary(summary: dict) -> None:
         *([f"  events archived     {sum(summary['events'].values()):>9,}   -> {summary['events_table']}  ("
            + ", ".join(f"{role} {n:,}" for role, n in sorted(summary["events"].items())) + ")"]
           if "events" in summary else []),
+        f"  feature state       {state['live_keys']:>9,}   live keys ({state['cleared']:,} ended; "
+        f"{state['rebuilt_from_log']:,} firings read their log back)",
     ]), flush=True)
 
 

@@ -3,7 +3,7 @@ commands' own parsers (each command's --help, captured in this process).
 
     python docs/cli_reference.py > docs/cli.md
 
-tests/test_cli_reference.py fails when docs/cli.md and the parsers differ."""
+tests/test_commands.py fails when docs/cli.md and the parsers differ."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from beam_app import batch, consistency, predict, publish  # noqa: E402
 from beam_app.bigquery.client import bigquery_client  # noqa: E402
 from models.data import split_files  # noqa: E402
 from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339  # noqa: E402
-from transforms.spec import SPLITS, load_spec  # noqa: E402
+from transforms.feature_layout import feature_groups  # noqa: E402
+from transforms.spec import REQUEST, SPLITS, load_spec  # noqa: E402
 
 PROJECT = "test-project"
 EVENTS = 400  # about 200 requests: the streaming DirectRunner answers about 7 a second here
@@ -328,6 +329,17 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
     assert summary["served_features"] == len(requests)
     roles = [event["role"] for event in published_events]
     assert summary["events"] == {role: roles.count(role) for role in set(roles)}
+    # The job's own count of what it read and answered: every message, the first copy of each event, no gap.
+    assert summary["read"] == {"messages": messages, "accepted": {role: roles.count(role) for role in set(roles)},
+                               "identical_copies": len(copies)}
+    assert summary["requests_unanswered"] == 0
+    # Feature state: one live key per (group, key value) the events hold; the stream is shorter than the
+    # horizon, so none has ended.
+    live = sum(len({tuple(event[field] for field in group.key) for event in published_events
+                    if event["role"] in (REQUEST, group.kind) and all(event.get(field) is not None
+                                                                      for field in group.key)})
+               for group in feature_groups(load_spec(spec)))
+    assert summary["feature_state"]["live_keys"] == live and summary["feature_state"]["cleared"] == 0
 
     return Streamed(published_events, requests, streamed, reference, parse_letters, published, summary)
 

@@ -7,7 +7,9 @@ silently."""
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+import collections
+import threading
+from typing import Mapping, NamedTuple, Optional
 
 from apache_beam.metrics import Metrics
 
@@ -23,13 +25,44 @@ class Counter(NamedTuple):
         """How the job report names it: "namespace/name"."""
         return f"{self.namespace}/{self.name}"
 
-    def metric(self):
-        """The Beam counter to increment (inside a DoFn)."""
-        return Metrics.counter(self.namespace, self.name)
+    def metric(self, tally: Optional[str] = None):
+        """The Beam counter to increment (inside a DoFn); with `tally`, one that also
+        counts into that process-wide tally (`tallied`)."""
+        metric = Metrics.counter(self.namespace, self.name)
+        return metric if tally is None else _Tallied(metric, self.key, tally)
 
     def of(self, counts: Mapping[str, int]) -> int:
         """Its value among a finished pipeline's counters (0 when never incremented)."""
         return counts.get(self.key, 0)
+
+
+# A streaming job's own counts, per job (a token it makes), in the process that runs it. The streaming
+# DirectRunner keeps a fraction of a job's Beam metrics (a counter incremented 50 times, in process()
+# or in a timer callback, reads back as 1), so the local job's summary reads these instead. On Dataflow
+# the job runs elsewhere and its Beam metrics are whole.
+_TALLIES: dict[str, collections.Counter] = {}
+_TALLY_LOCK = threading.Lock()
+
+
+class _Tallied:
+    """A Beam counter that also counts into a tally: inc/dec as Beam's."""
+
+    def __init__(self, metric, key: str, tally: str):
+        self._metric, self._key, self._tally = metric, key, tally
+
+    def inc(self, n: int = 1) -> None:
+        self._metric.inc(n)
+        with _TALLY_LOCK:
+            _TALLIES.setdefault(self._tally, collections.Counter())[self._key] += n
+
+    def dec(self, n: int = 1) -> None:
+        self.inc(-n)
+
+
+def tallied(tally: str) -> dict[str, int]:
+    """What has been counted into `tally` in this process so far ("namespace/name" -> n)."""
+    with _TALLY_LOCK:
+        return dict(_TALLIES.get(tally, {}))
 
 
 # Parsing (transforms/parse.py): every record read is parsed or a dead letter.
@@ -46,6 +79,14 @@ def parsed(role: str) -> Counter:
 
 
 # De-duplication (transforms/deduplicate.py): identical copies dropped, conflicting copies dead letters.
+MESSAGES_READ = Counter("input", "messages_read")  # the streaming job's messages, before parsing
+
+
+def accepted(role: str) -> Counter:
+    """Live events of one role accepted by the streaming job: the first copy of each, not the warm start."""
+    return Counter("accepted", role)
+
+
 def duplicates(role: str) -> Counter:
     return Counter("duplicates", role)
 

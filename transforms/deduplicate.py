@@ -115,21 +115,23 @@ def conflict_letter(copy: Event, reason: str) -> DeadLetter:
 class _RoleCounters(dict):
     """A counter per role (request or a kind of observation), made on first use."""
 
-    def __init__(self, counter_of: Callable[[str], counters.Counter]):
+    def __init__(self, counter_of: Callable[[str], counters.Counter], tally: Optional[str] = None):
         super().__init__()
         self._counter_of = counter_of
+        self._tally = tally
 
     def __missing__(self, role: str):
-        self[role] = counter = self._counter_of(role).metric()
+        self[role] = counter = self._counter_of(role).metric(self._tally)
         return counter
 
 
 class _Counters:
-    """The dedup counters of each role: duplicates/<role>, conflicts/<role>."""
+    """The dedup counters of each role: duplicates/<role>, conflicts/<role>; accepted/<role> (live events only)."""
 
-    def __init__(self):
-        self.duplicates = _RoleCounters(counters.duplicates)
-        self.conflicts = _RoleCounters(counters.conflicts)
+    def __init__(self, tally: Optional[str] = None):
+        self.duplicates = _RoleCounters(counters.duplicates, tally)
+        self.conflicts = _RoleCounters(counters.conflicts, tally)
+        self.accepted = _RoleCounters(counters.accepted, tally)
 
 
 _BATCH_SHARDS = 64  # identities per shuffle key in batch: all copies of one identity meet in one shard
@@ -181,11 +183,12 @@ class _DeduplicateLive(beam.DoFn):
     FORGET_AT = ReadModifyWriteStateSpec("forget_at", VarIntCoder())
     FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
 
-    def __init__(self, horizon_us: int):
+    def __init__(self, horizon_us: int, tally: Optional[str] = None):
         self._horizon_us = horizon_us
+        self._tally = tally
 
     def setup(self):
-        self._counters = _Counters()
+        self._counters = _Counters(self._tally)
 
     def process(self, element, ledger_state=beam.DoFn.StateParam(LEDGER),
                 forget_at=beam.DoFn.StateParam(FORGET_AT), forget=beam.DoFn.TimerParam(FORGET)):
@@ -201,6 +204,7 @@ class _DeduplicateLive(beam.DoFn):
                 forget_at.write(due)
             yield event
             if live:
+                self._counters.accepted[event.role].inc()
                 yield beam.pvalue.TaggedOutput(ARRIVED, event)
         elif verdict == DUPLICATE:
             self._counters.duplicates[event.role].inc()
@@ -238,12 +242,15 @@ class DeduplicateEvents(beam.PTransform):
     key_shards: None keeps a ledger per identity (Dataflow: a few bytes of
     state per key); N hashes identities into N ledgers, each read and
     written per event, so an event costs O(identities in the horizon / N)
-    (the DirectRunner, where every key is a bundle of its own)."""
+    (the DirectRunner, where every key is a bundle of its own).
+    tally: a streaming job's tally (transforms/counters.py) to count into as well."""
 
-    def __init__(self, horizon_s: int, key_shards: Optional[int] = None, label: Optional[str] = None):
+    def __init__(self, horizon_s: int, key_shards: Optional[int] = None, label: Optional[str] = None,
+                 tally: Optional[str] = None):
         super().__init__(label)
         self._horizon_us = horizon_s * _US
         self._shards = key_shards
+        self._tally = tally
 
     def expand(self, events):
         history = None
@@ -268,7 +275,7 @@ class DeduplicateEvents(beam.PTransform):
                 tagged
                 | "ByIdentity" >> beam.Map(lambda item: (state_key(identity(item[0]), shards), item)).with_output_types(
                     tuple[str, Any])
-                | "Judge" >> beam.ParDo(_DeduplicateLive(self._horizon_us)).with_outputs(
+                | "Judge" >> beam.ParDo(_DeduplicateLive(self._horizon_us, self._tally)).with_outputs(
                     STAGE, ARRIVED, main="events")
             )
             return {"events": outputs.events, STAGE: outputs[STAGE], ARRIVED: outputs[ARRIVED]}

@@ -129,17 +129,17 @@ class _PointInTimeDoFn(beam.DoFn):
     EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
 
     def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, release_step_us: int,
-                 key_shards: Optional[int] = None):
+                 key_shards: Optional[int] = None, tally: Optional[str] = None):
         self._groups = groups
         self._lateness_s = allowed_lateness_s
         self._step_us = release_step_us
         self._shards = key_shards
         self._owner = uuid.uuid4().hex  # this step's entries in the process's kept histories; its copies share it
-        self._late_requests = counters.LATE_REQUESTS.metric()
-        self._late_observations = counters.LATE_OBSERVATIONS.metric()
-        self._rebuilt = counters.HISTORIES_REBUILT.metric()
-        self._live_keys = counters.LIVE_KEYS.metric()
-        self._cleared = counters.STATE_CLEARED.metric()
+        self._late_requests = counters.LATE_REQUESTS.metric(tally)
+        self._late_observations = counters.LATE_OBSERVATIONS.metric(tally)
+        self._rebuilt = counters.HISTORIES_REBUILT.metric(tally)
+        self._live_keys = counters.LIVE_KEYS.metric(tally)
+        self._cleared = counters.STATE_CLEARED.metric(tally)
 
     def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), timer_at=beam.DoFn.StateParam(TIMER_AT),
                 release=beam.DoFn.TimerParam(RELEASE), drain=beam.DoFn.TimerParam(DRAIN)):
@@ -305,15 +305,16 @@ class _Route(beam.DoFn):
 
 class StreamingFeatures(beam.PTransform):
     """PCollection[element] -> PCollection[element] of the requests with every
-    group filled in."""
+    group filled in. tally: a streaming job's tally to count into as well."""
 
     def __init__(self, groups: tuple[FeatureGroup, ...], allowed_lateness_s: int, key_shards: Optional[int],
-                 release_step_us: int):
+                 release_step_us: int, tally: Optional[str] = None):
         super().__init__()
         self._groups = groups
         self._lateness_s = allowed_lateness_s
         self._shards = key_shards
         self._step_us = release_step_us
+        self._tally = tally
 
     def expand(self, items):
         # Typed outputs: the stateful steps after them need a deterministic key coder.
@@ -321,7 +322,7 @@ class StreamingFeatures(beam.PTransform):
         routed = items | "Route" >> beam.ParDo(_Route(self._groups, self._shards)).with_output_types(
             keyed, **{tag: keyed for tag in (_JOIN, _POINTS)}).with_outputs(_JOIN, _POINTS)
         answers = routed[_POINTS] | "PointInTime" >> beam.ParDo(_PointInTimeDoFn(
-            self._groups, self._lateness_s, self._step_us, self._shards)).with_input_types(keyed)
+            self._groups, self._lateness_s, self._step_us, self._shards, self._tally)).with_input_types(keyed)
         return (
             (routed[_JOIN], answers)
             | "MergeParts" >> beam.Flatten().with_output_types(keyed)

@@ -58,10 +58,11 @@ class WindowedFeatures(beam.PTransform):
     release_step_ms: on unbounded input, requests are answered once the
     watermark passes the end of their step of event time: at most one timer
     firing per state and step, for up to a step of added latency. Values
-    do not depend on it."""
+    do not depend on it.
+    tally: on unbounded input, a streaming job's tally (transforms/counters.py) to count into as well."""
 
     def __init__(self, spec: FeatureSpec, allowed_lateness_s: int = 3600, key_shards: Optional[int] = None,
-                 release_step_ms: int = 0, label: Optional[str] = None):
+                 release_step_ms: int = 0, label: Optional[str] = None, tally: Optional[str] = None):
         super().__init__(label)
         if key_shards is not None and key_shards < 1:
             raise ValueError(f"key_shards must be None or at least 1, got {key_shards}")
@@ -71,6 +72,7 @@ class WindowedFeatures(beam.PTransform):
         self._lateness_s = allowed_lateness_s
         self._shards = key_shards
         self._step_us = release_step_ms * 1000
+        self._tally = tally
 
     def expand(self, events):
         empty = (None,) * len(self._spec.windowed_features)
@@ -80,5 +82,6 @@ class WindowedFeatures(beam.PTransform):
         if events.is_bounded:
             requests = items | "Features" >> BucketedFeatures(groups)
         else:
-            requests = items | "Features" >> StreamingFeatures(groups, self._lateness_s, self._shards, self._step_us)
+            requests = items | "Features" >> StreamingFeatures(groups, self._lateness_s, self._shards, self._step_us,
+                                                               self._tally)
         return requests | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)
