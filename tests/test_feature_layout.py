@@ -261,3 +261,32 @@ def test_composite_key_values_cannot_collide(flights_spec):
 def test_a_timer_is_set_at_or_after_its_time_on_a_whole_millisecond(time_us):
     at = timer_us(time_us)
     assert at % 1000 == 0 and time_us <= at < time_us + 1000
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=12), st.randoms(use_true_random=False), st.booleans())
+def test_the_join_state_ends_when_every_request_is_joined(tails, rnd, one_shard):
+    """The join keeps no timer: its state ends as each request is joined. Every request reaches
+    the join once (de-duplicated upstream) and each group whose key it has answers it once, so
+    whatever the order its parts arrive in, each request leaves once, and nothing stays pending."""
+    from transforms.feature_layout import ID
+    from transforms.unbounded_features import take_joined
+
+    spec = load_spec("flights")
+    groups = feature_groups(spec)
+    parts = []
+    for n, tail in enumerate(tails):
+        item = _item(spec, request(f"r{n}", n * MIN_US, **({"tailnum": f"N{n}"} if tail else {})))
+        parts.append((item[ID], (REQUEST_PART, item)))
+        parts.extend((item[ID], (index, (float(index),) * len(groups[index].features)))
+                     for index in expected_parts(item, groups))
+    rnd.shuffle(parts)
+    states: dict[str, list] = {}  # join key -> what its state holds, as _JoinGroupsDoFn keeps it
+    joined = []
+    for event_id, part in parts:
+        key = "shard" if one_shard else event_id
+        pending = states.get(key, []) + [(event_id, part)]
+        request_, states[key] = take_joined(pending, event_id, groups)
+        if request_ is not None:
+            joined.append(request_[ID])
+    assert sorted(joined) == sorted(f"r{n}" for n in range(len(tails)))
+    assert not any(states.values())

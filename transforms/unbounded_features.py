@@ -261,7 +261,17 @@ class _JoinGroupsDoFn(beam.DoFn):
     Its input is de-duplicated upstream (`DeduplicateEvents`: one request
     per event_id within the horizon), so no second request part comes after
     the join; keeping a marker per answered request would hold state for each
-    one (and a timer to free it), which is what the ledger upstream does."""
+    one (and a timer to free it), which is what the ledger upstream does.
+
+    Its state ends without a timer: each request reaches it once, and each
+    group whose key the request has answers it once (`KeyHistory.apply`
+    answers every request, late or not), so every request is joined and its
+    parts leave (tests/test_feature_layout.py, a property test). A timer for
+    parts that never complete would cost a set and a clear per request, and
+    on the DirectRunner, which does not hold a step's output watermark for
+    its pending timers, could fire before the groups' parts arrive and drop
+    the request. A request that never leaves would still show: the
+    consistency job's completeness check lists it."""
 
     PARTS = BagStateSpec("parts", FastPrimitivesCoder())
 
