@@ -319,8 +319,9 @@ def _print_summary(summary: dict) -> None:
         failures.append(f"mismatch fraction above --max_mismatch_fraction {summary['max_mismatch_fraction']}")
     if complete and complete["without_prediction_overdue"]:
         failures.append(f"overdue requests without a prediction: {complete['without_prediction_overdue']:,}, older "
-                        f"than --allowed_lateness_s {complete['allowed_lateness_s']} before the range's end (listed in "
-                        f"{outputs['missing']}): publish them again, or see docs/howto.md, \"What a crash costs\"")
+                        f"than --allowed_lateness_s {complete['allowed_lateness_s']} before the range's end. Within "
+                        f"the job's allowed lateness, publish them again: python -m beam_app.publish --topic TOPIC "
+                        f"--input '{outputs['missing']}' --input_format json (docs/howto.md, \"What a crash costs\")")
     lines.append("  passed              " + ("yes" if summary["passed"] else "NO: " + "; ".join(failures)))
     print("\n".join(lines), flush=True)
 

@@ -72,7 +72,7 @@ EXPECTED_SECONDS = {
     "tests/test_streaming_e2e.py::test_two_kinds_of_observation_on_one_topic": 60,
     "tests/test_model_swap_e2e.py::test_a_new_version_takes_over_without_restart_and_one_of_another_spec_is_refused": 50,
     "tests/test_restart_e2e.py::test_a_restarted_job_with_bootstrap_answers_its_first_requests_as_batch_does": 45,
-    "tests/test_crash_e2e.py::test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence": 35,
+    "tests/test_crash_e2e.py::test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence": 65,
     "tests/test_streaming_e2e.py::test_taxi_events_stream_through_the_same_job": 25,
     "tests/test_train.py::test_serving_signature_equals_model_predict_on_the_batch_bytes": 15,
     "tests/test_templates.py::test_template_main_runs_the_streaming_job_on_the_emulators": 15,

@@ -28,8 +28,9 @@ HOUR_US = 3600 * 1_000_000
 def test_every_request_is_answered_or_listed_once(requests, predicted, overdue_before):
     totals, missing = {}, []
     for event_id in sorted(set(requests) | set(predicted)):
-        result = completeness_verdict(event_id, requests.get(event_id, []), predicted.get(event_id, 0),
-                                      overdue_before)
+        copies = [(time_us, event_to_json(_request(event_id, "11:00", "EWR")._replace(time_us=time_us)))
+                  for time_us in requests.get(event_id, [])]
+        result = completeness_verdict(event_id, copies, predicted.get(event_id, 0), overdue_before)
         for key, n in result.counts.items():
             totals[key] = totals.get(key, 0) + n
         if result.missing is not None:
@@ -44,8 +45,9 @@ def test_every_request_is_answered_or_listed_once(requests, predicted, overdue_b
     overdue = {i for i in unanswered if overdue_before is not None and min(requests[i]) < overdue_before}
     assert {record["event_id"] for record in missing if record["overdue"]} == overdue
     assert c(counters.REQUESTS_WITHOUT_PREDICTION_OVERDUE) == len(overdue)
-    for record in missing:
+    for record in missing:  # the request itself, from its earliest copy
         assert rfc3339_to_time_us(record["event_time"]) == min(requests[record["event_id"]])
+        assert record["role"] == "request" and record["origin"] == "EWR"
 
 
 def test_overdue_is_measured_from_the_end_of_the_range_or_the_latest_event():
@@ -83,6 +85,9 @@ def test_the_job_lists_requests_without_a_prediction_and_fails_on_overdue_ones(t
         (r2.event_id, time_us_to_rfc3339(r2.time_us), True),
         (r4.event_id, time_us_to_rfc3339(r4.time_us), False),
         (r5.event_id, time_us_to_rfc3339(r5.time_us), False)]
+    # Each is the request as the history holds it, so the publisher can send it again.
+    (listed_r2,) = [record for record in listed if record["event_id"] == r2.event_id]
+    assert {k: v for k, v in listed_r2.items() if k != "overdue"} == json.loads(event_to_json(r2))
     assert (complete["requests"], complete["answered"], complete["answered_more_than_once"],
             complete["without_prediction"], complete["without_prediction_overdue"],
             complete["predictions_without_request"]) == (5, 2, 1, 3, 1, 1)

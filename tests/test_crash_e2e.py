@@ -51,6 +51,16 @@ def _alive(process: subprocess.Popen, log: Path):
     return check
 
 
+def _check_completeness(predictions: str, history: Path, bigquery_emulator, output: Path) -> tuple[dict, list[dict]]:
+    """The consistency job's completeness check, ending now with no lateness allowed: run once
+    the job has answered all it holds. Returns its summary and the missing requests it lists."""
+    summary = consistency.run([
+        "--runner", "DirectRunner", "--predictions", predictions, "--input", str(history),
+        "--end", time_us_to_rfc3339(int(time.time() * 1e6)), "--allowed_lateness_s", "0",
+        "--bigquery_endpoint", bigquery_emulator.endpoint, "--output", str(output)])
+    return summary, [json.loads(line) for path in output.glob("missing-*.ndjson") for line in path.read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence(
         pubsub_emulator, bigquery_emulator, trained_model, tmp_path):
@@ -70,7 +80,7 @@ def test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence(
             "--create_tables", "--bigquery_endpoint", bigquery_emulator.endpoint]
     client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
     predicted = lambda: [row["event_id"] for row in _rows(client, f"SELECT event_id FROM `{PROJECT}.crash.predictions`")]  # noqa: E731,E501
-    record, log = tmp_path / "published.ndjson", tmp_path / "job.log"
+    sent, log = tmp_path / "published.ndjson", tmp_path / "job.log"
 
     first = _start_job(argv, log)
     second = None
@@ -79,7 +89,7 @@ def test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence(
         published = {}
         publisher = threading.Thread(target=lambda: published.update(publish.run([
             "--topic", topic, "--input", str(source), "--start", "2013-11-30T12:00:00", "--limit", str(EVENTS),
-            "--rebase_to_now", "--rate", str(RATE), "--record", str(record)])), daemon=True)
+            "--rebase_to_now", "--rate", str(RATE), "--record", str(sent)])), daemon=True)
         publisher.start()
         # Mid-stream: once the job has answered some requests, while more are in flight.
         wait_until(lambda: len(predicted()) >= 10, 120, "the first predictions", _alive(first, log),
@@ -92,7 +102,7 @@ def test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence(
         second = _start_job(argv, log)
         publisher.join(EVENTS / RATE * 3 + 60)
         assert not publisher.is_alive() and published["published"] == EVENTS
-        events = [json.loads(line) for line in record.read_text().splitlines()]
+        events = [json.loads(line) for line in sent.read_text().splitlines()]
         requests = {event["event_id"]: event["event_time"] for event in events if event["role"] == "request"}
         # Published after the kill, so pulled by the second job alone: each must be answered. The
         # second job releases in event time order, so the earlier ones it pulled are answered by then.
@@ -100,6 +110,36 @@ def test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence(
         assert after_kill, "the kill came after the last event: nothing tested the restart"
         wait_until(lambda: after_kill <= set(predicted()), 180, "the requests published after the kill",
                    _alive(second, log), progress=lambda: len(predicted()))
+        answered = predicted()
+        assert len(answered) == len(set(answered)), "a request was predicted twice"
+        assert set(answered) <= set(requests)
+        assert before_restart <= set(answered)
+
+        # The completeness check, once the job has answered all it holds: nothing may still be in flight.
+        summary, reported = _check_completeness(predictions, sent, bigquery_emulator, tmp_path / "check")
+        missing = [record["event_id"] for record in reported]
+        assert len(missing) == len(set(missing)), "a request was reported twice"
+        assert not set(missing) & set(answered), "a request was both predicted and reported missing"
+        assert set(missing) | set(answered) == set(requests), "a request was lost in silence"
+        assert all(record["event_time"] == time_us_to_rfc3339(rfc3339_to_time_us(requests[record["event_id"]]))
+                   and record["overdue"] for record in reported)
+        complete = summary["completeness"]
+        assert (complete["requests"], complete["answered"], complete["without_prediction"],
+                complete["without_prediction_overdue"]) == (len(requests), len(answered), len(missing), len(missing))
+        assert summary["passed"] == (not missing)
+
+        # The recovery the check's failure names: the missing requests published again, as they were
+        # (within the allowed lateness), are answered; then nothing is missing.
+        if missing:
+            again = publish.run(["--topic", topic, "--input", str(tmp_path / "check" / "missing-*.ndjson"),
+                                 "--input_format", "json", "--rate", "0"])
+            assert again["published"] == len(missing)
+            wait_until(lambda: set(requests) <= set(predicted()), 120, "the republished requests",
+                       _alive(second, log), progress=lambda: len(predicted()))
+            summary, reported = _check_completeness(predictions, sent, bigquery_emulator, tmp_path / "again")
+            assert not reported and summary["passed"] and summary["completeness"]["answered"] == len(requests)
+            assert summary["completeness"]["answered_more_than_once"] == 0
+
         second.send_signal(signal.SIGTERM)  # the graceful stop: it settles and prints its summary
         assert second.wait(60) == 0
     finally:
@@ -108,29 +148,8 @@ def test_a_job_killed_mid_stream_and_restarted_loses_no_request_in_silence(
                 process.kill()
                 process.wait(30)
 
-    answered = predicted()
-    assert len(answered) == len(set(answered)), "a request was predicted twice"
-    assert set(answered) <= set(requests)
-    assert before_restart <= set(answered)
-
-    # The completeness check, run once the job has answered all it holds: nothing may still be in flight.
-    end = time_us_to_rfc3339(int(time.time() * 1e6))
-    output = tmp_path / "consistency"
-    summary = consistency.run([
-        "--runner", "DirectRunner", "--predictions", predictions, "--input", str(record), "--end", end,
-        "--allowed_lateness_s", "0", "--bigquery_endpoint", bigquery_emulator.endpoint, "--output", str(output)])
-    reported = [json.loads(line) for path in output.glob("missing-*.ndjson") for line in path.read_text().splitlines()]
-    missing = [record["event_id"] for record in reported]
-    assert len(missing) == len(set(missing)), "a request was reported twice"
-    assert not set(missing) & set(answered), "a request was both predicted and reported missing"
-    assert set(missing) | set(answered) == set(requests), "a request was lost in silence"
-    assert all(record["event_time"] == time_us_to_rfc3339(rfc3339_to_time_us(requests[record["event_id"]]))
-               and record["overdue"] for record in reported)
-    complete = summary["completeness"]
-    assert (complete["requests"], complete["answered"], complete["without_prediction"],
-            complete["without_prediction_overdue"]) == (len(requests), len(answered), len(missing), len(missing))
-    assert summary["passed"] == (not missing)
     # The restarted job's own summary says what it read and answered.
     assert "streaming job stopped after" in log.read_text() and "messages; accepted" in log.read_text()
     print(f"SIGKILL mid-stream and restart on the same subscription: {len(requests)} requests, "
-          f"{len(answered)} predicted once, {len(missing)} lost with the killed job and reported missing")
+          f"{len(answered)} predicted once, {len(missing)} lost with the killed job, reported missing, "
+          f"published again and answered")

@@ -7,6 +7,11 @@ exactly one streamed prediction, or is reported by event_id and time.
       /                                                          without a prediction (missing-*.ndjson)
     predictions (the streaming job's table or NDJSON rows, source "streaming", same range)
 
+Each record is the request as the history holds it (its event JSON) with
+"overdue": `python -m beam_app.publish --input 'missing-*.ndjson' --input_format
+json` publishes them again, and the streaming job answers them if they are
+within its allowed lateness.
+
 A request without a prediction is *overdue* when its event time is more than
 the allowed lateness before the end of the range (--end, or the history's
 latest event when the range is open): by then the streaming job must have
@@ -22,12 +27,13 @@ the publisher's --record) can.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 
 from transforms import counters
-from transforms.events import rfc3339_to_time_us, time_us_to_rfc3339
+from transforms.events import event_to_json, rfc3339_to_time_us
 
 MISSING = "missing"
 SAMPLE_MISSING = 100  # listed in consistency.json; missing-*.ndjson has them all
@@ -49,17 +55,17 @@ def overdue_before_us(end_us: Optional[int], latest_us: Optional[int], allowed_l
     return None if end is None else end - allowed_lateness_s * 1_000_000
 
 
-def completeness_verdict(event_id: str, request_times: Iterable[int], predictions: int,
+def completeness_verdict(event_id: str, requests: Iterable[tuple[int, str]], predictions: int,
                          overdue_before: Optional[int]) -> Completeness:
-    """One event_id: its request's times in the history (copies of one request
-    share it; the earliest counts), and how many streamed predictions it has."""
-    times = sorted(request_times)
+    """One event_id: its requests in the history as (time, event JSON) (copies of
+    one request; the earliest counts), and how many streamed predictions it has."""
+    copies = sorted(requests)
     counts: dict[str, int] = {}
 
     def count(counter: counters.Counter) -> None:
         counts[counter.key] = counts.get(counter.key, 0) + 1
 
-    if not times:
+    if not copies:
         if predictions:
             count(counters.PREDICTIONS_WITHOUT_REQUEST)
         return Completeness(counts, None)
@@ -69,12 +75,12 @@ def completeness_verdict(event_id: str, request_times: Iterable[int], prediction
         if predictions > 1:
             count(counters.REQUESTS_ANSWERED_MORE_THAN_ONCE)
         return Completeness(counts, None)
-    overdue = overdue_before is not None and times[0] < overdue_before
+    time_us, event_json = copies[0]
+    overdue = overdue_before is not None and time_us < overdue_before
     count(counters.REQUESTS_WITHOUT_PREDICTION)
     if overdue:
         count(counters.REQUESTS_WITHOUT_PREDICTION_OVERDUE)
-    return Completeness(counts, {"event_id": event_id, "event_time": time_us_to_rfc3339(times[0]),
-                                 "overdue": overdue})
+    return Completeness(counts, {**json.loads(event_json), "overdue": overdue})
 
 
 def is_streamed(row: Mapping[str, Any]) -> bool:
@@ -134,7 +140,7 @@ class CheckCompleteness(beam.PTransform):
                   | "Latest" >> beam.CombineGlobally(_Latest()))
         requests = (history
                     | "Requests" >> beam.Filter(lambda event: event.role == "request" and self._in_range(event.time_us))
-                    | "RequestById" >> beam.Map(lambda event: (event.event_id, event.time_us)))
+                    | "RequestById" >> beam.Map(lambda event: (event.event_id, (event.time_us, event_to_json(event)))))
         predicted = (predictions
                      | "Streamed" >> beam.Filter(is_streamed)
                      | "PredictionById" >> beam.Map(lambda row: (row["event_id"], rfc3339_to_time_us(row["event_time"])))
