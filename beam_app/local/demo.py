@@ -11,7 +11,8 @@
    the dead letters and the publish-to-prediction latency, and stops the job;
 6. checks what it served: `python -m beam_app.consistency` recomputes every
    logged request's features from the events archive with the batch engine
-   (expected: 0 differences), and `python -m beam_app.drift` compares the
+   (expected: 0 differences) and checks that every archived request has a
+   prediction, and `python -m beam_app.drift` compares the
    served features with the model's training statistics (drift.json and an
    HTML report with plots, the consistency summary in it).
 
@@ -145,13 +146,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def check_served(model: str, bigquery_endpoint: str, work: Path) -> tuple[dict, dict, int]:
-    """The consistency job over the served-features log and the events archive, then the drift report."""
+    """The consistency job over the served-features log, the predictions and the events archive
+    (every archived request predicted?), then the drift report."""
     import json
 
     from beam_app import consistency, drift
 
     print("checking what was served: consistency job, then the drift report ...", flush=True)
-    checked = consistency.run(["--runner", "DirectRunner", "--served_features", SERVED_FEATURES, "--input", EVENTS,
+    checked = consistency.run(["--runner", "DirectRunner", "--served_features", SERVED_FEATURES,
+                               "--predictions", PREDICTIONS, "--input", EVENTS,
                                "--bigquery_endpoint", bigquery_endpoint, "--output", str(work / "consistency")])
     status = drift.run(["--model", model, "--served_features", SERVED_FEATURES, "--bigquery_endpoint",
                         bigquery_endpoint, "--consistency", str(work / "consistency" / "consistency.json"),
@@ -214,7 +217,9 @@ def run(argv: list[str] | None = None) -> None:
     consistency_summary, drift_summary, drift_status = checks
     print(f"consistency: {consistency_summary['requests_compared']:,} served requests recomputed by the batch engine, "
           f"{consistency_summary['requests_equal']:,} equal, {consistency_summary['differences']:,} differences "
-          f"({consistency_summary['differences_unexplained']:,} unexplained) -> {work / 'consistency'}/")
+          f"({consistency_summary['differences_unexplained']:,} unexplained); "
+          f"{consistency_summary['completeness']['answered']:,} of {consistency_summary['completeness']['requests']:,} "
+          f"archived requests predicted -> {work / 'consistency'}/")
     top = drift_summary.get("max") or {}
     print(f"drift: {drift_summary['served']['rows_compared']:,} served rows against the training statistics; "
           f"largest {top.get('measure')} {top.get('value', 0):.3f} ({top.get('feature')}) -> "
