@@ -47,16 +47,18 @@ def _stamped(events):
     return [beam.window.TimestampedValue(e, Timestamp(micros=e.time_us)) for e in events]
 
 
+USERS = [f"u{n}" for n in range(10_000)]
+
+
 @pytest.mark.slow
-def test_ten_thousand_keys_seen_once_leave_no_state_once_the_watermark_passes_the_horizon(monkeypatch):
+def test_ten_thousand_keys_seen_once_leave_no_state_on_the_fnapi_runner(monkeypatch):
     """On the FnApiRunner, whose counters are exact and whose watermark passes every
     timer once the input is read; its state cache off, as on Dataflow (with it on, Beam's
     weighing of every cached value takes most of the time: docs/architecture.md)."""
     from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
     monkeypatch.setattr(worker_handlers, "STATE_CACHE_SIZE_MB", 0)
-    users = [f"u{n}" for n in range(10_000)]
-    events = [_click(user, n * 1_000_000) for n, user in enumerate(users)]
+    events = [_click(user, n * 1_000_000) for n, user in enumerate(USERS)]
     pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([]))
     source = pipeline | beam.Create(_stamped(events))
     source.is_bounded = False  # the streaming branch: state and event-time timers
@@ -65,8 +67,32 @@ def test_ten_thousand_keys_seen_once_leave_no_state_once_the_watermark_passes_th
     result.wait_until_finish()
     counts = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
               for c in result.metrics().query()["counters"]}
-    assert counters.STATE_CLEARED.of(counts) == len(users)  # every key value's state ended
+    assert counters.STATE_CLEARED.of(counts) == len(USERS)  # every key value's state ended
     assert counters.LIVE_KEYS.of(counts) == 0  # up 10,000 as they came, down 10,000 as they ended
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key_shards", [None, 16], ids=["a_state_per_key", "sixteen_shards"])
+def test_ten_thousand_keys_seen_once_leave_no_state_on_the_test_stream(key_shards):
+    """On the streaming DirectRunner's TestStream: the watermark passes the events, then
+    the horizon. Counted into the job's tally (the runner's own counters miss increments)."""
+    import uuid
+
+    tally = uuid.uuid4().hex
+    events = [_click(user, n * 1_000) for n, user in enumerate(USERS)]
+    last_us = events[-1].time_us
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    stream = (TestStream().add_elements(_stamped(events))
+              .advance_watermark_to(Timestamp(micros=last_us + 2_000_000))  # every event released
+              .advance_watermark_to(Timestamp(micros=last_us + HORIZON_US + 2_000_000))  # past the horizon
+              .advance_watermark_to_infinity())
+    with TestPipeline(options=options) as pipeline:
+        _ = pipeline | stream | WindowedFeatures(SPEC, LATENESS_S, key_shards=key_shards, release_step_ms=1000,
+                                                 tally=tally)
+    counts = counters.tallied(tally)
+    assert counters.STATE_CLEARED.of(counts) == len(USERS)
+    assert counters.LIVE_KEYS.of(counts) == 0
 
 
 _FOUND: list = []
