@@ -415,7 +415,7 @@ def _print_summary(summary: dict) -> None:
         f"  model               {summary['model_version']}  ({summary['model']})",
         f"  spec                {summary['spec']['name']} {summary['spec']['fingerprint'][:12]}",
         f"  read                {read['messages']:>9,}   messages; accepted "
-        + ", ".join(f"{role} {n:,}" for role, n in sorted(read["accepted"].items()))
+        + (", ".join(f"{role} {n:,}" for role, n in sorted(read["accepted"].items())) or "none")
         + f"; identical copies {read['identical_copies']:,}",
         *([f"  NOT ANSWERED        {unanswered:>9,}   requests read but neither predicted nor a dead letter: in "
            f"flight at the stop, and acked by this runner when read (docs/howto.md, \"What a crash costs\")"]

@@ -20,7 +20,7 @@ SOURCES = sorted(path for folder in ("beam_app", "transforms", "models", "bench"
                  if path not in (COUNTERS_PY, Path(__file__).resolve()))
 
 CONSTANTS = {name: value for name, value in vars(counters).items() if isinstance(value, counters.Counter)}
-FACTORIES = (counters.parsed, counters.duplicates, counters.conflicts, counters.split_examples,
+FACTORIES = (counters.parsed, counters.duplicates, counters.conflicts, counters.accepted, counters.split_examples,
              counters.dead_letters, counters.bootstrap, counters.explained_by,
              lambda name: counters.column_verdict(name, counters.EQUAL))
 NAMESPACES = sorted({c.namespace for c in CONSTANTS.values()} | {f("x").namespace for f in FACTORIES})
@@ -94,3 +94,32 @@ def test_each_constant_names_its_own_counter():
     assert duplicated == []
     assert counters.parsed("request") == counters.REQUESTS
     assert counters.RECORDS_READ.of({"parse/records_read": 3}) == 3 and counters.RECORDS_OK.of({}) == 0
+
+
+def test_a_tally_counts_what_its_job_counts_and_nothing_of_another_job():
+    import uuid
+
+    one, other = uuid.uuid4().hex, uuid.uuid4().hex
+    read = counters.MESSAGES_READ.metric(one)
+    live = counters.LIVE_KEYS.metric(one)
+    for _ in range(50):
+        read.inc()
+    live.inc(3)
+    live.dec()
+    counters.MESSAGES_READ.metric(other).inc(7)
+    assert counters.tallied(one) == {counters.MESSAGES_READ.key: 50, counters.LIVE_KEYS.key: 2}
+    assert counters.tallied(other) == {counters.MESSAGES_READ.key: 7}
+    assert counters.tallied(uuid.uuid4().hex) == {}
+
+
+def test_the_streaming_summary_shows_requests_read_and_not_answered():
+    from beam_app.streaming import read_and_answered
+
+    tally = {counters.MESSAGES_READ.key: 20, counters.accepted("request").key: 9,
+             counters.accepted("observation").key: 8, counters.duplicates("request").key: 1,
+             counters.duplicates("observation").key: 1, counters.LIVE_KEYS.key: 4, counters.STATE_CLEARED.key: 2}
+    written = {"predictions": 6, "dead_letters": {"inference": 1, "parse": 1}}
+    summary = read_and_answered(tally, written)
+    assert summary["read"] == {"messages": 20, "accepted": {"request": 9, "observation": 8}, "identical_copies": 2}
+    assert summary["requests_unanswered"] == 9 - 6 - 1  # read, neither predicted nor a failed inference
+    assert summary["feature_state"] == {"live_keys": 4, "cleared": 2, "rebuilt_from_log": 0}

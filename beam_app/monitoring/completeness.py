@@ -34,6 +34,7 @@ import apache_beam as beam
 
 from transforms import counters
 from transforms.events import event_to_json, rfc3339_to_time_us
+from transforms.spec import REQUEST
 
 MISSING = "missing"
 SAMPLE_MISSING = 100  # listed in consistency.json; missing-*.ndjson has them all
@@ -83,6 +84,11 @@ def completeness_verdict(event_id: str, requests: Iterable[tuple[int, str]], pre
     return Completeness(counts, {**json.loads(event_json), "overdue": overdue})
 
 
+def in_range(time_us: int, start_us: Optional[int], end_us: Optional[int]) -> bool:
+    """start <= time < end, either bound open (None)."""
+    return (start_us is None or time_us >= start_us) and (end_us is None or time_us < end_us)
+
+
 def is_streamed(row: Mapping[str, Any]) -> bool:
     """A predictions row the streaming job wrote (batch scoring writes source "batch")."""
     return row.get("source", STREAMED) == STREAMED
@@ -130,22 +136,19 @@ class CheckCompleteness(beam.PTransform):
         super().__init__()
         self._start_us, self._end_us, self._lateness_s = start_us, end_us, allowed_lateness_s
 
-    def _in_range(self, time_us: int) -> bool:
-        return ((self._start_us is None or time_us >= self._start_us)
-                and (self._end_us is None or time_us < self._end_us))
-
     def expand(self, inputs):
         history, predictions = inputs["history"], inputs["predictions"]
+        start_us, end_us, lateness_s = self._start_us, self._end_us, self._lateness_s
         latest = (history | "EventTimes" >> beam.Map(lambda event: event.time_us)
                   | "Latest" >> beam.CombineGlobally(_Latest()))
         requests = (history
-                    | "Requests" >> beam.Filter(lambda event: event.role == "request" and self._in_range(event.time_us))
+                    | "Requests" >> beam.Filter(lambda event: event.role == REQUEST
+                                                and in_range(event.time_us, start_us, end_us))
                     | "RequestById" >> beam.Map(lambda event: (event.event_id, (event.time_us, event_to_json(event)))))
         predicted = (predictions
                      | "Streamed" >> beam.Filter(is_streamed)
                      | "PredictionById" >> beam.Map(lambda row: (row["event_id"], rfc3339_to_time_us(row["event_time"])))
-                     | "PredictionInRange" >> beam.Filter(lambda item: self._in_range(item[1])))
-        lateness_s, end_us = self._lateness_s, self._end_us
+                     | "PredictionInRange" >> beam.Filter(lambda item: in_range(item[1], start_us, end_us)))
 
         def verdict(joined, latest_us):
             event_id, sides = joined
