@@ -172,7 +172,7 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
                        | "PredictionsTable" >> beam.Create([source])
                        | "ReadPredictions" >> beam.FlatMap(lambda table: read_served_rows(table, start, end, endpoint))
                        | "SpreadPredictions" >> beam.Reshuffle())
-        checked = ({"history": history | "HistoryEvents" >> beam.Map(lambda arrived: arrived.event),
+        checked = ({"history": history | "ArrivedEvents" >> beam.Map(lambda arrived: arrived.event),
                     "predictions": predictions}
                    | "CheckCompleteness" >> CheckCompleteness(start_us, end_us, options.allowed_lateness_s))
         missing = checked[MISSING]

@@ -27,7 +27,8 @@ from beam_app.monitoring import recompute
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE, UsageError
 from beam_app.common.options import pipeline_options
 from beam_app.bigquery.client import bigquery_client, ensure_table
-from beam_app.bigquery.tables import event_row, events_schema, served_columns, served_features_row
+from beam_app.bigquery.tables import (PREDICTIONS_SCHEMA, event_row, events_schema, prediction_row, served_columns,
+                                     served_features_row)
 from transforms.events import Event, InvalidRecord, event_to_json, rfc3339_to_time_us
 from transforms.examples import RequestKey, row_values
 from transforms.skew import Arrived, explain_group, group_values
@@ -175,8 +176,17 @@ def test_consistency_over_the_events_archive_explains_late_and_cold(tmp_path, bi
         _served(R2, _features(0, None, None, None, 20.0, None, 20.0, None), job_start="10:15"),
         _served(R3, BY_HAND["r3"]),
     ]
+    # The predictions, for the completeness check: r2 has none (r4 has one, after --end).
+    predictions = f"{PROJECT}:consistency_case.predictions"
+    ensure_table(client, predictions, PREDICTIONS_SCHEMA)
+    assert not client.insert_rows_json(f"{PROJECT}.consistency_case.predictions", [
+        prediction_row(RequestKey(r.event_id, r.time_us), 3.0, "v1", SPEC.fingerprint, _t("12:00"), "streaming")
+        for r in (R1, R3, R4)])
     summary = _run(tmp_path, served, f"bq:{table}", bigquery_endpoint=bigquery_emulator.endpoint,
-                   start=f"{DAY}10:45:00Z", end=f"{DAY}11:45:00Z")
+                   start=f"{DAY}10:45:00Z", end=f"{DAY}11:45:00Z", predictions=predictions, allowed_lateness_s=0)
+    complete = summary["completeness"]
+    assert (complete["requests"], complete["answered"], complete["without_prediction_overdue"]) == (3, 2, 1)
+    assert [record["event_id"] for record in complete["missing"]] == [R2.event_id]
     assert (summary["requests_compared"], summary["requests_equal"], summary["differences"]) == (3, 1, 2)
     assert summary["differences_unexplained"] == 0
     assert summary["explained_by"] == {"late_observation": 1, "no_bootstrap": 1}
