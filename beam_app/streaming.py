@@ -383,7 +383,8 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
         test_client = EndpointBigQueryClient(parse_table_spec(options.predictions_table)[0], options.bigquery_endpoint)
 
     pipeline = beam.Pipeline(options=options)
-    tally = uuid.uuid4().hex
+    # The local runner's summary reads the job's own tally; on Dataflow the job's metrics say it all.
+    tally = uuid.uuid4().hex if is_local_runner(options) else None
     construct(pipeline, options, spec, location, clock, test_client, tally)
     started_us = int(clock() * 1e6)
     result = pipeline.run()
