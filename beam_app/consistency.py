@@ -62,7 +62,8 @@ from beam_app.common.inputs import add_format_argument, input_names, read_inputs
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.times import add_time_range_arguments, time_flag_rfc3339, time_range_us
-from beam_app.monitoring.completeness import MISSING, SAMPLE_MISSING, CheckCompleteness, completeness_summary
+from beam_app.monitoring.completeness import (MISSING, SAMPLE_MISSING, CheckCompleteness, completeness_summary,
+                                              sample_order)
 from beam_app.monitoring.recompute import (COUNTS, RECORDS, REFUSED, SAMPLE_UNEXPLAINED, CompareWithBatch,
                                            EventsFromTable, summarize)
 from transforms import counters
@@ -192,7 +193,7 @@ def construct(pipeline: beam.Pipeline, options: ConsistencyOptions, spec: Featur
          job_summary(c, unexplained, missing, spec, settings), indent=2),
          unexplained=beam.pvalue.AsSingleton(_sample(pipeline, records, "Unexplained", SAMPLE_UNEXPLAINED,
                                                      lambda record: not record["explained"])),
-         missing=beam.pvalue.AsSingleton(_sample(pipeline, missing, "Missing", SAMPLE_MISSING)))
+         missing=beam.pvalue.AsSingleton(_sample(pipeline, missing, "Missing", SAMPLE_MISSING, key=sample_order)))
      | "WriteSummary" >> beam.io.WriteToText(FileSystems.join(output, "consistency"), file_name_suffix=".json",
                                              shard_name_template=""))
     for name, found in (("differences", records), (MISSING, missing)):
@@ -208,18 +209,23 @@ def job_summary(counts: dict, unexplained: list, missing: list, spec: FeatureSpe
     check's. It passes when both do: the mismatch fraction within the bound, and no overdue request
     without a prediction."""
     summary = summarize(counts, unexplained, spec, settings)
+    failures = [] if summary["passed"] else [
+        f"mismatch fraction above --max_mismatch_fraction {summary['max_mismatch_fraction']}"]
     if settings["predictions"]:
-        summary["completeness"] = completeness_summary(counts, missing, settings)
-        summary["passed"] = summary["passed"] and not summary["completeness"]["without_prediction_overdue"]
+        complete = summary["completeness"] = completeness_summary(counts, missing, settings)
+        if complete["without_prediction_overdue"]:
+            failures.append(f"overdue requests without a prediction: {complete['without_prediction_overdue']:,}, "
+                            f"older than --allowed_lateness_s {complete['allowed_lateness_s']} before the range's end")
+    summary["failures"], summary["passed"] = failures, not failures
     return summary
 
 
-def _sample(pipeline, records, name: str, size: int, keep=lambda record: True):
-    """A PCollection of one list: up to `size` of `records` that `keep`, by event_id (empty without records)."""
+def _sample(pipeline, records, name: str, size: int, keep=lambda record: True, key=lambda record: record["event_id"]):
+    """A PCollection of one list: the first `size` of `records` that `keep`, by `key` (empty without records)."""
     if records is None:
         return pipeline | f"No{name}" >> beam.Create([[]])
     return (records | name >> beam.Filter(keep)
-            | f"Sample{name}" >> beam.combiners.Top.Of(size, key=lambda r: r["event_id"], reverse=True))
+            | f"Sample{name}" >> beam.combiners.Top.Of(size, key=key, reverse=True))
 
 
 def check_options(options: ConsistencyOptions, spec: FeatureSpec) -> None:
@@ -314,15 +320,11 @@ def _print_summary(summary: dict) -> None:
     lines.append(f"  output              {outputs['summary']}"
                  + (f", {outputs['differences']}" if summary["served_features"] else "")
                  + (f", {outputs['missing']}" if complete else ""))
-    failures = []
-    if summary["mismatch_fraction"] > summary["max_mismatch_fraction"]:
-        failures.append(f"mismatch fraction above --max_mismatch_fraction {summary['max_mismatch_fraction']}")
+    lines.append("  passed              " + ("yes" if summary["passed"] else "NO: " + "; ".join(summary["failures"])))
     if complete and complete["without_prediction_overdue"]:
-        failures.append(f"overdue requests without a prediction: {complete['without_prediction_overdue']:,}, older "
-                        f"than --allowed_lateness_s {complete['allowed_lateness_s']} before the range's end. Within "
-                        f"the job's allowed lateness, publish them again: python -m beam_app.publish --topic TOPIC "
-                        f"--input '{outputs['missing']}' --input_format json (docs/howto.md, \"What a crash costs\")")
-    lines.append("  passed              " + ("yes" if summary["passed"] else "NO: " + "; ".join(failures)))
+        lines.append(f"  to repair           within the job's allowed lateness, publish them again: python -m "
+                     f"beam_app.publish --topic TOPIC --input '{outputs['missing']}' --input_format json "
+                     f"(docs/howto.md, \"What a crash costs\")")
     print("\n".join(lines), flush=True)
 
 

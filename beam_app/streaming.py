@@ -191,8 +191,7 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
     per accepted live event. tally: a process-wide tally (transforms/counters.py) that the messages
     read, the events accepted and the feature state's keys are counted into, for the local summary."""
     live = LiveStamp(event_time_attribute, TimeBounds(max_future_s, allowed_lateness_s))
-    _ = messages | "CountMessages" >> beam.ParDo(_CountMessages(tally))
-    parsed = messages | "ParseEvents" >> ParseEvents(spec, live=live, to_record=message_to_record)
+    parsed = messages | "ParseEvents" >> ParseEvents(spec, live=live, to_record=message_to_record, tally=tally)
     events = parsed["events"] if history is None else (parsed["events"], history)
     unique = events | "DeduplicateEvents" >> DeduplicateEvents(
         spec.max_window_s + allowed_lateness_s, key_shards, tally=tally)
@@ -222,20 +221,6 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
     return outputs
 
 
-class _CountMessages(beam.DoFn):
-    """Counts the messages read (input/messages_read), before anything can refuse them."""
-
-    def __init__(self, tally: Optional[str]):
-        self._tally = tally
-
-    def setup(self):
-        self._read = counters.MESSAGES_READ.metric(self._tally)
-
-    def process(self, message):
-        self._read.inc()
-        return []
-
-
 def read_and_answered(tally: dict[str, int], written: dict) -> dict:
     """The local job's own counts (`counters.tallied`) beside what its tables hold:
     what it read, what it accepted, how many requests it answered, and its feature
@@ -246,7 +231,7 @@ def read_and_answered(tally: dict[str, int], written: dict) -> dict:
     requests = accepted.get(REQUEST, 0)
     answered = written["predictions"] + written["dead_letters"].get("inference", 0)
     return {
-        "read": {"messages": counters.MESSAGES_READ.of(tally), "accepted": accepted, "identical_copies": duplicates},
+        "read": {"messages": counters.RECORDS_READ.of(tally), "accepted": accepted, "identical_copies": duplicates},
         "requests_unanswered": max(0, requests - answered),
         "feature_state": {"live_keys": counters.LIVE_KEYS.of(tally), "cleared": counters.STATE_CLEARED.of(tally),
                           "rebuilt_from_log": counters.HISTORIES_REBUILT.of(tally)},
@@ -404,6 +389,7 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary.update(table_counts(written_to, options.bigquery_endpoint, started_us, deadline_s=5))
     summary.update(read_and_answered(counters.tallied(tally), summary))
+    counters.forget(tally)
     _print_summary(summary)
     return summary
 

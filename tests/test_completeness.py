@@ -14,7 +14,8 @@ from beam_app.bigquery.tables import prediction_row
 from beam_app.common.errors import EXIT_CHECK_FAILED
 from beam_app.monitoring.completeness import completeness_verdict, overdue_before_us
 from transforms import counters
-from transforms.events import event_to_json, rfc3339_to_time_us, time_us_to_rfc3339
+from transforms.events import RawRecord, event_to_json, rfc3339_to_time_us, time_us_to_rfc3339
+from transforms.parse import RecordParser
 from transforms.examples import RequestKey
 from tests.test_consistency import O1, O2, O3, SPEC, _request
 
@@ -53,6 +54,7 @@ def test_every_request_is_answered_or_listed_once(requests, predicted, overdue_b
 def test_overdue_is_measured_from_the_end_of_the_range_or_the_latest_event():
     assert overdue_before_us(10 * HOUR_US, 99 * HOUR_US, 3600) == 9 * HOUR_US
     assert overdue_before_us(None, 5 * HOUR_US, 0) == 5 * HOUR_US
+    assert overdue_before_us(99 * HOUR_US, 5 * HOUR_US, 0) == 5 * HOUR_US  # an --end in the future
     assert overdue_before_us(None, None, 3600) is None
 
 
@@ -85,9 +87,13 @@ def test_the_job_lists_requests_without_a_prediction_and_fails_on_overdue_ones(t
         (r2.event_id, time_us_to_rfc3339(r2.time_us), True),
         (r4.event_id, time_us_to_rfc3339(r4.time_us), False),
         (r5.event_id, time_us_to_rfc3339(r5.time_us), False)]
-    # Each is the request as the history holds it, so the publisher can send it again.
-    (listed_r2,) = [record for record in listed if record["event_id"] == r2.event_id]
-    assert {k: v for k, v in listed_r2.items() if k != "overdue"} == json.loads(event_to_json(r2))
+    # Each is the request as the history holds it, so the publisher can send it again: each line,
+    # "overdue" and all, parses back to the very request.
+    parse = RecordParser(SPEC)
+    for path in sorted((tmp_path / "out").glob("missing-*.ndjson")):
+        for n, line in enumerate(path.read_text().splitlines()):
+            (event,) = parse(RawRecord(f"{path}:{n}", line, "json"))
+            assert event == {r.event_id: r for r in (r2, r4, r5)}[event.event_id]
     assert (complete["requests"], complete["answered"], complete["answered_more_than_once"],
             complete["without_prediction"], complete["without_prediction_overdue"],
             complete["predictions_without_request"]) == (5, 2, 1, 3, 1, 1)
@@ -95,6 +101,8 @@ def test_the_job_lists_requests_without_a_prediction_and_fails_on_overdue_ones(t
     assert "requests_compared" in summary and summary["requests_compared"] == 0  # no served log given
     printed = capsys.readouterr().out
     assert f"no prediction       {r2.event_id} at {time_us_to_rfc3339(r2.time_us)} (overdue)" in printed
+    assert summary["failures"] == ["overdue requests without a prediction: 1, older than --allowed_lateness_s 3600 "
+                                   "before the range's end"]
 
     # Ending the range at 11:30 leaves only r1 and r2 in it; r2 stays overdue with no lateness allowed.
     summary = consistency.run(argv + ["--end", "2026-12-01T11:30:00Z", "--allowed_lateness_s", "0"])

@@ -100,22 +100,23 @@ def test_a_tally_counts_what_its_job_counts_and_nothing_of_another_job():
     import uuid
 
     one, other = uuid.uuid4().hex, uuid.uuid4().hex
-    read = counters.MESSAGES_READ.metric(one)
+    read = counters.RECORDS_READ.metric(one)
     live = counters.LIVE_KEYS.metric(one)
     for _ in range(50):
         read.inc()
     live.inc(3)
     live.dec()
-    counters.MESSAGES_READ.metric(other).inc(7)
-    assert counters.tallied(one) == {counters.MESSAGES_READ.key: 50, counters.LIVE_KEYS.key: 2}
-    assert counters.tallied(other) == {counters.MESSAGES_READ.key: 7}
-    assert counters.tallied(uuid.uuid4().hex) == {}
+    counters.RECORDS_READ.metric(other).inc(7)
+    assert counters.tallied(one) == {counters.RECORDS_READ.key: 50, counters.LIVE_KEYS.key: 2}
+    assert counters.tallied(other) == {counters.RECORDS_READ.key: 7}
+    counters.forget(other)
+    assert counters.tallied(other) == {}
 
 
 def test_the_streaming_summary_shows_requests_read_and_not_answered():
     from beam_app.streaming import read_and_answered
 
-    tally = {counters.MESSAGES_READ.key: 20, counters.accepted("request").key: 9,
+    tally = {counters.RECORDS_READ.key: 20, counters.accepted("request").key: 9,
              counters.accepted("observation").key: 8, counters.duplicates("request").key: 1,
              counters.duplicates("observation").key: 1, counters.LIVE_KEYS.key: 4, counters.STATE_CLEARED.key: 2}
     written = {"predictions": 6, "dead_letters": {"inference": 1, "parse": 1}}

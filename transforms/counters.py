@@ -65,6 +65,12 @@ def tallied(tally: str) -> dict[str, int]:
         return dict(_TALLIES.get(tally, {}))
 
 
+def forget(tally: str) -> None:
+    """Drops a finished job's tally."""
+    with _TALLY_LOCK:
+        _TALLIES.pop(tally, None)
+
+
 # Parsing (transforms/parse.py): every record read is parsed or a dead letter.
 RECORDS_READ = Counter("parse", "records_read")
 RECORDS_OK = Counter("parse", "records_ok")
@@ -79,9 +85,6 @@ def parsed(role: str) -> Counter:
 
 
 # De-duplication (transforms/deduplicate.py): identical copies dropped, conflicting copies dead letters.
-MESSAGES_READ = Counter("input", "messages_read")  # the streaming job's messages, before parsing
-
-
 def accepted(role: str) -> Counter:
     """Live events of one role accepted by the streaming job: the first copy of each, not the warm start."""
     return Counter("accepted", role)

@@ -175,12 +175,12 @@ class _ParseDoFn(beam.DoFn):
     LiveStamp, each event leaves stamped with its checked event time."""
 
     def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp], adapters: Mapping[str, CsvAdapter],
-                 to_record: Optional[Callable[[Any], RawRecord]] = None):
+                 to_record: Optional[Callable[[Any], RawRecord]] = None, tally: Optional[str] = None):
         self._spec = spec
         self._live = live
         self._adapters = dict(adapters)
         self._to_record = to_record
-        self._records = counters.RECORDS_READ.metric()
+        self._records = counters.RECORDS_READ.metric(tally)
         self._ok = counters.RECORDS_OK.metric()
         self._dead = counters.PARSE_DEAD_LETTERS.metric()
         self._by_role = {role: counters.parsed(role).metric() for role in spec.roles}
@@ -221,19 +221,22 @@ class ParseEvents(beam.PTransform):
 
     to_record: makes the RawRecord of each input element (a Pub/Sub message)
     in the same step, which on the streaming DirectRunner saves a bundle per
-    bundle; it must not raise (a record it cannot make cannot be a dead letter)."""
+    bundle; it must not raise (a record it cannot make cannot be a dead letter).
+
+    tally: a streaming job's tally (transforms/counters.py) that the records read are counted into."""
 
     def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp] = None,
                  adapters: Optional[Mapping[str, CsvAdapter]] = None, label: Optional[str] = None,
-                 to_record: Optional[Callable[[Any], RawRecord]] = None):
+                 to_record: Optional[Callable[[Any], RawRecord]] = None, tally: Optional[str] = None):
         super().__init__(label)
         self._spec = spec
         self._live = live
         self._adapters = dict(adapters or {})
         self._to_record = to_record
+        self._tally = tally
 
     def expand(self, records):
         outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live, self._adapters,
-                                                            self._to_record)).with_outputs(
+                                                            self._to_record, self._tally)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}

@@ -154,7 +154,8 @@ def check_served(model: str, bigquery_endpoint: str, work: Path) -> tuple[dict, 
 
     print("checking what was served: consistency job, then the drift report ...", flush=True)
     checked = consistency.run(["--runner", "DirectRunner", "--served_features", SERVED_FEATURES,
-                               "--predictions", PREDICTIONS, "--input", EVENTS,
+                               # it waited for every prediction: nothing may still be in flight
+                               "--predictions", PREDICTIONS, "--allowed_lateness_s", "0", "--input", EVENTS,
                                "--bigquery_endpoint", bigquery_endpoint, "--output", str(work / "consistency")])
     status = drift.run(["--model", model, "--served_features", SERVED_FEATURES, "--bigquery_endpoint",
                         bigquery_endpoint, "--consistency", str(work / "consistency" / "consistency.json"),

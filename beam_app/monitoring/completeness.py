@@ -14,8 +14,10 @@ within its allowed lateness.
 
 A request without a prediction is *overdue* when its event time is more than
 the allowed lateness before the end of the range (--end, or the history's
-latest event when the range is open): by then the streaming job must have
-answered it, whatever order its messages came in. One in the range's last
+latest event when that is earlier): by then the streaming job must have
+answered it, whatever order its messages came in. A request whose inference
+failed is a dead letter (stage "inference") and is listed here too: the
+job answered it with a reason, not a prediction. One in the range's last
 allowed lateness may still be in flight: it is reported, and does not fail
 the check.
 
@@ -33,7 +35,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 import apache_beam as beam
 
 from transforms import counters
-from transforms.events import event_to_json, rfc3339_to_time_us
+from transforms.events import event_to_json
 from transforms.spec import REQUEST
 
 MISSING = "missing"
@@ -50,10 +52,13 @@ class Completeness(NamedTuple):
 
 def overdue_before_us(end_us: Optional[int], latest_us: Optional[int], allowed_lateness_s: int) -> Optional[int]:
     """Requests before this time must have been answered: the end of the range
-    (`end_us`, or the history's latest event) less the allowed lateness. None
-    when there is no end to measure from (an empty history)."""
-    end = end_us if end_us is not None else latest_us
-    return None if end is None else end - allowed_lateness_s * 1_000_000
+    less the allowed lateness. The end is `end_us` or the history's latest event
+    (`latest_us`), whichever is earlier: an --end in the future must not make a
+    request published a moment ago overdue. None for an empty history."""
+    if latest_us is None:
+        return None
+    end = latest_us if end_us is None else min(end_us, latest_us)
+    return end - allowed_lateness_s * 1_000_000
 
 
 def completeness_verdict(event_id: str, requests: Iterable[tuple[int, str]], predictions: int,
@@ -94,6 +99,11 @@ def is_streamed(row: Mapping[str, Any]) -> bool:
     return row.get("source", STREAMED) == STREAMED
 
 
+def sample_order(record: Mapping[str, Any]) -> tuple:
+    """Which missing requests consistency.json lists first: the overdue, the earliest."""
+    return not record["overdue"], record["event_time"], record["event_id"]
+
+
 def completeness_summary(counts: Mapping[str, int], missing: list[dict], settings: Mapping[str, Any]) -> dict:
     """consistency.json's "completeness" part."""
     c = lambda counter: counter.of(counts)  # noqa: E731
@@ -106,7 +116,7 @@ def completeness_summary(counts: Mapping[str, int], missing: list[dict], setting
         "without_prediction": c(counters.REQUESTS_WITHOUT_PREDICTION),
         "without_prediction_overdue": c(counters.REQUESTS_WITHOUT_PREDICTION_OVERDUE),
         "predictions_without_request": c(counters.PREDICTIONS_WITHOUT_REQUEST),
-        "missing": sorted(missing, key=lambda record: (record["event_time"], record["event_id"]))[:SAMPLE_MISSING],
+        "missing": sorted(missing, key=sample_order)[:SAMPLE_MISSING],
     }
 
 
@@ -130,7 +140,8 @@ class _Latest(beam.CombineFn):
 class CheckCompleteness(beam.PTransform):
     """{"history": PCollection[Event], "predictions": PCollection[predictions row]} ->
     {"counts": PCollection[(counter key, 1)], "missing": PCollection[record]}: the history's
-    requests in [start_us, end_us) joined with the streamed predictions by event_id."""
+    requests in [start_us, end_us) joined with the streamed predictions by event_id (read
+    for the same range: `read_served_rows`)."""
 
     def __init__(self, start_us: Optional[int], end_us: Optional[int], allowed_lateness_s: int):
         super().__init__()
@@ -147,8 +158,7 @@ class CheckCompleteness(beam.PTransform):
                     | "RequestById" >> beam.Map(lambda event: (event.event_id, (event.time_us, event_to_json(event)))))
         predicted = (predictions
                      | "Streamed" >> beam.Filter(is_streamed)
-                     | "PredictionById" >> beam.Map(lambda row: (row["event_id"], rfc3339_to_time_us(row["event_time"])))
-                     | "PredictionInRange" >> beam.Filter(lambda item: in_range(item[1], start_us, end_us)))
+                     | "PredictionById" >> beam.Map(lambda row: (row["event_id"], row["event_time"])))
 
         def verdict(joined, latest_us):
             event_id, sides = joined
