@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHURN_SPEC = ROOT / "bench" / "specs" / "churn.yaml"
 sys.path.insert(0, str(ROOT))
 
 from dofn_harness import Bytes, KeyState, fire_due, holds_state, next_timer_us  # noqa: E402  (bench/, this script's directory)
@@ -42,19 +43,9 @@ WINDOW_S = 3600
 
 
 def churn_spec():
-    from transforms.spec import spec_from_dict
+    from transforms.spec import load_spec
 
-    return spec_from_dict({
-        "name": "churn",
-        "request": {"fields": {"user": {"type": "string"}}, "label": {"name": "y", "type": "float"}},
-        "observations": {"click": {"fields": {"user": {"type": "string"}, "amount": {"type": "float"}}}},
-        "windowed_features": [
-            {"name": "clicks_1h", "kind": "click", "key": "user", "aggregate": "count", "window": "1h"},
-            {"name": "amount_mean_1h", "kind": "click", "key": "user", "aggregate": "mean", "field": "amount",
-             "window": "1h"},
-        ],
-        "split": {"method": "hash"},
-    })
+    return load_spec(CHURN_SPEC)
 
 
 def churn_events(events: int, keys: int, active_min: int, seconds_per_key: float, seed: int = 11) -> list:

@@ -5,6 +5,8 @@ does."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -16,22 +18,12 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import counters, kept_histories
 from transforms.events import Event
-from transforms.spec import spec_from_dict
+from transforms.spec import load_spec
 from transforms.windowed_features import WindowedFeatures
 
 MIN_US = 60_000_000
 LATENESS_S = 600
-SPEC = spec_from_dict({
-    "name": "churn",
-    "request": {"fields": {"user": {"type": "string"}}, "label": {"name": "y", "type": "float"}},
-    "observations": {"click": {"fields": {"user": {"type": "string"}, "amount": {"type": "float"}}}},
-    "windowed_features": [
-        {"name": "clicks_1h", "kind": "click", "key": "user", "aggregate": "count", "window": "1h"},
-        {"name": "amount_mean_1h", "kind": "click", "key": "user", "aggregate": "mean", "field": "amount",
-         "window": "1h"},
-    ],
-    "split": {"method": "hash"},
-})
+SPEC = load_spec(Path(__file__).resolve().parents[1] / "bench" / "specs" / "churn.yaml")  # clicks per user, 1 h
 HORIZON_US = (3600 + LATENESS_S) * 1_000_000
 
 
