@@ -226,8 +226,8 @@ def read_and_answered(tally: dict[str, int], written: dict) -> dict:
     what it read, what it accepted, how many requests it answered, and its feature
     state. A request read and not answered (nor a failed inference) was in flight
     when the job stopped; the DirectRunner acked it when it pulled it."""
-    accepted = {key.partition("/")[2]: n for key, n in tally.items() if key.startswith(counters.accepted("").key)}
-    duplicates = sum(n for key, n in tally.items() if key.startswith(counters.duplicates("").key))
+    accepted = counters.family(tally, counters.accepted)
+    duplicates = sum(counters.family(tally, counters.duplicates).values())
     requests = accepted.get(REQUEST, 0)
     answered = written["predictions"] + written["dead_letters"].get("inference", 0)
     return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from apache_beam.metrics import Metrics
 
@@ -183,7 +183,13 @@ def explained_by(category: str) -> Counter:
     return Counter("differences", f"explained/{category}")
 
 
+def family(counts: Mapping[str, int], counter_of: Callable[[str], Counter]) -> dict[str, int]:
+    """Every counter of one factory among `counts` (duplicates, accepted, explained_by, ...),
+    by the name given to the factory."""
+    prefix = counter_of("").key
+    return {key[len(prefix):]: value for key, value in counts.items() if key.startswith(prefix)}
+
+
 def explained_by_category(counts: Mapping[str, int]) -> dict[str, int]:
     """Every explained_by counter among `counts`, by category."""
-    prefix = explained_by("").key
-    return {key[len(prefix):]: value for key, value in counts.items() if key.startswith(prefix)}
+    return family(counts, explained_by)
