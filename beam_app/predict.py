@@ -111,7 +111,7 @@ def build(records, spec: FeatureSpec, model_path: str, start_us: Optional[int] =
         unique["events"]
         | "TimeRange" >> TimeRange(start_us, end_us, spec.max_window_s * 1_000_000)
         | "WindowedFeatures" >> WindowedFeatures(spec)
-        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True, max_batch_size=inference_batch_size)
+        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, max_batch_size=inference_batch_size)
     )
     predicted, failed = examples | "RunInference" >> RunInference(
         handler or SavedModelHandler(model_path, spec)).with_exception_handling()

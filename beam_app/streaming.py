@@ -198,7 +198,7 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
     examples = (
         unique["events"]
         | "WindowedFeatures" >> WindowedFeatures(spec, allowed_lateness_s, key_shards, release_step_ms, tally=tally)
-        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, keyed=True, max_batch_size=inference_batch_size)
+        | "EncodeExamples" >> EncodeExamples(spec, with_label=False, max_batch_size=inference_batch_size)
     )
     # Each encoded batch is one element and one model call, until each request gets its prediction.
     predicted, failed = examples | "RunInference" >> RunInference(

@@ -12,7 +12,7 @@ about 328k):
    median of that size;
 2. `RunInference(SavedModelHandler(...))` as the streaming job runs it: on
    KeyedBatches of --batch_size examples keyed by string ids (what
-   `EncodeExamples(keyed=True)` emits there), one model call and one
+   `EncodeExamples` emits there), one model call and one
    KeyedPredictions output per batch; the source (below) yields the batches;
 3. the same on the keyed examples one by one, batched by `KeyedBatches`
    (BatchElements) in the pipeline, with adaptive sizing (min_batch_size=1,

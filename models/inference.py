@@ -230,7 +230,7 @@ class SavedModelHandler(ModelHandler[KeyedBatch, KeyedPredictions, Any]):
     Each element is already a batch, so RunInference's own batching is off
     (`should_skip_batching`) and Beam's per-element cost around the model is
     paid once per batch, not once per example. Batch where the examples are
-    encoded (`EncodeExamples(keyed=True)` emits KeyedBatches) or, for keyed
+    encoded (`EncodeExamples` emits KeyedBatches) or, for keyed
     examples that come one by one, with `KeyedBatches`. RunInference's
     metrics still count examples (the `len` of a KeyedBatch); a batch that
     fails comes out of `with_exception_handling()` whole, as (KeyedBatch,

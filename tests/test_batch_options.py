@@ -148,3 +148,11 @@ def test_input_may_repeat():
     options = BatchOptions(["--input", "flights=/a.csv", "--input", "weather=/b.csv"])
     assert options.input == ["flights=/a.csv", "weather=/b.csv"]
     assert BatchOptions([]).input is None
+
+
+@pytest.mark.parametrize("value", ["0", "10", "fast"])
+def test_a_gzip_level_outside_1_to_9_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        BatchOptions(["--gzip_level", value]).view_as(BatchOptions).gzip_level
+    assert exited.value.code == 2
+    assert "--gzip_level" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from transforms import counters
 from transforms.events import DeadLetter, Event, event_from_json, event_to_json, time_us_to_rfc3339
 from transforms.event_time import timer_us
 from transforms.feature_layout import state_key
-from transforms.gather import GatherInBundle
+from transforms.gather import Batch, GatherInBundle
 
 _US = 1_000_000
 STAGE = "duplicate"  # the dead-letter stage of conflicting copies
@@ -142,9 +142,17 @@ def _by_identity_shard(event: Event):
     yield zlib.crc32(identity(event).encode()) % _BATCH_SHARDS, tuple(event)
 
 
+def _list_by_identity_shard(events: list):
+    for event in events:
+        yield zlib.crc32(identity(event).encode()) % _BATCH_SHARDS, tuple(event)
+
+
 class _ResolveBatch(beam.DoFn):
-    """(shard, [[event as a tuple]]) -> the kept Event of each identity |
-    DeadLetter (tagged) per conflicting copy."""
+    """(shard, [[event as a tuple]]) -> the kept Event of each identity, or
+    their list as one element (`batched`) | DeadLetter (tagged) per conflicting copy."""
+
+    def __init__(self, batched: bool = False):
+        self._batched = batched
 
     def setup(self):
         self._counters = _Counters()
@@ -156,16 +164,21 @@ class _ResolveBatch(beam.DoFn):
             for fields in events:
                 event = Event(*fields)
                 copies.setdefault(identity(event), []).append(event)
+        kept_events = []
         for same in copies.values():
             if len(same) == 1:  # almost every identity: nothing to resolve
-                yield same[0]
+                kept_events.append(same[0])
                 continue
             kept, duplicates, conflicts = resolve_copies(same)
             self._counters.duplicates[kept.role].inc(duplicates)
             self._counters.conflicts[kept.role].inc(len(conflicts))
             for copy, reason in conflicts:
                 yield beam.pvalue.TaggedOutput(STAGE, conflict_letter(copy, reason))
-            yield kept
+            kept_events.append(kept)
+        if not self._batched:
+            yield from kept_events
+        elif kept_events:
+            yield Batch(kept_events)
 
 
 class _DeduplicateLive(beam.DoFn):
@@ -243,11 +256,14 @@ class DeduplicateEvents(beam.PTransform):
     state per key); N hashes identities into N ledgers, each read and
     written per event, so an event costs O(identities in the horizon / N)
     (the DirectRunner, where every key is a bundle of its own).
-    tally: a streaming job's tally (transforms/counters.py) to count into as well."""
+    tally: a streaming job's tally (transforms/counters.py) to count into as well.
+    batched: bounded input only, PCollection[list[Event]] in and "events" out
+    (one element per list: the runner's cost is per element)."""
 
     def __init__(self, horizon_s: int, key_shards: Optional[int] = None, label: Optional[str] = None,
-                 tally: Optional[str] = None):
+                 tally: Optional[str] = None, batched: bool = False):
         super().__init__(label)
+        self._batched = batched
         self._horizon_us = horizon_s * _US
         self._shards = key_shards
         self._tally = tally
@@ -261,11 +277,16 @@ class DeduplicateEvents(beam.PTransform):
                 raise ValueError("DeduplicateEvents: a warm-start history is for unbounded input only")
             outputs = (
                 events
-                | "ByIdentity" >> beam.ParDo(GatherInBundle(_by_identity_shard)).with_output_types(tuple[int, list])
+                | "ByIdentity" >> beam.ParDo(GatherInBundle(
+                    _list_by_identity_shard if self._batched else _by_identity_shard)).with_output_types(
+                        tuple[int, list])
                 | "GroupCopies" >> beam.GroupByKey()
-                | "Resolve" >> beam.ParDo(_ResolveBatch()).with_outputs(STAGE, main="events")
+                | "Resolve" >> (beam.ParDo(_ResolveBatch(self._batched)).with_output_types(Batch) if self._batched
+                               else beam.ParDo(_ResolveBatch())).with_outputs(STAGE, main="events")
             )
         else:
+            if self._batched:
+                raise ValueError("DeduplicateEvents: batched is for bounded input")
             shards = self._shards
             tagged = events | "Live" >> beam.Map(lambda event: (event, True))
             if history is not None:

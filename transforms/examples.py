@@ -17,11 +17,11 @@ holds; the encoder, `spec.json` and the parse spec of readers all come from it:
 
 Encoding goes through Arrow RecordBatches and tfx-bsl's C++ encoder: building
 protos in Python costs about 10x more. The batch job applies the two halves
-itself, `RecordBatches` (FeatureRow -> pa.RecordBatch) then
-`EncodeRecordBatches` (-> bytes), so that `transforms/feature_stats.py`
+itself, `rows_to_record_batch` (transforms/split.py, `SplitRecordBatches`)
+then `EncodeRecordBatches` (-> bytes), so that `transforms/feature_stats.py`
 describes the very batches that are encoded; `EncodeExamples` is the two in
-one (keyed, for streaming, it encodes from the rows, which carry the key,
-and emits each encoded batch as one `KeyedBatch`, what RunInference takes).
+one for scoring: it encodes from the rows, which carry the key, and emits
+each encoded batch as one `KeyedBatch`, what RunInference takes.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from transforms import counters
 from transforms.spec import LENGTH_SUFFIX, PRESENCE_SUFFIX, FeatureSpec, length_name, presence_name
@@ -74,68 +75,71 @@ def example_columns(spec: FeatureSpec) -> tuple[ExampleColumn, ...]:
     return tuple(columns)
 
 
-def _sequence_column(values: Sequence, size: int) -> pa.Array:
-    """A tuple of up to `size` floats per row (None: no key value) -> a
-    list<float32> column of exactly `size` values, 0-padded."""
-    flat = np.zeros(len(values) * size, dtype=np.float32)
-    for row, sequence in enumerate(values):
-        if sequence:
-            flat[row * size:row * size + len(sequence)] = sequence
-    offsets = np.arange(0, len(values) * size + 1, size, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-
-
-def _list_column(values: Sequence, dtype: str) -> pa.Array:
-    """One value per row -> a list<dtype> column; None becomes a null list
-    (the feature is left out of that example)."""
-    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+def _list_column(values: pa.Array) -> pa.Array:
+    """One value per row -> a list column of that one value; a null becomes
+    a null list (the feature is left out of that example)."""
+    if not values.null_count:
+        return pa.ListArray.from_arrays(pa.array(np.arange(len(values) + 1, dtype=np.int32)), values)
+    valid = values.is_valid().to_numpy(zero_copy_only=False)
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum(valid, out=offsets[1:])
-    present = values if valid.all() else [v for v in values if v is not None]
-    if dtype == "bytes":
-        present = [v.encode() if isinstance(v, str) else v for v in present]
-    flat = pa.array(present, type=_ARROW[dtype])
-    mask = None if valid.all() else pa.array(~valid)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=mask)
+    return pa.ListArray.from_arrays(pa.array(offsets), values.drop_null(), mask=pa.array(~valid))
+
+
+def _sequence_column(sequences: pa.ListArray, size: int) -> pa.Array:
+    """Up to `size` float64 values per row (null: no key value) -> a
+    list<float32> column of exactly `size` values, 0-padded."""
+    lengths = sequences.value_lengths().fill_null(0).to_numpy()
+    padded = np.zeros((len(sequences), size), dtype=np.float32)
+    # Row-major, as flatten() lists them; numpy rounds float64 to float32.
+    padded[np.arange(size) < lengths[:, None]] = sequences.flatten().to_numpy()
+    offsets = np.arange(0, padded.size + 1, size, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(padded.ravel()))
 
 
 def rows_to_record_batch(spec: FeatureSpec, rows: Sequence[FeatureRow], with_label: bool = True) -> pa.RecordBatch:
     """FeatureRows -> a RecordBatch with one list column per example column."""
-    arrays, names = [], []
-    slots = {f.name: i for i, f in enumerate(spec.windowed_features)}
+    # Every example the jobs write goes through here: each column is one
+    # Python pass over the rows at most, its values converted by pyarrow.
+    events = [row.event for row in rows]
+    fields = [event.fields for event in events]
+    names = [f.name for f in spec.windowed_features]
+    windowed = dict(zip(names, list(zip(*(row.features for row in rows))) or [()] * len(names)))
     flagged = {f.name for f in spec.request_fields if f.has_presence}
+    valid = {}  # name -> BooleanArray, whether each row has a value: the flags
+    sequences = {}
+    arrays, columns = [], []
     for column in example_columns(spec):
+        name = column.name
         if column.role == "label" and not with_label:
             continue
         if column.role == "id":
-            values = [row.event.event_id for row in rows]
+            values = pa.array([event.event_id for event in events], pa.binary())  # str: UTF-8, as .encode()
         elif column.role in ("static", "label"):
-            values = [row.event.fields.get(column.name) for row in rows]
-            if column.name in flagged:  # missing: 0 here, 0 in its flag
-                values = [0 if v is None else v for v in values]
-        elif column.role == "static_presence":
-            field = column.name.removesuffix(PRESENCE_SUFFIX)
-            values = [0 if row.event.fields.get(field) is None else 1 for row in rows]
-        elif column.role == "presence":
-            slot = slots[column.name.removesuffix(PRESENCE_SUFFIX)]
-            values = [0 if row.features[slot] is None else 1 for row in rows]
+            values = pa.array([row_fields.get(name) for row_fields in fields], _ARROW[column.dtype])
+            valid[name] = values.is_valid()
+            if name in flagged:  # missing: 0 here, 0 in its flag
+                values = values.fill_null(0)
+        elif column.role in ("static_presence", "presence"):
+            values = valid[name.removesuffix(PRESENCE_SUFFIX)].cast(pa.int64())
         elif column.role == "sequence":
-            slot = slots[column.name]
-            arrays.append(_sequence_column([row.features[slot] for row in rows], column.size))
-            names.append(column.name)
+            sequences[name] = pa.array(windowed[name], pa.list_(pa.float64()))
+            valid[name] = sequences[name].is_valid()
+            arrays.append(_sequence_column(sequences[name], column.size))
+            columns.append(name)
             continue
         elif column.role == "length":
-            slot = slots[column.name.removesuffix(LENGTH_SUFFIX)]
-            values = [len(row.features[slot] or ()) for row in rows]
+            values = sequences[name.removesuffix(LENGTH_SUFFIX)].value_lengths().fill_null(0).cast(pa.int64())
         else:
-            slot = slots[column.name]
-            values = [row.features[slot] for row in rows]
-            values = [0 if v is None else v for v in values]
-            if column.dtype == "int64":
-                values = [int(v) for v in values]
-        arrays.append(_list_column(values, column.dtype))
-        names.append(column.name)
-    return pa.RecordBatch.from_arrays(arrays, names)
+            integer = column.dtype == "int64"
+            values = pa.array(windowed[name], pa.float64() if integer else pa.float32())
+            valid[name] = values.is_valid()
+            values = values.fill_null(0)  # an empty window: 0, and 0 in its flag
+            if integer:  # counts come as floats: int(v), which truncates (and fails on nan/inf, as the cast does)
+                values = pc.trunc(values).cast(pa.int64())
+        arrays.append(_list_column(values))
+        columns.append(name)
+    return pa.RecordBatch.from_arrays(arrays, columns)
 
 
 def is_labeled(spec: FeatureSpec, row: FeatureRow) -> bool:
@@ -271,7 +275,7 @@ class _EncodeKeyedBatchDoFn(beam.DoFn):
 
 
 class _EncodeRecordBatchDoFn(beam.DoFn):
-    """pa.RecordBatch -> its serialized tf.Examples, one per row."""
+    """pa.RecordBatch -> the list of its serialized tf.Examples, one per row, as one element."""
 
     def __init__(self):
         self._encoded = counters.EXAMPLES_ENCODED.metric()
@@ -281,17 +285,29 @@ class _EncodeRecordBatchDoFn(beam.DoFn):
 
         self._encoder = RecordBatchToExamplesEncoder()
 
-    def process(self, batch: pa.RecordBatch) -> Iterable[bytes]:
+    def process(self, batch: pa.RecordBatch) -> Iterable[list]:
         serialized = self._encoder.encode(batch)
         self._encoded.inc(len(serialized))
-        return serialized
+        return [serialized]
 
 
-class RecordBatches(beam.PTransform):
-    """PCollection[FeatureRow] -> PCollection[pa.RecordBatch]: the rows in
-    batches (`rows_to_record_batch`, every example column as a list column),
-    what `EncodeRecordBatches` encodes and `FeatureStatistics` describes.
-    The batch size adapts to the runner, up to max_batch_size rows."""
+class EncodeRecordBatches(beam.PTransform):
+    """PCollection[pa.RecordBatch] -> PCollection[list[bytes]]: each batch's
+    serialized tf.train.Examples, one per row, as one element (what
+    transforms/tfrecord_files.py writes), with tfx-bsl's C++ encoder."""
+
+    def expand(self, batches):
+        return batches | "Encode" >> beam.ParDo(_EncodeRecordBatchDoFn()).with_output_types(list)
+
+
+class EncodeExamples(beam.PTransform):
+    """PCollection[FeatureRow] -> PCollection[KeyedBatch]: each encoded batch
+    as one element, its examples keyed by RequestKey (what RunInference takes
+    as it comes: one model call per batch).
+
+    Batches rows for the C++ encoder, up to max_batch_size; the batch size
+    adapts to the runner (in streaming, a batch never waits beyond the
+    bundle: BatchElements emits what it holds at the end of each bundle)."""
 
     def __init__(self, spec: FeatureSpec, with_label: bool = True, max_batch_size: int = 4096,
                  label: Optional[str] = None):
@@ -301,51 +317,6 @@ class RecordBatches(beam.PTransform):
         self._max_batch_size = max_batch_size
 
     def expand(self, rows):
-        spec, with_label = self._spec, self._with_label
-        return (
-            rows
-            | "Batch" >> beam.BatchElements(
-                min_batch_size=min(64, self._max_batch_size), max_batch_size=self._max_batch_size)
-            | "ToRecordBatch" >> beam.Map(lambda batch: rows_to_record_batch(spec, batch, with_label)
-                                          ).with_output_types(pa.RecordBatch)
-        )
-
-
-class EncodeRecordBatches(beam.PTransform):
-    """PCollection[pa.RecordBatch] -> PCollection[bytes] (serialized
-    tf.train.Example, one per row), with tfx-bsl's C++ encoder."""
-
-    def expand(self, batches):
-        return batches | "Encode" >> beam.ParDo(_EncodeRecordBatchDoFn()).with_output_types(bytes)
-
-
-class EncodeExamples(beam.PTransform):
-    """PCollection[FeatureRow] -> PCollection[bytes] (serialized tf.train.Example),
-    or with keyed=True PCollection[KeyedBatch]: each encoded batch as one
-    element, its examples keyed by RequestKey (what the streaming job's
-    RunInference takes as it comes: one model call per batch).
-
-    Batches rows for the C++ encoder, up to max_batch_size; the batch size
-    adapts to the runner (in streaming, a batch never waits beyond the
-    bundle: BatchElements emits what it holds at the end of each bundle).
-    Unkeyed, it is `RecordBatches` then `EncodeRecordBatches` (the batch job
-    applies the two itself, to describe the same batches in stats.json)."""
-
-    def __init__(self, spec: FeatureSpec, with_label: bool = True, keyed: bool = False, max_batch_size: int = 4096,
-                 label: Optional[str] = None):
-        super().__init__(label)
-        self._spec = spec
-        self._with_label = with_label
-        self._keyed = keyed
-        self._max_batch_size = max_batch_size
-
-    def expand(self, rows):
-        if not self._keyed:
-            return (
-                rows
-                | "RecordBatches" >> RecordBatches(self._spec, self._with_label, self._max_batch_size)
-                | "Encode" >> EncodeRecordBatches()
-            )
         return (
             rows
             | "Batch" >> beam.BatchElements(

@@ -6,6 +6,8 @@ reason; `ParseEvents` is the thin Beam wrapper that counts and routes.
 
 from __future__ import annotations
 
+import collections
+
 import csv
 import math
 import re
@@ -18,6 +20,7 @@ from transforms import counters
 from transforms.adapters import CsvAdapter
 from transforms.event_time import TimeBounds, check_event_time
 from transforms.events import DeadLetter, Event, InvalidRecord, RawRecord, event_from_json
+from transforms.gather import Batch
 from transforms.spec import REQUEST, FeatureSpec, FieldSpec
 
 DEAD_LETTERS = "dead_letters"
@@ -203,6 +206,29 @@ class _ParseDoFn(beam.DoFn):
             yield event if self._live is None else beam.window.TimestampedValue(event, Timestamp(micros=event.time_us))
 
 
+@beam.typehints.with_output_types(Batch)
+class _ParseListDoFn(_ParseDoFn):
+    """list[RawRecord] -> list[Event] (main) | DeadLetter (tagged), counted: one
+    element per list (the runner's cost is per element). Bounded input only."""
+
+    def process(self, records: list, timestamp=beam.DoFn.TimestampParam):
+        parse, events, dead_letters = self._parse, [], 0
+        for record in records:
+            parsed, dead = parse_or_dead_letter(parse, record, 0, None)
+            if dead is not None:
+                dead_letters += 1
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead)
+            events.extend(parsed)
+        self._records.inc(len(records))
+        self._ok.inc(len(records) - dead_letters)
+        self._dead.inc(dead_letters)
+        roles = collections.Counter(event.role for event in events)
+        for role, count in roles.items():
+            self._by_role[role].inc(count)
+        if events:
+            yield Batch(events)
+
+
 class ParseEvents(beam.PTransform):
     """PCollection[RawRecord] -> {"events": PCollection[Event],
     "dead_letters": PCollection[DeadLetter]}.
@@ -223,12 +249,19 @@ class ParseEvents(beam.PTransform):
     in the same step, which on the streaming DirectRunner saves a bundle per
     bundle; it must not raise (a record it cannot make cannot be a dead letter).
 
-    tally: a streaming job's tally (transforms/counters.py) that the records read are counted into."""
+    tally: a streaming job's tally (transforms/counters.py) that the records read are counted into.
+
+    batched: PCollection[list[RawRecord]] in, "events" PCollection[list[Event]]
+    out (bounded input: one element per list, the runner's cost is per element)."""
 
     def __init__(self, spec: FeatureSpec, live: Optional[LiveStamp] = None,
                  adapters: Optional[Mapping[str, CsvAdapter]] = None, label: Optional[str] = None,
-                 to_record: Optional[Callable[[Any], RawRecord]] = None, tally: Optional[str] = None):
+                 to_record: Optional[Callable[[Any], RawRecord]] = None, tally: Optional[str] = None,
+                 batched: bool = False):
         super().__init__(label)
+        if batched and (live is not None or to_record is not None):
+            raise ValueError("ParseEvents: batched is for bounded records, without live or to_record")
+        self._batched = batched
         self._spec = spec
         self._live = live
         self._adapters = dict(adapters or {})
@@ -236,7 +269,8 @@ class ParseEvents(beam.PTransform):
         self._tally = tally
 
     def expand(self, records):
-        outputs = records | "Parse" >> beam.ParDo(_ParseDoFn(self._spec, self._live, self._adapters,
-                                                            self._to_record, self._tally)).with_outputs(
+        parse = _ParseListDoFn if self._batched else _ParseDoFn
+        outputs = records | "Parse" >> beam.ParDo(parse(self._spec, self._live, self._adapters,
+                                                       self._to_record, self._tally)).with_outputs(
             DEAD_LETTERS, main="events")
         return {"events": outputs.events, DEAD_LETTERS: outputs[DEAD_LETTERS]}

@@ -198,7 +198,7 @@ def series_value(values: tuple, index: tuple[int, ...]) -> object:
 
 
 @functools.lru_cache(maxsize=None)
-def _layout(features: tuple[WindowedFeature, ...]) -> tuple:
+def history_layout(features: tuple[WindowedFeature, ...]) -> tuple:
     """What a history of these features needs that does not depend on its
     observations, worked out once per group (a batch job makes a history per
     key value and time bucket): the series, and per (series, window) the
@@ -240,7 +240,7 @@ class KeyHistory:
 
     def __init__(self, features: Sequence[WindowedFeature], lateness_s: int = 0):
         self.features = tuple(features)
-        self.series, windows, longest_s = _layout(self.features)
+        self.series, windows, longest_s = history_layout(self.features)
         self.times: list[list[int]] = [[] for _ in range(len(self.series) + 1)]
         self.values: list[list] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty
         self.ids: list[list[str]] = [[] for _ in range(len(self.series) + 1)]  # [0] stays empty

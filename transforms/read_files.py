@@ -19,6 +19,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.events import RawRecord
+from transforms.gather import Batch
 
 PACKAGE_PREFIX = "package:"
 _JSON_SUFFIXES = (".ndjson", ".jsonl", ".json")
@@ -77,14 +78,14 @@ def read_records(path: str, input_format: str = "auto", source_name: Optional[st
 
 
 def read_chunks(path: str, input_format: str = "auto", chunk_size: int = 5000,
-                source_name: Optional[str] = None) -> Iterator[list[RawRecord]]:
+                source_name: Optional[str] = None) -> Iterator[Batch]:
     """The records of one file in lists of `chunk_size`: the unit spread over workers."""
-    chunk: list[RawRecord] = []
+    chunk = Batch()
     for record in read_records(path, input_format, source_name):
         chunk.append(record)
         if len(chunk) == chunk_size:
             yield chunk
-            chunk = []
+            chunk = Batch()
     if chunk:
         yield chunk
 
@@ -98,7 +99,7 @@ def matched_files(pattern: str) -> list[str]:
 
 
 class ReadChunks(beam.PTransform):
-    """A path or glob -> PCollection[list[RawRecord]]: each file's lines in
+    """A path or glob -> PCollection[Batch of RawRecord]: each file's lines in
     chunks (`read_chunks`), the unit a worker parses. source_name: the spec's
     source whose CSV adapter reads them (None: the spec's first)."""
 
@@ -114,22 +115,31 @@ class ReadChunks(beam.PTransform):
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format, source_name=self._source_name)
+            | "ReadChunks" >> beam.FlatMap(read_chunks, self._input_format, source_name=self._source_name
+                                          ).with_output_types(Batch)
         )
 
 
 class ReadRecords(ReadChunks):
-    """A path or glob -> PCollection[RawRecord], one per line (CSV header excluded)."""
+    """A path or glob -> PCollection[RawRecord], one per line (CSV header
+    excluded); with batched, PCollection[list[RawRecord]], a chunk per element."""
+
+    def __init__(self, pattern: str, input_format: str = "auto", source_name: Optional[str] = None,
+                 label: Optional[str] = None, batched: bool = False):
+        super().__init__(pattern, input_format, source_name, label)
+        self._batched = batched
 
     def expand(self, pbegin):
-        return (
+        spread = (
             super().expand(pbegin)
             # A file is read by one worker; spread chunks of its lines so parsing
             # runs on all of them (chunks, not lines: far less to shuffle).
             | "Compact" >> beam.Map(_compact)
             | "Spread" >> beam.Reshuffle()
-            | "Records" >> beam.FlatMap(_records).with_output_types(RawRecord)
         )
+        if self._batched:
+            return spread | "Records" >> beam.Map(lambda compact: Batch(_records(compact))).with_output_types(Batch)
+        return spread | "Records" >> beam.FlatMap(_records).with_output_types(RawRecord)
 
 
 def _compact(chunk: list[RawRecord]) -> tuple:

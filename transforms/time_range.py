@@ -11,6 +11,7 @@ import apache_beam as beam
 
 from transforms import counters
 from transforms.events import Event
+from transforms.gather import Batch
 
 REQUEST = "request"
 
@@ -38,22 +39,36 @@ class _KeepInRange(beam.DoFn):
         self._observations_outside = counters.OBSERVATIONS_OUTSIDE_RANGE.metric()
 
     def process(self, event: Event):
+        if self._keep(event):
+            yield event
+
+    def _keep(self, event: Event) -> bool:
         keep = in_time_range(event, *self._range)
         if event.role == REQUEST:
             (self._in_range if keep else self._outside).inc()
         elif not keep:
             self._observations_outside.inc()
-        if keep:
-            yield event
+        return keep
+
+
+@beam.typehints.with_output_types(Batch)
+class _KeepListInRange(_KeepInRange):
+    def process(self, events: list):
+        kept = [event for event in events if self._keep(event)]
+        if kept:
+            yield Batch(kept)
 
 
 class TimeRange(beam.PTransform):
     """PCollection[Event] -> PCollection[Event]: what requests in [start, end) need
-    (None: unbounded), each request counted in or outside the range."""
+    (None: unbounded), each request counted in or outside the range; with
+    batched, PCollection[list[Event]] in and out."""
 
-    def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int):
+    def __init__(self, start_us: Optional[int], end_us: Optional[int], reach_us: int, batched: bool = False):
         super().__init__()
         self._range = (start_us, end_us, reach_us)
+        self._batched = batched
 
     def expand(self, events):
-        return events | "KeepInRange" >> beam.ParDo(_KeepInRange(*self._range))
+        keep = _KeepListInRange if self._batched else _KeepInRange
+        return events | "KeepInRange" >> beam.ParDo(keep(*self._range))

@@ -96,11 +96,17 @@ class ExactSums:
         n = hi - lo
         total = self.sums[hi] - self.sums[lo]
         numerator = n * (self.square_sums[hi] - self.square_sums[lo]) - total * total  # n^2 var, units 2**-2bits
-        if not numerator:
-            return 0.0
-        # A factor 4**s of the numerator is 2**s of the root: smaller integers, the same exact value.
-        strip = min(((numerator & -numerator).bit_length() - 1) >> 1, self.bits)
-        return exact_sqrt_ratio(numerator >> (2 * strip), n, self.bits - strip)
+        return exact_stddev(numerator, n, self.bits)
+
+
+def exact_stddev(numerator: int, n: int, bits: int) -> float:
+    """The population standard deviation of n values from n**2 times their
+    variance in units of 2**-2bits (n * sum of squares - sum**2), correctly rounded."""
+    if not numerator:
+        return 0.0
+    # A factor 4**s of the numerator is 2**s of the root: smaller integers, the same exact value.
+    strip = min(((numerator & -numerator).bit_length() - 1) >> 1, bits)
+    return exact_sqrt_ratio(numerator >> (2 * strip), n, bits - strip)
 
 
 def _insert_term(prefix: list, at: int, term: int) -> None:

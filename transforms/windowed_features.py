@@ -27,6 +27,7 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms import counters
 from transforms.bounded_features import BucketedFeatures
 from transforms.feature_layout import TIME, EventLayout, FeatureRow, feature_groups
+from transforms.gather import Batch
 from transforms.spec import FeatureSpec
 from transforms.unbounded_features import StreamingFeatures
 
@@ -41,6 +42,23 @@ class _ToRow(beam.DoFn):
     def process(self, item):
         self._rows.inc()
         yield beam.window.TimestampedValue(self._layout.to_row(item), Timestamp(micros=item[TIME]))
+
+
+class _ToRows(beam.DoFn):
+    """list[element] -> list[FeatureRow], or each FeatureRow at the request's event time (`flat`)."""
+
+    def __init__(self, layout: EventLayout, flat: bool):
+        self._layout, self._flat = layout, flat
+        self._rows = counters.FEATURE_ROWS.metric()
+
+    def process(self, items):
+        self._rows.inc(len(items))
+        to_row = self._layout.to_row
+        if self._flat:
+            for item in items:
+                yield beam.window.TimestampedValue(to_row(item), Timestamp(micros=item[TIME]))
+        else:
+            yield Batch(to_row(item) for item in items)
 
 
 class WindowedFeatures(beam.PTransform):
@@ -59,10 +77,14 @@ class WindowedFeatures(beam.PTransform):
     watermark passes the end of their step of event time: at most one timer
     firing per state and step, for up to a step of added latency. Values
     do not depend on it.
-    tally: on unbounded input, a streaming job's tally (transforms/counters.py) to count into as well."""
+    tally: on unbounded input, a streaming job's tally (transforms/counters.py) to count into as well.
+    batched: bounded input only, PCollection[list[Event]] in and
+    PCollection[list[FeatureRow]] out, a list per day of request time (one
+    element per list, not per row: the runner's cost is per element)."""
 
     def __init__(self, spec: FeatureSpec, allowed_lateness_s: int = 3600, key_shards: Optional[int] = None,
-                 release_step_ms: int = 0, label: Optional[str] = None, tally: Optional[str] = None):
+                 release_step_ms: int = 0, label: Optional[str] = None, tally: Optional[str] = None,
+                 batched: bool = False):
         super().__init__(label)
         if key_shards is not None and key_shards < 1:
             raise ValueError(f"key_shards must be None or at least 1, got {key_shards}")
@@ -73,15 +95,21 @@ class WindowedFeatures(beam.PTransform):
         self._shards = key_shards
         self._step_us = release_step_ms * 1000
         self._tally = tally
+        self._batched = batched
 
     def expand(self, events):
-        empty = (None,) * len(self._spec.windowed_features)
         layout = EventLayout.of(self._spec)
         groups = feature_groups(self._spec)
-        items = events | "Start" >> beam.Map(lambda event: layout.to_item(event, empty))
         if events.is_bounded:
-            requests = items | "Features" >> BucketedFeatures(groups)
-        else:
-            requests = items | "Features" >> StreamingFeatures(groups, self._lateness_s, self._shards, self._step_us,
-                                                               self._tally)
+            hours = events | "Features" >> BucketedFeatures(layout, groups, self._batched)
+            if self._batched:
+                return hours | "ToRows" >> beam.ParDo(_ToRows(layout, flat=False)).with_output_types(Batch)
+            return hours | "ToRows" >> beam.ParDo(_ToRows(layout, flat=True)).with_output_types(FeatureRow)
+        if self._batched:
+            raise ValueError("WindowedFeatures: batched is for bounded input")
+        empty = (None,) * len(self._spec.windowed_features)
+        requests = (events
+                    | "Start" >> beam.Map(lambda event: layout.to_item(event, empty))
+                    | "Features" >> StreamingFeatures(groups, self._lateness_s, self._shards, self._step_us,
+                                                      self._tally))
         return requests | "ToRows" >> beam.ParDo(_ToRow(layout)).with_output_types(FeatureRow)

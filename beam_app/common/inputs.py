@@ -10,6 +10,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from beam_app.bigquery.read import (PREFIX, QUERY_INPUT, BigQueryInputError, Endpoints, ReadBigQueryRecords,
                                     check_table, is_bigquery_input, parse_input_table)
+from transforms.gather import InBatches
 from transforms.read_files import ReadRecords, matched_files, resolve_input
 from transforms.spec import FeatureSpec, SpecError
 
@@ -106,12 +107,13 @@ def bigquery_endpoints(options) -> Optional[Endpoints]:
 
 
 def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], options, since_us: Optional[int] = None,
-                until_us: Optional[int] = None):
+                until_us: Optional[int] = None, batched: bool = False):
     """Every input's RawRecords, in one PCollection: files through ReadRecords,
     BigQuery tables and --input_query through ReadBigQueryRecords, which read
     only the rows with event_time in [since, until) (files are read whole: the
     job's TimeRange step keeps what it needs). `options`: any options object
-    with add_input_arguments' flags (bigquery=True for BigQuery inputs)."""
+    with add_input_arguments' flags (bigquery=True for BigQuery inputs).
+    batched: PCollection[list[RawRecord]] instead, a few thousand records per element."""
     query = getattr(options, "input_query", None)
     tables = [i for i in inputs if is_bigquery_input(i.pattern)]
     if query is not None and not any(i.pattern == QUERY_INPUT for i in inputs):
@@ -127,7 +129,13 @@ def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], options, since_us:
         if is_bigquery_input(i.pattern):
             return ReadBigQueryRecords(table=i.pattern, since_us=since_us, until_us=until_us, endpoints=endpoints,
                                        project=project)
-        return ReadRecords(i.pattern, options.input_format, i.source_name)
+        return ReadRecords(i.pattern, options.input_format, i.source_name, batched=batched)
+
+    def read_as_asked(index: Optional[int], i: Input):
+        records = pipeline | label(index, i) >> read(i)
+        if batched and is_bigquery_input(i.pattern):  # files come in chunks already
+            return records | f"{label(index, i)}Batches" >> InBatches()
+        return records
 
     def label(index: Optional[int], i: Input) -> str:
         if is_bigquery_input(i.pattern):
@@ -135,8 +143,8 @@ def read_inputs(pipeline: beam.Pipeline, inputs: list[Input], options, since_us:
         return "ReadRecords" if index is None else f"ReadRecords_{index}_{i.source_name or 'events'}"
 
     if len(inputs) == 1:
-        return pipeline | label(None, inputs[0]) >> read(inputs[0])
-    return ([pipeline | label(index, i) >> read(i) for index, i in enumerate(inputs)]
+        return read_as_asked(None, inputs[0])
+    return ([read_as_asked(index, i) for index, i in enumerate(inputs)]
             | "MergeInputs" >> beam.Flatten())
 
 
