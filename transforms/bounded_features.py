@@ -9,13 +9,13 @@ copied into the later buckets whose requests can still see it, so a bucket
 holds one span plus the longest window, however long the history: memory
 stays bounded per key and buckets run in parallel. Each (group, shard,
 bucket) is answered at once, in columns (transforms/columnar_windows.py).
-The answers then meet their request in a second shuffle, a day of request
-time at a time, and leave as one list per day. Two shuffles, however many
-groups; no per-request state (keyed state costs the Python SDK about a
-millisecond per key).
+The requests pass the first shuffle too, keyed by their day, and meet
+their answers in a second shuffle, a day of request time at a time, leaving
+as one list per day. Two shuffles, however many groups; no per-request
+state (keyed state costs the Python SDK about a millisecond per key).
 
-    events --scatter--> chunks per (group, shard, bucket) --answers--+
-       \------------------------requests------------------------------> chunks per day --> requests, filled
+    events --scatter--> chunks per (group, shard, bucket) --answers--> chunks per day --> requests, filled
+                        requests per day -----------------------------/
 
 Memory: a (group, shard, bucket) holds a sixteenth of the group's key values
 over one bucket (a week, or the longest window) plus the longest window; a
@@ -152,11 +152,9 @@ class _Scatter(beam.DoFn):
     """Events -> their slims, in column chunks per (group, shard, bucket)
     (each group that reads an event, each bucket that needs it); and the
     requests, with the number of parts each waits for, in chunks per day of
-    request time for the join (tagged JOIN). A chunk per key per bundle, not an
-    element per slim: the runner's cost is per element, and each event makes
-    several slims."""
-
-    JOIN = "join"
+    request time, keyed (REQUEST_PART, 0, day), for the join. A chunk per key
+    per bundle, not an element per slim: the runner's cost is per element, and
+    each event makes several slims."""
 
     def __init__(self, layout: EventLayout, groups: tuple[FeatureGroup, ...], batched: bool, cap: int = 200_000):
         self._layout, self._batched, self._cap = layout, batched, cap
@@ -191,8 +189,8 @@ class _Scatter(beam.DoFn):
         self._events = []
         for pair in chunks.items():
             yield wrap(pair)
-        for pair in requests.items():
-            yield beam.pvalue.TaggedOutput(self.JOIN, wrap(pair))
+        for day, chunk in requests.items():
+            yield wrap(((REQUEST_PART, 0, day), [chunk]))
 
     def _shard(self, key) -> int:
         shard = self._shards.get(key)
@@ -265,7 +263,7 @@ def join_day(groups: tuple[FeatureGroup, ...], chunks: Iterable[tuple]) -> list[
     for item, expected in requests:
         answers = answers_of.pop(item[ID], ())
         if len(answers) != expected:  # each group answers each request whose key it has: an engine bug
-            raise RuntimeError(f"request {item[ID]!r} has {len(answers)} of its {expected} parts")
+            raise RuntimeError(f"request {item[ID]!r} has {len(answers)} of its {expected} parts: {sorted(i for i, _ in answers)}")
         features = list(item[FEATURES])
         for index, answer in answers:
             for slot, value in zip(groups[index].slots, answer):
@@ -300,7 +298,9 @@ class BucketedFeatures(beam.PTransform):
         groups = self._groups
 
         def answers_of(keyed):
-            (index, _, _), lists = keyed
+            (index, _, day), lists = keyed
+            if index == REQUEST_PART:  # the day's requests, on their way to the join
+                return [(day, chunk) for part in lists for chunk in part]
             event_ids, times, answers = answer_chunks(groups[index], (chunk for part in lists for chunk in part))
             by_day: dict[int, tuple] = {}
             for event_id, time_us, answer in zip(event_ids, times, answers):
@@ -309,15 +309,14 @@ class BucketedFeatures(beam.PTransform):
                 day[2].append(answer)
             return [(day, (index, _pack_ids(day_ids), day_answers)) for day, (_, day_ids, day_answers) in by_day.items()]
 
+        # The requests take the first shuffle too, so that the join's shuffle has one
+        # producer and no Flatten: on the DirectRunner, a Flatten into a GroupByKey lost
+        # one group's part of some requests on ten years of flights (docs/architecture.md).
         # Typed keys: an untyped key's coder falls back to pickling (docs/architecture.md, "Coders").
-        scattered = events | "Scatter" >> beam.ParDo(_Scatter(self._layout, groups, self._batched)).with_output_types(
-            tuple[tuple[int, int, int], list]).with_outputs(_Scatter.JOIN, main="slims")
-        requests = scattered[_Scatter.JOIN] | "Requests" >> beam.Map(lambda pair: pair).with_output_types(
-            tuple[int, tuple])
-        answers = (scattered.slims
-                   | "GatherBuckets" >> beam.GroupByKey()
-                   | "Answer" >> beam.FlatMap(answers_of).with_output_types(tuple[int, tuple]))
-        return ((answers, requests)
-                | "MergeParts" >> beam.Flatten()
+        return (events
+                | "Scatter" >> beam.ParDo(_Scatter(self._layout, groups, self._batched)).with_output_types(
+                    tuple[tuple[int, int, int], list])
+                | "GatherBuckets" >> beam.GroupByKey()
+                | "Answer" >> beam.FlatMap(answers_of).with_output_types(tuple[int, tuple])
                 | "GatherParts" >> beam.GroupByKey()
                 | "Join" >> beam.Map(lambda keyed: join_day(groups, keyed[1])))
