@@ -49,14 +49,16 @@ STAGES = (
     # transforms/events.py (Event, event_to_json) is charged to its callers: parse and deduplicate both use it.
     ("parse + validate (parse)", ("transforms/parse.py", "transforms/event_time.py")),
     ("deduplicate", ("transforms/deduplicate.py",)),
-    ("feature engine (bounded_features, point_in_time, feature_layout)",
-     ("transforms/bounded_features.py", "transforms/point_in_time.py", "transforms/feature_layout.py",
+    ("feature engine: scatter, join, rows (bounded_features, feature_layout)",
+     ("transforms/bounded_features.py", "transforms/feature_layout.py", "transforms/gather.py",
       "transforms/windowed_features.py", "transforms/unbounded_features.py")),
+    ("feature engine: answers (columnar_windows, point_in_time, numpy)",
+     ("transforms/columnar_windows.py", "transforms/point_in_time.py", "transforms/window_index.py", "numpy/")),
     ("split", ("transforms/split.py",)),
     ("example encoder (examples: rows -> Arrow -> tfx-bsl)", ("transforms/examples.py", "tfx_bsl/", "pyarrow/")),
     ("statistics (feature_stats)", ("transforms/feature_stats.py",)),
-    ("job setup + summary, KeepLabeled (beam_app/batch.py)", ("beam_app/",)),  # spec.py: charged to callers
-    ("writes: TFRecord gzip, text sinks", ("apache_beam/io/",)),
+    ("job setup + summary (beam_app/batch.py)", ("beam_app/",)),  # spec.py: charged to callers
+    ("writes: TFRecord gzip, text sinks", ("apache_beam/io/", "transforms/tfrecord_files.py", "/gzip.py")),
     ("beam shuffle/GBK/combine (fn_api_runner buffers, combiners)",
      ("apache_beam/runners/portability/fn_api_runner/", "apache_beam/transforms/combiners.py",
       "apache_beam/transforms/trigger.py", "apache_beam/transforms/util.py")),
