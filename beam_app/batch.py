@@ -221,7 +221,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
     pipeline = beam.Pipeline(options=options)
     construct(pipeline, options, spec, split, inputs, output)
-    with heartbeat(started, every_s=15, expected="the full flights data takes about three minutes on 2 cores"):
+    with heartbeat(started, every_s=15, expected="the full flights data takes about a minute on 2 cores"):
         result = pipeline.run()
         result.wait_until_finish()
 
