@@ -17,7 +17,7 @@
 5. what TFRecord compression costs: the job's own records gzipped at levels
    1 and 6 (the job's --gzip_level), CPU seconds and sizes;
 6. bytes the feature step shuffles per event, in the job's packed column
-   chunks and in one tuple per slim (the layout they replaced), encoded with
+   chunks and in one tuple per slim (the plain layout), encoded with
    the pipeline's coder, on the same events.
 
     python bench/batch_bench.py              # prints the figures, writes bench/results/latest.json
@@ -150,7 +150,7 @@ def compression_cost(output: Path) -> dict:
 def shuffle_bytes_per_event(limit: int = 100_000) -> dict:
     """Bytes the feature step sends through its two shuffles per event, for
     the first `limit` flights: the packed column chunks the job sends, and one
-    tuple per slim and per answer (the layout they replaced), both encoded with
+    tuple per slim and per answer (the plain layout), both encoded with
     Beam's FastPrimitivesCoder (what the pipeline's coders use for them), on
     the same events scattered as one bundle. De-duplication's shuffle (one
     tuple per event) is the same in both, and counted in both."""
