@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from transforms.point_in_time import OBSERVATION, REQUEST, KeyHistory, PendingEvent, history_layout
-from transforms.spec import WindowedFeature
+from transforms.spec import AGGREGATE_RULES, WindowedFeature
 from transforms.window_index import ExactSums, SlidingDistinct, exact_stddev
 
 _US = 1_000_000
@@ -64,7 +64,7 @@ def answer_columns(features: Sequence[WindowedFeature], codes: np.ndarray, ids: 
     array (NaN: missing). -> (the requests' event_ids, their answers)."""
     if not len(ids):
         return [], []
-    time = times
+    time, rank = times, ranks
     layout_series, windows, longest_s = history_layout(tuple(features))
     longest_us = longest_s * _US
     start = int(time.min())
@@ -72,7 +72,6 @@ def answer_columns(features: Sequence[WindowedFeature], codes: np.ndarray, ids: 
     if (int(codes.max()) + 1) * stride >= _PACKED_LIMIT or int(codes.min()) < 0:
         return _by_key_history(features, codes, ids, ranks, times, series)
 
-    rank = ranks
     by_id = sorted(range(len(ids)), key=ids.__getitem__)  # Python's order of str, as KeyHistory's
     id_rank = np.empty(len(ids), np.int64)
     id_rank[by_id] = np.arange(len(ids))
@@ -335,3 +334,4 @@ _AGGREGATES = {
     "last_k": _last_k,
     "count_distinct": _count_distinct,
 }
+assert set(_AGGREGATES) == set(AGGREGATE_RULES)  # every aggregate of the spec, in both engines

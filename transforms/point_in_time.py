@@ -22,7 +22,8 @@ integer prefix sums, min/max and distinct counts from sliding indexes
 the same with a thousand observations in its window or a million
 (bench/engine_bench.py). The engine that scanned (tests/scan_engine.py) is
 the reference they equal bit for bit. A new aggregate is one function in
-`AGGREGATE_FUNCTIONS` (and its rule in transforms/spec.py).
+`AGGREGATE_FUNCTIONS`, its columnar twin in transforms/columnar_windows.py
+(the batch path's), and its rule in transforms/spec.py.
 """
 
 from __future__ import annotations
