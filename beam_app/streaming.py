@@ -13,6 +13,8 @@ the batch branch -> the trained SavedModel -> predictions in BigQuery.
     optional: the features each prediction was made from (--served_features, a sample by
     --served_features_fraction) and every accepted event (--events_table): the evidence that
     `python -m beam_app.consistency` and `python -m beam_app.drift` check.
+    optional: the online store (--online_table, Bigtable): every accepted observation (the
+    warm-start history too) and the stream's progress, which `python -m beam_app.serve` answers from.
 
 It refuses to start when the model was trained on another spec than --spec.
 Requests get their prediction once the watermark passes their event time.
@@ -52,6 +54,9 @@ from beam_app.common.inputs import Input, add_format_argument, resolve_inputs
 from beam_app.common.options import (CommonOptions, configure_logging, pipeline_options, print_help, quiet_tensorflow,
                                      wants_help)
 from beam_app.common.runner import is_local_runner
+from beam_app.online.bigtable_store import StoreMismatch, prepare_store
+from beam_app.online.layout import parse_table_path
+from beam_app.online.write import WriteOnlineStore
 from beam_app.serving.kept_model import KeptModelHandler
 from beam_app.serving.rows import ToEventRows, ToPredictionRows, message_to_record
 from beam_app.serving.stop import stop_on_signals, stop_when_settled
@@ -129,8 +134,16 @@ class StreamingOptions(CommonOptions):
                  "copy of each; not the warm-start history) with its fields and arrival time: history for the "
                  "next training and for the consistency job. Default: not archived.")
         parser.add_argument(
+            "--online_table", default=None,
+            help="The online store: a Bigtable table, projects/<project>/instances/<instance>/tables/<table>, "
+                 "kept with every accepted observation within the longest window plus --allowed_lateness_s "
+                 "(with --bootstrap_input, the history's too) and the stream's progress; `python -m "
+                 "beam_app.serve` answers from it. BIGTABLE_EMULATOR_HOST points it at the emulator. "
+                 "Default: none kept.")
+        parser.add_argument(
             "--create_tables", action="store_true",
-            help="Create the dataset and the tables if missing (otherwise they must exist).")
+            help="Create the dataset and the tables if missing (otherwise they must exist), and the "
+                 "--online_table.")
         parser.add_argument(
             "--bigquery_endpoint", default=None,
             help="BigQuery API endpoint, e.g. http://127.0.0.1:9050 for the local emulator. Default: Google's.")
@@ -183,7 +196,8 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
           served_fraction: Optional[float] = None, archive_events: bool = False, job_started_us: int = 0,
           tally: Optional[str] = None) -> dict:
     """PCollection[PubsubMessage] (stamped with their publish time) ->
-    {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter]}. No I/O.
+    {"predictions": PCollection[predictions row dict], "dead_letters": PCollection[DeadLetter],
+    "accepted": PCollection[Event], each identity once (the online store's input)}. No I/O.
     history: a bounded PCollection[Event] of observations to warm the feature state with (bootstrap).
     watch: the model directory to follow (its LATEST): newer versions of the same spec take over.
     served_fraction: also "served_features", rows of the features a sample of the predictions were made
@@ -210,6 +224,7 @@ def build(messages, spec: FeatureSpec, model_path: str, *, allowed_lateness_s: i
     rows = predicted | "ToPredictionRows" >> beam.ParDo(ToPredictionRows(
         spec, clock, "streaming", served_fraction, job_started_us)).with_outputs(SERVED_FEATURES, main="predictions")
     outputs = {
+        "accepted": unique["events"],
         "predictions": rows.predictions,
         "dead_letters": ((parsed[DEAD_LETTERS], unique[DUPLICATE_STAGE], failed_inferences, *refused_models)
                          | "MergeDeadLetters" >> beam.Flatten()),
@@ -274,6 +289,11 @@ def _check_options(options: StreamingOptions) -> None:
                 raise UsageError(f"--bootstrap_input {source.pattern!r} matches no file") from None
     if options.max_future_s < 0 or options.allowed_lateness_s < 0:
         raise UsageError("--max_future_s and --allowed_lateness_s must be 0 or more")
+    if options.online_table:
+        try:
+            parse_table_path(options.online_table)
+        except ValueError as err:
+            raise UsageError(f"--online_table: {err}") from None
     if not 0 < options.served_features_fraction <= 1:
         raise UsageError(f"--served_features_fraction is a share of requests, above 0 and at most 1: got "
                          f"{options.served_features_fraction}")
@@ -337,6 +357,8 @@ def construct(pipeline: beam.Pipeline, options: StreamingOptions, spec: FeatureS
         served_fraction=options.served_features_fraction if options.served_features else None,
         archive_events=bool(options.events_table), job_started_us=int(clock() * 1e6), tally=tally)
     write_outputs(outputs, tables_of(options, spec), test_client, clock, insert_shards(options))
+    if options.online_table:
+        outputs["accepted"] | "WriteOnlineStore" >> WriteOnlineStore(spec, options.online_table)
 
 
 def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None,
@@ -361,6 +383,12 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
         check_column_names(spec)
     written_to = tables_of(options, spec)
     prepare_tables(written_to, options.bigquery_endpoint, options.create_tables)
+    if options.online_table:
+        try:
+            prepare_store(parse_table_path(options.online_table), spec.fingerprint, spec.max_window_s,
+                          options.allowed_lateness_s, options.create_tables)
+        except StoreMismatch as err:
+            raise UsageError(str(err)) from None
     test_client = None
     if options.bigquery_endpoint:
         from beam_app.bigquery.client import EndpointBigQueryClient, parse_table_spec
@@ -376,7 +404,8 @@ def run(argv: Optional[list[str]] = None, stop: Optional[threading.Event] = None
     summary = {"spec": {"name": spec.name, "fingerprint": spec.fingerprint}, "model": location.saved_model,
                "model_version": location.version, "input": options.input_subscription or options.input_topic,
                "predictions_table": options.predictions_table, "dead_letter_table": options.dead_letter_table,
-               "served_features_table": options.served_features, "events_table": options.events_table}
+               "served_features_table": options.served_features, "events_table": options.events_table,
+               "online_table": options.online_table}
     logging.info("streaming job started: spec %s (%s), model version %s, reading %s",
                  spec.name, spec.fingerprint[:12], location.version, summary["input"])
     if not is_local_runner(options):
@@ -417,6 +446,7 @@ def _print_summary(summary: dict) -> None:
         *([f"  events archived     {sum(summary['events'].values()):>9,}   -> {summary['events_table']}  ("
            + ", ".join(f"{role} {n:,}" for role, n in sorted(summary["events"].items())) + ")"]
           if "events" in summary else []),
+        *([f"  online store        {summary['online_table']}"] if summary.get("online_table") else []),
         f"  feature state       {state['live_keys']:>9,}   live keys ({state['cleared']:,} ended; "
         f"{state['rebuilt_from_log']:,} firings read their log back)",
     ]), flush=True)

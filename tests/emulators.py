@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from beam_app.bigquery.client import table_exists
-from beam_app.local.stack import BigQueryEmulator, PubSubEmulator
+from beam_app.local.stack import BigQueryEmulator, BigtableEmulator, PubSubEmulator
 
 PROJECT = "test-project"
 
@@ -32,6 +32,22 @@ def pubsub_emulator(_pubsub_process, monkeypatch) -> PubSubEmulator:
     for name, value in _pubsub_process.env.items():
         monkeypatch.setenv(name, value)
     return _pubsub_process
+
+
+@pytest.fixture(scope="session")
+def _bigtable_process() -> Iterator[BigtableEmulator]:
+    """The Bigtable emulator process: started once per session (per xdist worker), on a free port."""
+    with BigtableEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def bigtable_emulator(_bigtable_process, monkeypatch) -> BigtableEmulator:
+    """The session's Bigtable emulator, with BIGTABLE_EMULATOR_HOST set for this test only."""
+    _bigtable_process.check_running()
+    for name, value in _bigtable_process.env.items():
+        monkeypatch.setenv(name, value)
+    return _bigtable_process
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ def test_attribute_and_payload_agree_to_the_millisecond():
 
 def test_an_event_too_far_ahead_of_its_publish_time_is_refused():
     check(live_observation(T + 300 * S), time_us_to_rfc3339(T + 300 * S))  # exactly the skew: kept
-    with pytest.raises(InvalidRecord, match="is 301 s after the message was published .* --max_future_s 300"):
+    with pytest.raises(InvalidRecord, match="is 301 s after it was published .* --max_future_s 300"):
         check(live_observation(T + 301 * S), time_us_to_rfc3339(T + 301 * S))
     year_9999 = rfc3339_to_time_us("9999-12-31T23:59:59Z")
     with pytest.raises(InvalidRecord, match="--max_future_s"):

@@ -77,15 +77,22 @@ def check_event_time(event: Event, attributes: Optional[Mapping[str, str]], attr
         raise InvalidRecord(
             f"event_time: the payload says {time_us_to_rfc3339(event.time_us)} but the {attribute} attribute says "
             f"{attributes[attribute]!r}: publish with the attribute equal to the payload's event_time")
-    ahead_us = event.time_us - publish_time_us
+    check_time_bounds(event, publish_time_us, bounds, "published")
+
+
+def check_time_bounds(event: Event, received_us: int, bounds: TimeBounds, verb: str = "received") -> None:
+    """Raises InvalidRecord when `event`, received (published) at `received_us`, is further
+    ahead than max_future_s, or is a request older than allowed_lateness_s: the one rule of
+    the stream and of the online service."""
+    ahead_us = event.time_us - received_us
     if ahead_us > bounds.max_future_s * _US:
         raise InvalidRecord(
-            f"event_time: {time_us_to_rfc3339(event.time_us)} is {ahead_us / _US:,.0f} s after the message was "
-            f"published ({time_us_to_rfc3339(publish_time_us)}), more than --max_future_s {bounds.max_future_s}: "
+            f"event_time: {time_us_to_rfc3339(event.time_us)} is {ahead_us / _US:,.0f} s after it was {verb} "
+            f"({time_us_to_rfc3339(received_us)}), more than --max_future_s {bounds.max_future_s}: "
             "a wrong clock or a wrong time")
-    behind_us = publish_time_us - event.time_us
+    behind_us = received_us - event.time_us
     if event.role == "request" and behind_us > bounds.allowed_lateness_s * _US:
         raise InvalidRecord(
-            f"event_time: request at {time_us_to_rfc3339(event.time_us)} published {behind_us / _US:,.0f} s later "
-            f"({time_us_to_rfc3339(publish_time_us)}), more than --allowed_lateness_s {bounds.allowed_lateness_s}: "
+            f"event_time: request at {time_us_to_rfc3339(event.time_us)} {verb} {behind_us / _US:,.0f} s later "
+            f"({time_us_to_rfc3339(received_us)}), more than --allowed_lateness_s {bounds.allowed_lateness_s}: "
             "the history its features need is no longer kept")

@@ -123,7 +123,12 @@ SERVED_METADATA: tuple[dict[str, str], ...] = (
     {"name": "job_start_time", "type": "TIMESTAMP", "mode": "REQUIRED",
      "description": "When the job that served it started: what it could not have received before, it had "
                     "only from a warm start."},
+    # NULLABLE: BigQuery adds only NULLABLE columns to an existing table (`bq update` with the schema).
+    {"name": "source", "type": "STRING", "mode": "NULLABLE",
+     "description": "What served it: streaming (beam_app.streaming) or online (beam_app.serve); null in rows "
+                    "written before the column existed."},
 )
+SERVED_SOURCES = ("streaming", "online")
 EVENTS_METADATA: tuple[dict[str, str], ...] = (
     {"name": "event_id", "type": "STRING", "mode": "REQUIRED", "description": "The event's id."},
     {"name": "role", "type": "STRING", "mode": "REQUIRED", "description": "request, or the kind of observation (observation in a one-kind spec)."},
@@ -189,11 +194,14 @@ def in_served_sample(event_id: str, rate: float) -> bool:
 
 
 def served_features_row(key: RequestKey, features: dict[str, Any], model_version: str, spec_fingerprint: str,
-                        processed_at_us: int, job_started_us: int) -> dict[str, Any]:
-    """`features`: the decoded example (transforms.examples.decode_example), every served column."""
+                        processed_at_us: int, job_started_us: int, source: str = "streaming") -> dict[str, Any]:
+    """`features`: the decoded example (transforms.examples.decode_example), every served column.
+    job_started_us: when the streaming job, or the online service, started."""
+    if source not in SERVED_SOURCES:
+        raise ValueError(f"a served row's source is one of {SERVED_SOURCES}, not {source!r}")
     return {"event_id": key.event_id, "event_time": time_us_to_rfc3339(key.time_us), "model_version": model_version,
             "spec_fingerprint": spec_fingerprint, "processing_time": time_us_to_rfc3339(processed_at_us),
-            "job_start_time": time_us_to_rfc3339(job_started_us), **features}
+            "job_start_time": time_us_to_rfc3339(job_started_us), "source": source, **features}
 
 
 def event_row(event: Event, names: Iterable[str], processed_at_us: int) -> dict[str, Any]:

@@ -1,14 +1,16 @@
-"""The real Pub/Sub and BigQuery emulators on free loopback ports, for the
-tests and the local demo: the streaming job runs unchanged against them, with
-no Google Cloud project, credentials or network.
+"""The real Pub/Sub, BigQuery and Bigtable emulators on free loopback ports, for
+the tests and the local demo: the streaming job and the online service run
+unchanged against them, with no Google Cloud project, credentials or network.
 
 - Pub/Sub: Google's emulator (a Google Cloud CLI component, Java), reached
   through PUBSUB_EMULATOR_HOST.
+- Bigtable: Google's emulator (`cbtemulator`, a Google Cloud CLI component, Go),
+  reached through BIGTABLE_EMULATOR_HOST; it keeps its tables in memory.
 - BigQuery: `local-bigquery` (DuckDB-backed, answers insertAll with per-row
   errors like the real service), which needs Python >= 3.13 and so lives in
   its own venv: `make venv-bq` builds `.venv-bq` (docs/architecture.md, "Emulators").
 
-    python -m beam_app.local.stack        # both, until Ctrl-C; prints the exports
+    python -m beam_app.local.stack        # all three, until Ctrl-C; prints the exports
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transforms.command_line import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[2]  # beam_app/local/stack.py -> the checkout
 PUBSUB_JARS = "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar"
+CBTEMULATOR = "/usr/lib/google-cloud-sdk/platform/bigtable-emulator/cbtemulator"
 LOCAL_BIGQUERY_BIN = REPO / ".venv-bq" / "bin" / "local-bigquery"
 DEFAULT_PROJECT = "test-project"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an HTTP proxy
@@ -220,6 +223,37 @@ class PubSubEmulator(_Emulator):
         return f"Server started, listening on {self.port}" in log
 
 
+class BigtableEmulator(_Emulator):
+    """Google's Bigtable emulator (`cbtemulator`; well under a second to start). In memory: its
+    tables go when it stops."""
+
+    name = "Bigtable emulator"
+
+    def __init__(self, port: int = 0, start_timeout_s: float = 30) -> None:
+        super().__init__(port, start_timeout_s)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**super().env, "BIGTABLE_EMULATOR_HOST": self.host}
+
+    def _command(self, workdir: Path) -> list[str]:
+        if not os.path.exists(CBTEMULATOR):
+            raise EmulatorError(f"the Bigtable emulator is not installed (no {CBTEMULATOR}): install the Google "
+                                "Cloud CLI component bigtable")
+        return [CBTEMULATOR, "-host", "127.0.0.1", "-port", str(self.port)]
+
+    def _ready(self) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def _listening(self, log: str) -> bool:
+        return f"running on {self.host}" in log
+
+
 class BigQueryEmulator(_Emulator):
     """local-bigquery (~4-6 s to start here). Its data lives in `data_dir`, a
     temporary directory removed on stop unless given."""
@@ -278,7 +312,7 @@ class BigQueryEmulator(_Emulator):
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="python -m beam_app.local.stack",
-        description="Start the Pub/Sub emulator and the BigQuery emulator (local-bigquery) on 127.0.0.1, print the "
+        description="Start the Pub/Sub, BigQuery (local-bigquery) and Bigtable emulators on 127.0.0.1, print the "
                     "shell exports and endpoints a client needs, and run until Ctrl-C. The BigQuery emulator needs "
                     "`make venv-bq` first.")
     parser.add_argument("--project", default=DEFAULT_PROJECT, help="BigQuery project to serve (default: %(default)s).")
@@ -286,22 +320,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="Pub/Sub port; 0 = any free port (default: %(default)s).")
     parser.add_argument("--bigquery_port", type=int, default=9050,
                         help="BigQuery REST port; 0 = any free port (default: %(default)s).")
+    parser.add_argument("--bigtable_port", type=int, default=8086,
+                        help="Bigtable port; 0 = any free port (default: %(default)s).")
     parser.add_argument("--bigquery_data_dir",
                         help="Keep BigQuery's tables in this directory across runs (default: a temporary one).")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the emulators on `kill` as on Ctrl-C
     try:
         with PubSubEmulator(args.pubsub_port) as pubsub, \
-                BigQueryEmulator(args.project, args.bigquery_port, data_dir=args.bigquery_data_dir) as bigquery:
-            for name, value in {**pubsub.env, **bigquery.env}.items():
+                BigQueryEmulator(args.project, args.bigquery_port, data_dir=args.bigquery_data_dir) as bigquery, \
+                BigtableEmulator(args.bigtable_port) as bigtable:
+            for name, value in {**pubsub.env, **bigquery.env, **bigtable.env}.items():
                 print(f"export {name}={value}")
             print(f"# Pub/Sub:  {pubsub.host} (any project, e.g. projects/{args.project}/topics/events)\n"
                   f"# BigQuery: {bigquery.endpoint} (project {args.project}; e.g. --bigquery_endpoint "
-                  f"{bigquery.endpoint})\n# Ctrl-C stops both.", flush=True)
+                  f"{bigquery.endpoint})\n"
+                  f"# Bigtable: {bigtable.host} (any project and instance, e.g. --online_table "
+                  f"projects/{args.project}/instances/local/tables/features)\n# Ctrl-C stops all three.", flush=True)
             while True:
                 time.sleep(1)
                 pubsub.check_running()
                 bigquery.check_running()
+                bigtable.check_running()
     except KeyboardInterrupt:
         pass
     except EmulatorError as err:
