@@ -14,7 +14,8 @@ import pytest
 
 os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth must not probe a metadata server
 
-from tests.emulators import _pubsub_process, bigquery_emulator, pubsub_emulator  # noqa: E402, F401
+from tests.emulators import (_bigtable_process, _pubsub_process, bigquery_emulator, bigtable_emulator,  # noqa: E402, F401
+                             pubsub_emulator)
 from transforms.events import Event  # noqa: E402
 from transforms.spec import load_spec  # noqa: E402
 
