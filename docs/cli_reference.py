@@ -34,6 +34,7 @@ COMMANDS = (
     Command("python -m beam_app.predict", "beam_app.predict", "main"),
     Command("python -m beam_app.consistency", "beam_app.consistency", "main"),
     Command("python -m beam_app.drift", "beam_app.drift", "main"),
+    Command("python -m beam_app.serve", "beam_app.serve", "main"),
     Command("python -m beam_app.local.demo", "beam_app.local.demo", "run"),
     Command("python -m beam_app.local.loop", "beam_app.local.loop", "main"),
     Command("python -m beam_app.local.stack", "beam_app.local.stack", "main"),

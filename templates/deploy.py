@@ -1,4 +1,5 @@
-"""Deploys the streaming job to Google Cloud as a Dataflow flex template.
+"""Deploys the streaming job to Google Cloud as a Dataflow flex template, and the
+online scoring service to Cloud Run.
 
     python templates/deploy.py all --project my-project --bucket my-bucket --dry-run
 
@@ -9,24 +10,31 @@ order `all` runs them:
 
   resources  the bucket; the Pub/Sub topic and subscription; the BigQuery dataset
              and its four tables (predictions, dead_letters, served_features, events),
-             whose schema files are written from beam_app/bigquery/tables.py
+             whose schema files are written from beam_app/bigquery/tables.py; the
+             Bigtable instance and table of the online store (--bigtable_instance)
   image      the Artifact Registry repository; the image of templates/streaming/Dockerfile,
              built by Cloud Build from the repository root and pushed as
              REGION-docker.pkg.dev/PROJECT/REPOSITORY/streaming:TAG
   template   the flex template gs://BUCKET/templates/streaming.json: that image and
              templates/streaming/metadata.json
-  run        the streaming job, launched from the template; its workers run the same image
+  run        the streaming job, launched from the template; its workers run the same image,
+             and it keeps the online store (online_table)
 
-and one step `all` leaves out:
+and two steps `all` leaves out:
 
   batch      the batch job (python -m beam_app.batch) on Dataflow with the same image,
              on the spec's embedded data copied to gs://BUCKET/data/ unless --batch_input is given
+  serve      the online scoring service (python -m beam_app.serve) on Cloud Run: the image of
+             templates/serve/Dockerfile, built by Cloud Build, deployed with
+             --no-allow-unauthenticated (only principals with roles/run.invoker may call it);
+             it answers from the store the streaming job keeps, so run comes first
 
 --spec picks the use case: a feature spec shipped in transforms/specs/. The
 default, flights, is deployed under the names below; another spec (chicago_taxi)
-has its own topic, subscription, job name, model directory and batch output
-(events-chicago-taxi, windowed-features-chicago-taxi, gs://BUCKET/model/chicago_taxi,
-gs://BUCKET/batch/chicago_taxi), so both use cases can run side by side; the
+has its own topic, subscription, job name, model directory, batch output, online
+store table and service (events-chicago-taxi, windowed-features-chicago-taxi,
+gs://BUCKET/model/chicago_taxi, gs://BUCKET/batch/chicago_taxi, table chicago_taxi,
+windowed-features-online-chicago-taxi), so both use cases can run side by side; the
 BigQuery tables are shared (a prediction row carries its spec_fingerprint).
 
 Resources are created only if missing (a describe first, or `bq mk --force`), so
@@ -52,14 +60,19 @@ from transforms.command_line import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "templates/streaming/Dockerfile"
+SERVE_DOCKERFILE = "templates/serve/Dockerfile"
 METADATA_FILE = "templates/streaming/metadata.json"
 DEFAULT_SPEC = "flights"  # the use case deployed under the unsuffixed names
 ALL_STEPS = ("resources", "image", "template", "run")
-STEPS = (*ALL_STEPS, "batch")
+STEPS = (*ALL_STEPS, "batch", "serve")
 # Dataflow's own pipeline options the run step passes as template parameters: the
 # launcher hands every parameter to the job as --name=value, and these are Beam's
 # (WorkerOptions), not the job's, so metadata.json need not declare them.
 DATAFLOW_PIPELINE_OPTIONS = ("sdk_container_image",)
+# The streaming job's --allowed_lateness_s and the service's, left at their default by the run
+# and serve steps: the online store's garbage collection keeps the longest window plus this.
+ALLOWED_LATENESS_S = 3600
+SERVICE_PORT = 8080  # the container's port: Cloud Run sets PORT to it, the image's CMD listens on $PORT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +96,10 @@ class Config:
     max_workers: int = 3
     batch_input: str = ""  # default: the spec's embedded data, copied to gs://BUCKET/data/
     batch_output: str = ""  # default: gs://BUCKET/batch/output, or gs://BUCKET/batch/SPEC
+    bigtable_instance: str = "features"  # the online store's instance; '' keeps no online store
+    bigtable_zone: str = ""  # default: REGION-b
+    service_name: str = ""  # default: windowed-features-online, or windowed-features-online-SPEC
+    serve_service_account: str = ""  # default: service_account (else Cloud Run's default account)
     workdir: str = "build/deploy"  # generated files, relative to the repository root
     python: str = "python"  # the interpreter the batch step runs
     data_file: str = "SPEC_DATA_FILE"  # the spec's embedded data on this machine, which the batch step uploads
@@ -90,9 +107,11 @@ class Config:
     def __post_init__(self) -> None:
         """The names left empty: the flights names, with -SPEC after them for another spec."""
         for name, base in (("topic", "events"), ("subscription", "windowed-features"),
-                           ("job_name", "windowed-features")):
+                           ("job_name", "windowed-features"), ("service_name", "windowed-features-online")):
             if not getattr(self, name):
                 object.__setattr__(self, name, base + self.name_suffix)
+        if not self.bigtable_zone:
+            object.__setattr__(self, "bigtable_zone", f"{self.region}-b")
 
     @property
     def is_default_spec(self) -> bool:
@@ -106,6 +125,10 @@ class Config:
     @property
     def image(self) -> str:
         return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/streaming:{self.tag}"
+
+    @property
+    def serve_image(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.repository}/serve:{self.tag}"
 
     @property
     def template_file(self) -> str:
@@ -142,6 +165,26 @@ class Config:
     @property
     def events_table(self) -> str:
         return f"{self.project}:{self.dataset}.events"
+
+    @property
+    def bigtable_table(self) -> str:
+        """The online store's table: the spec's name (a table holds one spec's store)."""
+        return self.spec
+
+    @property
+    def bigtable_cluster(self) -> str:
+        return f"{self.bigtable_instance[:27]}-c1"  # a cluster ID has at most 30 characters
+
+    @property
+    def online_table(self) -> str:
+        """projects/P/instances/I/tables/T, or '' without --bigtable_instance."""
+        if not self.bigtable_instance:
+            return ""
+        return f"projects/{self.project}/instances/{self.bigtable_instance}/tables/{self.bigtable_table}"
+
+    @property
+    def serve_account(self) -> str:
+        return self.serve_service_account or self.service_account
 
     @property
     def batch_input_path(self) -> str:
@@ -223,12 +266,12 @@ def schema_fields(spec: str = "flights") -> dict[str, list[dict]]:
             "events": table_schema(events_schema(feature_spec))["fields"]}
 
 
-def cloudbuild_config() -> dict:
-    """Cloud Build: `docker build -f templates/streaming/Dockerfile .` from the
-    repository root, then push; the image name comes in as _IMAGE."""
+def cloudbuild_config(dockerfile: str = DOCKERFILE) -> dict:
+    """Cloud Build: `docker build -f DOCKERFILE .` from the repository root,
+    then push; the image name comes in as _IMAGE."""
     return {
         "steps": [{"name": "gcr.io/cloud-builders/docker",
-                   "args": ["build", "--file", DOCKERFILE, "--tag", "${_IMAGE}", "."]}],
+                   "args": ["build", "--file", dockerfile, "--tag", "${_IMAGE}", "."]}],
         "images": ["${_IMAGE}"],
         "timeout": "3600s",  # the default 10 minutes is tight for TensorFlow and Beam
     }
@@ -244,6 +287,7 @@ def gcloudignore(gitignore: str) -> str:
 def generated_files(config: Config, gitignore: str, fields: Mapping[str, list[dict]]) -> dict[str, str]:
     """Path (as the commands name it) -> content of every file the commands read."""
     files = {config.file("cloudbuild.json"): json.dumps(cloudbuild_config(), indent=2) + "\n",
+             config.file("cloudbuild-serve.json"): json.dumps(cloudbuild_config(SERVE_DOCKERFILE), indent=2) + "\n",
              config.file("gcloudignore"): gcloudignore(gitignore)}
     for table, table_fields in fields.items():
         files[config.file(f"{table}.schema.json")] = json.dumps(table_fields, indent=2) + "\n"
@@ -251,6 +295,34 @@ def generated_files(config: Config, gitignore: str, fields: Mapping[str, list[di
 
 
 # ---- the commands of each step (pure) ----
+
+def online_store_families(spec: str) -> str:
+    """The online store's column families as gcloud takes them: "o" kept for the longest
+    window plus the allowed lateness (what the streaming job checks), "p" one version."""
+    from beam_app.online.layout import META, OBSERVATIONS, horizon_s
+    from transforms.spec import load_spec
+
+    return f"{OBSERVATIONS}:maxage={horizon_s(load_spec(spec).max_window_s, ALLOWED_LATENESS_S)}s,{META}:maxversions=1"
+
+
+def bigtable_commands(c: Config) -> list[Command]:
+    """The online store's instance (one cluster of one node) and table, each if missing. The
+    table is made here, not by the job (--create_tables), so that the job's account needs only
+    roles/bigtable.user; the job writes the spec's fingerprint into it when it starts."""
+    if not c.bigtable_instance:
+        return []
+    instance = ("--instance", c.bigtable_instance)
+    return [
+        command("gcloud", "bigtable", "instances", "create", c.bigtable_instance,
+                "--display-name", c.bigtable_instance[:30],
+                "--cluster-config", f"id={c.bigtable_cluster},zone={c.bigtable_zone},nodes=1", "--project", c.project,
+                unless=("gcloud", "bigtable", "instances", "describe", c.bigtable_instance, "--project", c.project)),
+        command("gcloud", "bigtable", "instances", "tables", "create", c.bigtable_table, *instance,
+                "--column-families", online_store_families(c.spec), "--project", c.project,
+                unless=("gcloud", "bigtable", "instances", "tables", "describe", c.bigtable_table, *instance,
+                        "--project", c.project)),
+    ]
+
 
 def resources_commands(c: Config) -> list[Command]:
     bq = ("bq", f"--project_id={c.project}", "mk", "--force")
@@ -268,19 +340,25 @@ def resources_commands(c: Config) -> list[Command]:
         command(*bq, "--table", f"--schema={c.file('dead_letters.schema.json')}", c.dead_letter_table),
         command(*bq, "--table", f"--schema={c.file('served_features.schema.json')}", c.served_features_table),
         command(*bq, "--table", f"--schema={c.file('events.schema.json')}", c.events_table),
+        *bigtable_commands(c),
     ]
+
+
+def repository_command(c: Config) -> Command:
+    return command("gcloud", "artifacts", "repositories", "create", c.repository, "--repository-format", "docker",
+                   "--location", c.region, "--project", c.project,
+                   unless=("gcloud", "artifacts", "repositories", "describe", c.repository, "--location", c.region,
+                           "--project", c.project))
+
+
+def build_command(c: Config, config_file: str, image: str) -> Command:
+    return command("gcloud", "builds", "submit", ".", "--config", c.file(config_file),
+                   "--ignore-file", c.file("gcloudignore"), "--substitutions", f"_IMAGE={image}",
+                   "--project", c.project)
 
 
 def image_commands(c: Config) -> list[Command]:
-    return [
-        command("gcloud", "artifacts", "repositories", "create", c.repository, "--repository-format", "docker",
-                "--location", c.region, "--project", c.project,
-                unless=("gcloud", "artifacts", "repositories", "describe", c.repository, "--location", c.region,
-                        "--project", c.project)),
-        command("gcloud", "builds", "submit", ".", "--config", c.file("cloudbuild.json"),
-                "--ignore-file", c.file("gcloudignore"), "--substitutions", f"_IMAGE={c.image}",
-                "--project", c.project),
-    ]
+    return [repository_command(c), build_command(c, "cloudbuild.json", c.image)]
 
 
 def template_commands(c: Config) -> list[Command]:
@@ -300,6 +378,8 @@ def run_parameters(c: Config) -> dict[str, str]:
         # The evidence of no skew (beam_app.consistency, beam_app.drift): every prediction's features, every event.
         "served_features": c.served_features_table,
         "events_table": c.events_table,
+        # The online store python -m beam_app.serve answers from (the serve step).
+        **({"online_table": c.online_table} if c.online_table else {}),
     }
     if c.id_attribute:
         parameters["id_attribute"] = c.id_attribute
@@ -333,16 +413,64 @@ def batch_commands(c: Config) -> list[Command]:
     return commands
 
 
+def serve_environment(c: Config) -> dict[str, str]:
+    """The service container's environment: what templates/serve/Dockerfile's CMD passes as flags."""
+    return {"MODEL": c.model_path, "ONLINE_TABLE": c.online_table, "SPEC": c.spec,
+            # Its answers go to the stream's served-features log (source = online): the consistency job checks both.
+            "SERVED_FEATURES": c.served_features_table}
+
+
+def serve_commands(c: Config) -> list[Command]:
+    """The online service on Cloud Run: its image built by Cloud Build, then deployed for IAM
+    callers only (--no-allow-unauthenticated: roles/run.invoker decides who may call it)."""
+    service_account = ("--service-account", c.serve_account) if c.serve_account else ()
+    return [
+        repository_command(c),
+        build_command(c, "cloudbuild-serve.json", c.serve_image),
+        command("gcloud", "run", "deploy", c.service_name, "--image", c.serve_image, "--region", c.region,
+                "--project", c.project, "--no-allow-unauthenticated", *service_account,
+                "--set-env-vars", dict_flag(serve_environment(c)), "--port", str(SERVICE_PORT),
+                "--memory", "2Gi", "--cpu", "2", "--concurrency", "8"),
+    ]
+
+
+def invoker_command(c: Config, member: str = "serviceAccount:CALLER") -> Command:
+    return command("gcloud", "run", "services", "add-iam-policy-binding", c.service_name, "--region", c.region,
+                   "--project", c.project, f"--member={member}", "--role=roles/run.invoker")
+
+
+def url_command(c: Config) -> Command:
+    return command("gcloud", "run", "services", "describe", c.service_name, "--region", c.region,
+                   "--project", c.project, "--format", "value(status.url)")
+
+
+def serve_notes(c: Config) -> list[str]:
+    """What the serve step prints after its commands (comments: nothing runs): who may call
+    the service and how."""
+    bearer = '-H "Authorization: Bearer $(gcloud auth print-identity-token)"'
+    return [
+        "# Only principals with roles/run.invoker on the service may call it. Grant a caller (or user:EMAIL):",
+        f"#   {invoker_command(c).shell()}",
+        "# Call it with an identity token (a service account's token needs --audiences=\"$URL\"):",
+        f"#   URL=$({url_command(c).shell()})",
+        f'#   curl {bearer} "$URL/healthz"',
+        f'#   curl {bearer} -H "Content-Type: application/json" "$URL/v1/predict" -d \'{{"instances": [...]}}\'',
+    ]
+
+
 STEP_COMMANDS: dict[str, Callable[[Config], list[Command]]] = {
     "resources": resources_commands, "image": image_commands, "template": template_commands,
-    "run": run_commands, "batch": batch_commands}
+    "run": run_commands, "batch": batch_commands, "serve": serve_commands}
+STEP_NOTES: dict[str, Callable[[Config], list[str]]] = {"serve": serve_notes}
 
 STEP_TITLES = {
-    "resources": "bucket, Pub/Sub topic and subscription, BigQuery dataset and tables (created if missing)",
+    "resources": "bucket, Pub/Sub topic and subscription, BigQuery dataset and tables, Bigtable instance and "
+                 "table (created if missing)",
     "image": "Artifact Registry repository (if missing); the image, built by Cloud Build and pushed",
     "template": "the flex template spec: the image and templates/streaming/metadata.json",
     "run": "the streaming job from the template (drain it to stop: see the README)",
     "batch": "the batch job on Dataflow, on the same image",
+    "serve": "the online scoring service on Cloud Run: its image, built by Cloud Build; IAM callers only",
 }
 
 
@@ -364,6 +492,9 @@ _NAMES = {
     "subscription": (r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}", "a Pub/Sub subscription name (not projects/...)"),
     "dataset": (r"[A-Za-z0-9_]{1,1024}", "a BigQuery dataset name"),
     "job_name": (r"[a-z]([-a-z0-9]{0,1022}[a-z0-9])?", "a Dataflow job name: lowercase letters, digits, hyphens"),
+    "bigtable_zone": (r"[a-z]+-[a-z]+[0-9]-[a-z]", "a zone such as us-central1-b"),
+    "service_name": (r"[a-z]([-a-z0-9]{0,47}[a-z0-9])?", "a Cloud Run service name: lowercase letters, digits, "
+                                                          "hyphens, at most 49"),
 }
 
 
@@ -374,6 +505,9 @@ def check(config: Config) -> list[str]:
         return [f"--spec {config.spec!r}: expected a shipped spec: {', '.join(shipped_specs())}"]
     problems = [f"--{flag} {getattr(config, flag)!r}: expected {what}"
                 for flag, (pattern, what) in _NAMES.items() if not re.fullmatch(pattern, getattr(config, flag))]
+    if config.bigtable_instance and not re.fullmatch(r"[a-z][a-z0-9-]{4,31}[a-z0-9]", config.bigtable_instance):
+        problems.append(f"--bigtable_instance {config.bigtable_instance!r}: expected a Bigtable instance ID: 6-33 "
+                        "lowercase letters, digits, hyphens (or '' for no online store)")
     if config.model and not config.model.startswith("gs://"):
         problems.append(f"--model {config.model!r}: expected a gs:// directory (Dataflow cannot read local files)")
     for flag in ("batch_input", "batch_output"):
@@ -403,8 +537,9 @@ def write_files(files: Mapping[str, str], root: Path) -> None:
 
 
 def execute(steps: list[tuple[str, list[Command]]], dry_run: bool, root: Path,
-            out: Callable[[str], None] = say) -> None:
-    """Prints each command, then (unless dry_run) runs it from `root`; stops at the first failure."""
+            out: Callable[[str], None] = say, notes: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+    """Prints each command, then (unless dry_run) runs it from `root`; stops at the first
+    failure. A step's `notes` (comment lines) are printed after its commands."""
     out(f"cd {shlex.quote(str(root))}")
     for name, commands in steps:
         out(f"\n# {name}: {STEP_TITLES[name]}")
@@ -422,6 +557,8 @@ def execute(steps: list[tuple[str, list[Command]]], dry_run: bool, root: Path,
                 raise DeployError(f"{cmd.argv[0]} not found: install the Google Cloud CLI (gcloud, bq)") from None
             if returncode:
                 raise DeployError(f"step {name} failed (exit {returncode}): {cmd.shell()}")
+        for line in (notes or {}).get(name, ()):
+            out(line)
 
 
 def default_tag(root: Path) -> str:
@@ -451,8 +588,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
                         help=f"The use case: a feature spec shipped in transforms/specs/ "
                              f"({', '.join(shipped_specs())}; default: %(default)s). Another spec than flights "
                              "gets its own topic, subscription, job name, model directory and batch output (the "
-                             "defaults below with -SPEC or /SPEC), so both use cases can run side by side; the "
-                             "BigQuery tables are shared.")
+                             "defaults below with -SPEC or /SPEC) and its own online store table and service, "
+                             "so both use cases can run side by side; the BigQuery tables are shared.")
     where = parser.add_argument_group("where")
     where.add_argument("--project", required=True, help="Google Cloud project ID.")
     where.add_argument("--region", default=defaults.region,
@@ -493,6 +630,21 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
                      help="Worker machine type (default: %(default)s).")
     job.add_argument("--max_workers", type=int, default=defaults.max_workers,
                      help="Most workers autoscaling may use (default: %(default)s; it starts with 1).")
+    online = parser.add_argument_group("the online store and service")
+    online.add_argument("--bigtable_instance", default=defaults.bigtable_instance,
+                        help="Bigtable instance of the online store, created if missing with one cluster of one "
+                             "node (default: %(default)s). Its table is named after the spec (flights, "
+                             "chicago_taxi); the run step passes it to the job as online_table. '' keeps no "
+                             "online store (and refuses the serve step).")
+    online.add_argument("--bigtable_zone", default="",
+                        help="Zone of the instance's cluster (default: REGION-b, e.g. us-central1-b).")
+    online.add_argument("--service_name", default="",
+                        help=f"Cloud Run service of the online scoring service (default: {defaults.service_name}, "
+                             f"or {defaults.service_name}-SPEC for another spec).")
+    online.add_argument("--serve_service_account", default="",
+                        help="Service account email the service runs as (default: --service_account's, else "
+                             "Cloud Run's default, the Compute Engine default service account); docs/deploy.md "
+                             "lists the roles it needs.")
     batch = parser.add_argument_group("the batch step")
     batch.add_argument("--batch_input", default="",
                        help="gs:// history for the batch job (default: the spec's embedded data, copied to "
@@ -514,8 +666,12 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Config, bool]:
         subscription=args.subscription, dataset=args.dataset, model=args.model.rstrip("/"),
         service_account=args.service_account, job_name=args.job_name, id_attribute=args.id_attribute,
         machine_type=args.machine_type, max_workers=args.max_workers, batch_input=args.batch_input,
-        batch_output=args.batch_output, workdir=args.workdir, python=sys.executable)
+        batch_output=args.batch_output, bigtable_instance=args.bigtable_instance, bigtable_zone=args.bigtable_zone,
+        service_name=args.service_name, serve_service_account=args.serve_service_account, workdir=args.workdir,
+        python=sys.executable)
     problems = check(config)
+    if args.step == "serve" and not config.bigtable_instance:
+        problems.append("--bigtable_instance '': the serve step answers from the online store: name its instance")
     if problems:
         parser.error("\n  ".join(problems))
     return args.step, config, args.dry_run
@@ -531,11 +687,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = say)
     gitignore_path = ROOT / ".gitignore"
     files = generated_files(config, gitignore_path.read_text() if gitignore_path.exists() else "", schema_fields(config.spec))
     write_files(files, ROOT)
+    image = config.serve_image if step == "serve" else config.image
     out(f"# deploy {step}{' (dry run: nothing runs)' if dry_run else ''}: project {config.project}, "
-        f"region {config.region}, image {config.image}")
+        f"region {config.region}, image {image}")
     out(f"# generated: {', '.join(files)}")
     try:
-        execute(plan(step, config), dry_run, ROOT, out)
+        execute(plan(step, config), dry_run, ROOT, out,
+                {name: STEP_NOTES[name](config) for name in STEP_NOTES})
     except DeployError as err:
         sys.exit(f"error: {err}")
 

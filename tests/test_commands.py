@@ -50,6 +50,7 @@ TYPOS = {
     "python -m beam_app.local.demo": ("--event", "--events"),
     "python -m beam_app.local.loop": ("--epoch", "--epochs"),
     "python -m beam_app.local.stack": ("--pubsub_prot", "--pubsub_port"),
+    "python -m beam_app.serve": ("--online_tabel", "--online_table"),
     "python templates/deploy.py": ("--bukcet", "--bucket"),
 }
 

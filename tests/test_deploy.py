@@ -5,6 +5,7 @@ stand-in here for gs://) that a Dataflow deployment reads."""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import os
@@ -86,7 +87,8 @@ def test_dry_run_of_all_prints_every_step_in_order_and_runs_nothing(dry_run):
             assert check[-2:] == [">/dev/null", "2>&1"], argv
         if argv[0] == "bq":
             assert argv[1:4] == ["--project_id=my-project", "mk", "--force"]
-    assert sum("create" in argv for argv in commands) == 4  # bucket, topic, subscription, repository
+    # bucket, topic, subscription, Bigtable instance and table, repository
+    assert sum("create" in argv for argv in commands) == 6
 
 
 def test_template_build_names_the_image_python_and_the_metadata(dry_run):
@@ -115,6 +117,7 @@ def test_run_passes_the_job_parameters_and_the_same_image_to_the_workers(dry_run
         "dead_letter_table": "my-project:features.dead_letters",
         "served_features": "my-project:features.served_features",
         "events_table": "my-project:features.events",
+        "online_table": "projects/my-project/instances/features/tables/flights",
         "id_attribute": "message_key",
         "sdk_container_image": IMAGE,
     }
@@ -225,6 +228,7 @@ def test_another_spec_deploys_its_data_and_spec_under_its_own_names(dry_run):
         "dead_letter_table": "my-project:features.dead_letters",
         "served_features": "my-project:features.served_features",
         "events_table": "my-project:features.events",
+        "online_table": "projects/my-project/instances/features/tables/chicago_taxi",  # a table per spec
         "id_attribute": "message_key",
         "sdk_container_image": IMAGE,
     }
@@ -325,8 +329,9 @@ def test_help_lists_the_steps_and_flags(capsys):
         deploy.parse_args(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for word in ("resources", "image", "template", "run", "batch", "--dry-run", "--service_account", "--model",
-                 "--spec", "chicago_taxi"):
+    for word in ("resources", "image", "template", "run", "batch", "serve", "--dry-run", "--service_account",
+                 "--model", "--spec", "chicago_taxi", "--bigtable_instance", "--service_name",
+                 "--serve_service_account"):
         assert word in text
 
 
@@ -369,7 +374,7 @@ def test_without_dry_run_each_printed_command_runs_in_order(tmp_path, monkeypatc
     printed = [line for line in lines if line.startswith(("gcloud", "bq"))]
     expected = [part.replace(" >/dev/null 2>&1", "") for line in printed for part in line.split(" || ")]
     assert log.read_text().splitlines() == expected
-    assert len(printed) == 12 and "# exists: skipped" not in lines  # 4 tables
+    assert len(printed) == 14 and "# exists: skipped" not in lines  # 4 tables, the Bigtable instance and table
 
 
 def test_make_targets_pass_the_variables_as_flags():
@@ -389,6 +394,199 @@ def test_make_targets_pass_the_variables_as_flags():
     assert "templates/deploy.py batch --project 'p1-project' --bucket 'b1' --spec 'chicago_taxi'\n" in printed
 
 
+# ---- the online store and service ----
+
+SERVE_IMAGE = "us-central1-docker.pkg.dev/my-project/windowed-features/serve:v1"
+SERVE_DOCKERFILE = ROOT / "templates" / "serve" / "Dockerfile"
+
+
+def test_resources_make_the_online_store_that_the_streaming_job_accepts(dry_run):
+    """The instance and the table, each behind its describe; family "o" kept exactly as long
+    as the streaming job's prepare_store requires (longest window + allowed lateness)."""
+    from beam_app.online.layout import horizon_s
+    from beam_app.streaming import StreamingOptions
+
+    _, commands = dry_run("resources")
+    _find(commands, "gcloud", "bigtable", "instances", "describe", "features", "--project", "my-project",
+          ">/dev/null", "2>&1", "||", "gcloud", "bigtable", "instances", "create", "features",
+          "--display-name", "features", "--cluster-config", "id=features-c1,zone=us-central1-b,nodes=1",
+          "--project", "my-project")
+    table = _find(commands, "gcloud", "bigtable", "instances", "tables", "describe", "flights", "--instance",
+                  "features", "--project", "my-project", ">/dev/null", "2>&1", "||")
+    families = table[table.index("--column-families") + 1]
+    lateness = StreamingOptions([]).allowed_lateness_s
+    served, _ = _serve_args(["--model", "gs://b/m", "--online_table", "projects/p/instances/i/tables/t"])
+    assert deploy.ALLOWED_LATENESS_S == lateness == served.allowed_lateness_s  # the stream's and the service's
+    assert families == f"o:maxage={horizon_s(load_spec('flights').max_window_s, lateness)}s,p:maxversions=1"
+    _, commands = dry_run("resources", spec="chicago_taxi", bigtable_zone="us-central1-c")
+    assert "id=features-c1,zone=us-central1-c,nodes=1" in _find(commands, "gcloud", "bigtable", "instances",
+                                                                "describe", "features")
+    table = _find(commands, "gcloud", "bigtable", "instances", "tables", "describe", "chicago_taxi")
+    assert table[table.index("--column-families") + 1].startswith(f"o:maxage={30 * 86400 + lateness}s,")
+
+
+def test_serve_deploys_the_service_image_for_iam_callers_only(dry_run, tmp_path):
+    lines, commands = dry_run("serve")
+    text = "\n".join(lines)
+    assert "--allow-unauthenticated" not in re.sub(r"--no-allow-unauthenticated", "", text)  # never public
+    assert lines[0].startswith("# deploy serve (dry run: nothing runs)") and SERVE_IMAGE in lines[0]
+    assert _find(commands, "gcloud", "builds", "submit") == [
+        "gcloud", "builds", "submit", ".", "--config", f"{tmp_path}/cloudbuild-serve.json",
+        "--ignore-file", f"{tmp_path}/gcloudignore", "--substitutions", f"_IMAGE={SERVE_IMAGE}",
+        "--project", "my-project"]
+    build = json.loads((tmp_path / "cloudbuild-serve.json").read_text())
+    assert build["steps"][0]["args"] == ["build", "--file", "templates/serve/Dockerfile", "--tag", "${_IMAGE}", "."]
+    assert build["images"] == ["${_IMAGE}"]
+    argv = _find(commands, "gcloud", "run", "deploy")
+    assert argv[:argv.index("--set-env-vars")] == [
+        "gcloud", "run", "deploy", "windowed-features-online", "--image", SERVE_IMAGE, "--region", "us-central1",
+        "--project", "my-project", "--no-allow-unauthenticated", "--service-account", SERVICE_ACCOUNT]
+    environment = dict(item.split("=", 1) for item in argv[argv.index("--set-env-vars") + 1].split(","))
+    assert environment == {"MODEL": "gs://my-bucket/model",
+                           "ONLINE_TABLE": "projects/my-project/instances/features/tables/flights",
+                           "SPEC": "flights", "SERVED_FEATURES": "my-project:features.served_features"}
+    # The store it reads is the one the streaming job keeps.
+    run_step = deploy.run_parameters(deploy.Config(project="my-project", bucket="my-bucket", tag="v1"))
+    assert environment["ONLINE_TABLE"] == run_step["online_table"]
+    assert argv[argv.index("--set-env-vars") + 2:] == ["--port", "8080", "--memory", "2Gi", "--cpu", "2",
+                                                       "--concurrency", "8"]
+    _find(commands, "gcloud", "artifacts", "repositories", "describe")  # the repository, created if missing
+    # How to let a caller in, and how to call: printed as comments, nothing runs.
+    notes = [line for line in lines if line.startswith("#   ")]
+    assert ("#   gcloud run services add-iam-policy-binding windowed-features-online --region us-central1 "
+            "--project my-project --member=serviceAccount:CALLER --role=roles/run.invoker") in notes
+    assert any('curl -H "Authorization: Bearer $(gcloud auth print-identity-token)"' in line
+               and "$URL/v1/predict" in line for line in notes)
+
+
+def test_serve_with_its_own_account_another_spec_or_none(dry_run):
+    _, commands = dry_run("serve", serve_service_account="online@my-project.iam.gserviceaccount.com")
+    argv = _find(commands, "gcloud", "run", "deploy")
+    assert argv[argv.index("--service-account") + 1] == "online@my-project.iam.gserviceaccount.com"
+    _, commands = dry_run("serve", service_account="")
+    assert "--service-account" not in _find(commands, "gcloud", "run", "deploy")  # Cloud Run's default account
+    _, commands = dry_run("serve", spec="chicago_taxi", service_name="taxi-online")
+    argv = _find(commands, "gcloud", "run", "deploy")
+    environment = dict(item.split("=", 1) for item in argv[argv.index("--set-env-vars") + 1].split(","))
+    assert argv[3] == "taxi-online" and environment["SPEC"] == "chicago_taxi"
+    assert environment["ONLINE_TABLE"] == "projects/my-project/instances/features/tables/chicago_taxi"
+    assert environment["MODEL"] == "gs://my-bucket/model/chicago_taxi"
+    assert deploy.Config(project="my-project", bucket="b", spec="chicago_taxi").service_name == \
+        "windowed-features-online-chicago-taxi"
+
+
+def test_without_a_bigtable_instance_no_store_is_kept_and_serve_is_refused(dry_run, capsys):
+    _, commands = dry_run("all", bigtable_instance="")
+    assert not [argv for argv in commands if argv[:2] == ["gcloud", "bigtable"]]
+    assert "online_table" not in _find(commands, "gcloud", "dataflow", "flex-template", "run")[-1]
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["serve", "--project", "my-project", "--bucket", "b", "--tag", "v1",
+                           "--bigtable_instance", ""])
+    assert "--bigtable_instance '': the serve step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["run", "--project", "my-project", "--bucket", "b", "--tag", "v1",
+                           "--bigtable_instance", "Bad_Name", "--service_name", "Online", "--bigtable_zone",
+                           "us-central1"])
+    err = capsys.readouterr().err
+    assert "--bigtable_instance 'Bad_Name'" in err and "--service_name 'Online'" in err and "--bigtable_zone" in err
+
+
+def test_the_served_values_pass_the_services_own_checks():
+    from beam_app.bigquery.client import parse_table_spec
+    from beam_app.serve import _check
+
+    for spec in ("flights", "chicago_taxi"):
+        environment = deploy.serve_environment(deploy.Config(project="my-project", bucket="my-bucket", spec=spec))
+        args, _ = _serve_args(_cmd_argv(environment))
+        _check(args)  # the table's form, the port
+        parse_table_spec(args.served_features)
+        assert args.spec == spec
+
+
+# ---- templates/serve/Dockerfile ----
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined and comments dropped, as Docker reads them."""
+    logical, current = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or (not current and not line.strip()):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    return [(instruction.upper(), " ".join(rest.split())) for instruction, _, rest in
+            (line.strip().partition(" ") for line in logical)]
+
+
+def _serve_args(argv: list[str]):
+    """(argv parsed by python -m beam_app.serve's own parser, argv); the parser exits 2 on a flag it does not know."""
+    from beam_app.serve import parser
+
+    return parser().parse_args(argv), argv
+
+
+def _cmd_argv(environment: dict[str, str]) -> list[str]:
+    """What the image's CMD runs, by the shell Docker runs it with (/bin/sh -c), in `environment`:
+    a stand-in python on PATH records its arguments. Returns them after `-m beam_app.serve`."""
+    import tempfile
+
+    (cmd,) = [rest for instruction, rest in _dockerfile_instructions(SERVE_DOCKERFILE) if instruction == "CMD"]
+    assert not cmd.startswith("["), "the CMD reads the environment: it needs a shell"
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "argv"
+        (Path(tmp) / "python").write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "{record}"\n')
+        (Path(tmp) / "python").chmod(0o755)
+        result = subprocess.run(["/bin/sh", "-c", cmd], env={"PATH": f"{tmp}{os.pathsep}/usr/bin:/bin",
+                                                             **environment}, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        argv = record.read_text().split("\0")[:-1]
+    assert argv[:2] == ["-m", "beam_app.serve"]
+    return argv[2:]
+
+
+def test_dockerfile_cmd_passes_the_environment_as_flags_the_service_knows():
+    environment = {"MODEL": "gs://my-bucket/model", "ONLINE_TABLE": "projects/p1-project/instances/features/tables/t",
+                   "SPEC": "chicago_taxi", "SERVED_FEATURES": "my-project:features.served_features", "PORT": "9090"}
+    args, argv = _serve_args(_cmd_argv(environment))
+    assert (args.host, args.port, args.model, args.online_table, args.spec, args.served_features) == (
+        "0.0.0.0", 9090, "gs://my-bucket/model", "projects/p1-project/instances/features/tables/t", "chicago_taxi",
+        "my-project:features.served_features")
+    # Cloud Run's values and the deploy step's variables, and the optional ones left out.
+    args, argv = _serve_args(_cmd_argv({"MODEL": "gs://b/model with space",
+                                        "ONLINE_TABLE": "projects/p/instances/i/tables/t"}))
+    assert (args.port, args.spec, args.served_features, args.model) == (8080, "flights", None,
+                                                                         "gs://b/model with space")
+    assert "--served_features" not in argv
+    assert set(deploy.serve_environment(deploy.Config(project="my-project", bucket="b"))) == \
+        {"MODEL", "ONLINE_TABLE", "SPEC", "SERVED_FEATURES"}
+    with pytest.raises(AssertionError, match="set MODEL"):  # a missing required variable stops the start, saying which
+        _cmd_argv({"ONLINE_TABLE": "projects/p/instances/i/tables/t"})
+
+
+def test_dockerfile_installs_the_pins_and_the_package_and_runs_as_a_user():
+    instructions = _dockerfile_instructions(SERVE_DOCKERFILE)
+    froms = [rest for instruction, rest in instructions if instruction == "FROM"]
+    args = dict(rest.split("=", 1) for instruction, rest in instructions if instruction == "ARG" and "=" in rest)
+    assert froms == ["python:${PYTHON_TAG}"] and args["PYTHON_TAG"].startswith("3.11")  # setup.py: Python 3.11
+    runs = [rest for instruction, rest in instructions if instruction == "RUN"]
+    assert any(re.search(r"pip install .*-c \S*constraints\.txt -r \S*requirements\.txt", run) for run in runs)
+    assert any(re.search(r"pip install .*--no-deps /tmp/build", run) for run in runs)
+    assert any("pip check" in run and "beam_app.serve --help" in run for run in runs)
+    users = [rest for instruction, rest in instructions if instruction == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert [i for i, _ in instructions].index("USER") < [i for i, _ in instructions].index("CMD")
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for instruction, rest in instructions:
+        if instruction == "COPY":
+            for source in rest.split()[:-1]:
+                assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+                assert not [p for p in ignored if fnmatch.fnmatch(source, p)], f"COPY {source}: in .dockerignore"
+    assert instructions[-1][0] == "CMD" and "exec python -m beam_app.serve" in instructions[-1][1]
+
+
 # ---- against the installed Google Cloud CLI, offline ----
 
 # The gcloud command groups the steps use; a new one must be added here to be checked.
@@ -398,6 +596,9 @@ GCLOUD_COMMANDS = [
     ("pubsub", "subscriptions", "describe"), ("pubsub", "subscriptions", "create"),
     ("artifacts", "repositories", "describe"), ("artifacts", "repositories", "create"),
     ("builds", "submit"), ("dataflow", "flex-template", "build"), ("dataflow", "flex-template", "run"),
+    ("bigtable", "instances", "describe"), ("bigtable", "instances", "create"),
+    ("bigtable", "instances", "tables", "describe"), ("bigtable", "instances", "tables", "create"),
+    ("run", "deploy"), ("run", "services", "add-iam-policy-binding"), ("run", "services", "describe"),
 ]
 
 
@@ -405,6 +606,7 @@ def _every_command(tmp_path) -> list[tuple[str, ...]]:
     config = deploy.Config(project="my-project", bucket="my-bucket", tag="v1", service_account=SERVICE_ACCOUNT,
                            workdir=str(tmp_path))
     commands = [cmd for step in deploy.STEPS for cmd in deploy.STEP_COMMANDS[step](config)]
+    commands += [deploy.invoker_command(config), deploy.url_command(config)]  # printed by the serve step
     return [argv for cmd in commands for argv in (cmd.argv, cmd.unless) if argv]
 
 
@@ -415,7 +617,7 @@ def test_every_gcloud_flag_exists_in_the_installed_cli(tmp_path):
     for argv in _every_command(tmp_path):
         if argv[0] != "gcloud":
             continue
-        group = next((g for g in GCLOUD_COMMANDS if tuple(argv[1:1 + len(g)]) == g), None)
+        group = max((g for g in GCLOUD_COMMANDS if tuple(argv[1:1 + len(g)]) == g), key=len, default=None)
         assert group is not None, f"add {argv[1:4]} to GCLOUD_COMMANDS"
         used.setdefault(group, set()).update(a.split("=")[0] for a in argv if a.startswith("--"))
 
@@ -427,8 +629,10 @@ def test_every_gcloud_flag_exists_in_the_installed_cli(tmp_path):
         helps = dict(zip(used, pool.map(help_text, used)))
     for group, flags in used.items():
         text = re.sub(r"\x1b\[[0-9;]*m", "", helps[group])
-        for flag in flags - {"--project"}:  # --project: a flag of every gcloud command
-            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"gcloud {' '.join(group)}: no {flag}"
+        for flag in flags - {"--project", "--format"}:  # flags of every gcloud command
+            # A switch with a negation is listed as --[no-]name.
+            pattern = rf"{re.escape(flag)}|--\[no-\]{re.escape(flag.removeprefix('--no-').removeprefix('--'))}"
+            assert re.search(rf"(?<![\w-])({pattern})(?![\w-])", text), f"gcloud {' '.join(group)}: no {flag}"
 
 
 @pytest.mark.slow

@@ -107,6 +107,7 @@ def test_required_options_are_declared_required_and_the_input_as_one_of_two(para
     full["bootstrap_input"] = str(REPO / "transforms" / "specs" / "flights.yaml")  # checked: it must match a file
     full["served_features"] = "my-project:features.served_features"  # each table flag its own table
     full["events_table"] = "my-project:features.events"
+    full["online_table"] = "projects/my-project/instances/features/tables/flights"  # checked: its form
     for name, action in _job_options().items():
         if name not in full and name != "input_topic" and action.nargs != 0:
             full[name] = str(action.default) if action.default is not None else "1"
@@ -167,6 +168,16 @@ CASES = {
     "dead_letter_table": (TABLE_GOOD, TABLE_BAD),
     "served_features": (TABLE_GOOD, TABLE_BAD),
     "events_table": (TABLE_GOOD, TABLE_BAD),
+    "online_table": (
+        ["projects/my-project/instances/features/tables/flights",
+         "projects/my-project/instances/features/tables/chicago_taxi",
+         "projects/example.com:my-project/instances/online-store-1/tables/t.v2-x"],
+        ["projects/my-project/instances/features", "projects/my-project/instances/features/tables/",
+         "my-project/instances/features/tables/flights", "projects/my-project/tables/flights",
+         "projects/my-project/instances/Features/tables/flights", "projects/my-project/instances/feat/tables/flights",
+         "projects/my-project/instances/features/tables/my table", "projects/my-project/instances/features/tables/-x",
+         "projects/My-Project/instances/features/tables/flights", "my-project:features.flights",
+         "projects/my-project/instances/features/tables/flights/", ""]),
     "served_features_fraction": (["1", "1.0", "0.5", "0.05", ".1", "0.001"],
                                  ["0", "0.0", "1.5", "2", "-0.1", "10%", "", "1e-2", "0.10000001"]),
     "create_tables": (["true", "false"], ["True", "yes", "1", "", "true ", "--create_tables"]),

@@ -142,8 +142,8 @@ def _finish_difference(spec: FeatureSpec):
         return {
             "event_id": difference["event_id"], "event_time": difference["event_time"],
             "model_version": difference["model_version"], "processing_time": difference["processing_time"],
-            "job_start_time": difference["job_start_time"], "columns": difference["columns"],
-            "explained": complete, "categories": categories if complete else categories + ["unexplained"],
+            "job_start_time": difference["job_start_time"], "source": difference["served"].get("source"),
+            "columns": difference["columns"], "explained": complete, "categories": categories if complete else categories + ["unexplained"],
             "explanations": {field: (e.detail if e else None) for field, e in explanations.items()},
             **({"unexplained_static_columns": static} if static else {}),
         }
