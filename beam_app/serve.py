@@ -126,8 +126,8 @@ class Service:
         self.served_log = ServedLogWriter(args.served_features, args.bigquery_endpoint) if args.served_features \
             else None
         self.metrics = Metrics()
-        scorer = OnlineScorer(spec, self.store, self.model,
-                              TimeBounds(args.max_future_s, args.allowed_lateness_s), clock, int(clock() * 1e6))
+        scorer = OnlineScorer(spec, self.store, self.model, TimeBounds(args.max_future_s, args.allowed_lateness_s),
+                              clock, int(clock() * 1e6), log_served=self.served_log is not None)
         self.spec = spec
         self.app = make_app(scorer, self.health, self.served_log, self.metrics)
 

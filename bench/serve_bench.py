@@ -562,7 +562,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from beam_app.local.stack import BigtableEmulator, free_port
     from beam_app.online.layout import rows_to_read
-    from beam_app.online.scorer import _merge  # the service's own merge of a call's reads
     from transforms.feature_layout import EventLayout, feature_groups
     from transforms.spec import load_spec
 
@@ -628,11 +627,10 @@ def main(argv: list[str] | None = None) -> dict:
         from beam_app.online.bigtable_store import OnlineStore
         from beam_app.online.layout import parse_table_path
 
-        single_reads = [_merge(rows_to_read(layout, groups, e)) for e in requests.events]
+        single_reads = [rows_to_read(layout, groups, e) for e in requests.events]
 
-        def reads(first, n):
-            return single_reads[first] if n == 1 else _merge([r for e in requests.events[first:first + n]
-                                                              for r in rows_to_read(layout, groups, e)])
+        def reads(first, n):  # a call's reads, as the service asks for them
+            return [r for e in requests.events[first:first + n] for r in rows_to_read(layout, groups, e)]
 
         store = OnlineStore(parse_table_path(TABLE))
         store_results: dict = {"single": {}, "batch": {}}

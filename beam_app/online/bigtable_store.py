@@ -118,6 +118,31 @@ def _retry(timeout_s: float):
     return DEFAULT_RETRY_READ_ROWS.with_deadline(timeout_s) if timeout_s else retries.Retry(deadline=0)
 
 
+def _data_client(project: str):
+    """google-cloud-bigtable's data client, whose ReadRows streams are read on the calling
+    thread: by default gRPC starts a thread for every streaming call, which cost the service
+    0.9 ms of CPU per read here (of 2.8). The channel option is gRPC's own
+    (ChannelOptions.SingleThreadedUnaryStream); the client builds its channels in
+    `_build_grpc_channel` (pinned google-cloud-bigtable 2.50.2), for the emulator without
+    the options it is given, hence the emulator's channel made here."""
+    import functools
+
+    import grpc
+    from google.cloud.bigtable.data import BigtableDataClient
+    from google.cloud.bigtable.data._sync_autogen._swappable_channel import SwappableChannel
+
+    one_thread = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
+
+    class OneThreadClient(BigtableDataClient):
+        def _build_grpc_channel(self, *args, **kwargs):
+            options = [*(kwargs.pop("options", None) or []), one_thread]
+            if self._emulator_host is not None:
+                return SwappableChannel(functools.partial(grpc.insecure_channel, self._emulator_host, options=options))
+            return super()._build_grpc_channel(*args, options=options, **kwargs)
+
+    return OneThreadClient(project=project)
+
+
 class OnlineStore:
     """The service's reads: a request's rows and the progress mark, in one call
     (google-cloud-bigtable's data client: about half the client time of the
@@ -125,10 +150,8 @@ class OnlineStore:
     `timeout_s` is StoreUnavailable."""
 
     def __init__(self, path: TablePath, timeout_s: float = 2.0):
-        from google.cloud.bigtable.data import BigtableDataClient
-
         self.path = path
-        self._client = BigtableDataClient(project=path.project)
+        self._client = _data_client(path.project)
         self._table = self._client.get_table(path.instance, path.table)
         self._timeout_s = timeout_s
 
@@ -151,37 +174,39 @@ class OnlineStore:
         return int(value) if value is not None else None
 
     def read(self, reads: Iterable[RowRead], with_through: bool = False):
-        """row -> its (qualifier, value) cells within each read's time range (the newest version of
-        each); with_through, (that, the progress mark or None), read in the same call."""
+        """row -> its (qualifier, value) cells within its read's time range (the newest version of
+        each); with_through, (that, the progress mark or None).
+
+        One ReadRows call per window length, each with a single time range (the
+        earliest start and latest end of its reads: the engine applies each request's
+        exact bounds): a filter per row (a row-key regex in a union) cost the emulator
+        7.6 ms of CPU per request against 1.1 ms so. The meta row rides with the widest
+        window's call; its `through` cell, stamped with the mark, is in that range unless
+        the store is further behind than the window, when it is read on its own."""
         from google.cloud.bigtable.data import ReadRowsQuery
         from google.cloud.bigtable.data import row_filters
 
-        keys, parts = [], []
+        by_window: dict[int, list[RowRead]] = {}
         for read in reads:
-            keys.append(read.row)
-            parts.append(row_filters.RowFilterChain([
-                row_filters.RowKeyRegexFilter(re.escape(read.row) + rb"\z"),
-                row_filters.FamilyNameRegexFilter(OBSERVATIONS),
-                row_filters.TimestampRangeFilter(_timestamp(read.start_ms), _timestamp(read.end_ms))]))
-        if with_through:
-            keys.append(META_ROW)
-            parts.append(row_filters.RowFilterChain([
-                row_filters.RowKeyRegexFilter(re.escape(META_ROW) + rb"\z"),
-                row_filters.FamilyNameRegexFilter(META),
-                row_filters.ColumnQualifierRegexFilter(re.escape(THROUGH) + rb"\z")]))
+            by_window.setdefault(read.window_s, []).append(read)
         out: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        through_us = None
-        if parts:
-            query = ReadRowsQuery(row_keys=keys, row_filter=row_filters.RowFilterChain([
-                parts[0] if len(parts) == 1 else row_filters.RowFilterUnion(parts),
-                row_filters.CellsColumnLimitFilter(1)]))
-            with _unavailable(self.path):
-                rows = self._table.read_rows(query, operation_timeout=self._timeout_s)
-            for row in rows:
-                if row.row_key == META_ROW:
-                    through_us = int(row.cells[0].value) if row.cells else None
-                else:
-                    out[row.row_key] = [(cell.qualifier, cell.value) for cell in row.cells]
+        through_us, widest = None, max(by_window, default=None)
+        with _unavailable(self.path):
+            for window_s, window_reads in by_window.items():
+                keys = list(dict.fromkeys(read.row for read in window_reads))
+                if with_through and window_s == widest:
+                    keys.append(META_ROW)
+                query = ReadRowsQuery(row_keys=keys, row_filter=row_filters.RowFilterChain([
+                    row_filters.TimestampRangeFilter(_timestamp(min(read.start_ms for read in window_reads)),
+                                                     _timestamp(max(read.end_ms for read in window_reads))),
+                    row_filters.CellsColumnLimitFilter(1)]))
+                for row in self._table.read_rows(query, operation_timeout=self._timeout_s):
+                    if row.row_key == META_ROW:
+                        through_us = next((int(cell.value) for cell in row.cells if cell.qualifier == THROUGH), None)
+                    else:
+                        out[row.row_key] = [(cell.qualifier, cell.value) for cell in row.cells]
+        if with_through and through_us is None:
+            through_us = self.through_us()
         return (out, through_us) if with_through else out
 
     def close(self) -> None:

@@ -111,6 +111,7 @@ class RowRead(NamedTuple):
     row: bytes
     start_ms: int
     end_ms: int
+    window_s: int  # the group's longest window: rows of one window are read together
 
 
 def rows_to_read(layout: EventLayout, groups: Sequence[FeatureGroup], request: Event) -> list[RowRead]:
@@ -121,8 +122,8 @@ def rows_to_read(layout: EventLayout, groups: Sequence[FeatureGroup], request: E
         key = event_key(layout, group, request)
         if key is None:  # no value for the key: the group's features are missing, as in batch
             continue
-        longest_us = max(f.window_s for f in group.features) * _US
-        reads.append(RowRead(index, row_key(group, key), (t_us - longest_us) // _MS, t_us // _MS + 1))
+        longest_s = max(f.window_s for f in group.features)
+        reads.append(RowRead(index, row_key(group, key), (t_us - longest_s * _US) // _MS, t_us // _MS + 1, longest_s))
     return reads
 
 
