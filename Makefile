@@ -17,7 +17,7 @@ DUCKDB_PLATFORM ?= $(if $(filter aarch64 arm64,$(shell uname -m)),linux_arm64,li
 DUCKDB_EXTENSIONS := $(foreach name,icu spatial ducklake,\
 	$(HOME)/.duckdb/extensions/v$(DUCKDB_VERSION)/$(DUCKDB_PLATFORM)/$(name).duckdb_extension)
 
-.PHONY: venv venv-bq constraints run demo loop test test-fast bench clean deploy deploy-dry-run
+.PHONY: venv venv-bq constraints run demo serve loop test test-fast bench clean deploy deploy-dry-run
 
 # constraints.txt and constraints-bq.txt pin every package of the two venvs, dependencies of dependencies
 # included, at the versions CI tested: a new machine installs exactly those (`make constraints` rewrites them
@@ -77,6 +77,14 @@ run: $(VENV)/.installed
 demo: $(VENV)/.installed venv-bq
 	test -e output/model/LATEST || $(MAKE) run
 	$(BIN)/python -m beam_app.local.demo
+
+# Online scoring on the emulators (beam_app/local/online.py): the streaming job keeps the online store in the Bigtable
+# emulator from a replay, and python -m beam_app.serve answers on http://127.0.0.1:8080/v1/predict until Ctrl-C.
+# Trains the model first if `make run` has not. `make serve SERVE_FLAGS="--port 9000"` passes flags.
+SERVE_FLAGS ?=
+serve: $(VENV)/.installed venv-bq
+	test -e output/model/LATEST || $(MAKE) run
+	$(BIN)/python -m beam_app.local.online $(SERVE_FLAGS)
 
 # The closed loop on the emulators (beam_app/local/loop.py): v1 trained, served and archived, v2 trained from the
 # archive in BigQuery and taken up by the running job, batch predictions against the served ones, a timeline.

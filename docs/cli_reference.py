@@ -37,6 +37,7 @@ COMMANDS = (
     Command("python -m beam_app.serve", "beam_app.serve", "main"),
     Command("python -m beam_app.local.demo", "beam_app.local.demo", "run"),
     Command("python -m beam_app.local.loop", "beam_app.local.loop", "main"),
+    Command("python -m beam_app.local.online", "beam_app.local.online", "run"),
     Command("python -m beam_app.local.stack", "beam_app.local.stack", "main"),
     Command("python templates/deploy.py", "templates/deploy.py", "main"),
 )

@@ -51,6 +51,7 @@ TYPOS = {
     "python -m beam_app.local.loop": ("--epoch", "--epochs"),
     "python -m beam_app.local.stack": ("--pubsub_prot", "--pubsub_port"),
     "python -m beam_app.serve": ("--online_tabel", "--online_table"),
+    "python -m beam_app.local.online": ("--serve_secs", "--serve_s"),
     "python templates/deploy.py": ("--bukcet", "--bucket"),
 }
 

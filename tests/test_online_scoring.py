@@ -228,3 +228,65 @@ def test_times_in_the_store_are_bigtable_milliseconds():
 
     assert _timestamp(1_796_000_000_123) == dt.datetime(2026, 11, 30, 0, 53, 20, 123000, tzinfo=dt.timezone.utc)
     assert _timestamp(1_796_000_000_123).timestamp() == 1_796_000_000.123
+
+
+# The batcher: calls that arrive while a batch is scored are scored together next; each gets its own answers.
+def _scored(events):
+    from beam_app.online.scorer import Scored
+
+    return Scored([{"event_id": e.event_id} for e in events], [{"row": e.event_id} for e in events],
+                  [float(len(e.event_id)) for e in events], rows_read=10 * len(events))
+
+
+def test_calls_waiting_on_a_batch_are_scored_together_and_each_gets_its_own_answers():
+    import threading
+
+    from beam_app.online.scorer import Batcher
+
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def score(events):
+        seen.append([e.event_id for e in events])
+        started.set()
+        release.wait(10)
+        return _scored(events)
+
+    batcher = Batcher(score)
+    try:
+        event = lambda event_id: Event(event_id, "request", T0, {})  # noqa: E731
+        first = batcher.submit([event("a")])
+        assert started.wait(10)  # the first call is being scored: the next two wait, then go together
+        second, third = batcher.submit([event("bb"), event("ccc")]), batcher.submit([event("d")])
+        release.set()
+        answers = [future.result(10) for future in (first, second, third)]
+    finally:
+        batcher.close()
+    assert seen == [["a"], ["bb", "ccc", "d"]]
+    assert [a.body["predictions"] for a in answers] == [[{"event_id": "a"}], [{"event_id": "bb"}, {"event_id": "ccc"}],
+                                                       [{"event_id": "d"}]]
+    assert [a.served_rows for a in answers] == [[{"row": "a"}], [{"row": "bb"}, {"row": "ccc"}], [{"row": "d"}]]
+    assert [a.lag_s for a in answers] == [1.0, 3.0, 1.0]  # a call's largest lag
+    assert [a.batch_calls for a in answers] == [1, 2, 2]
+    assert [a.rows_read for a in answers] == [10, 30, 0]  # a batch's reads counted once
+
+
+def test_a_batch_that_fails_fails_each_of_its_calls_and_the_next_batch_is_scored():
+    from beam_app.online.bigtable_store import StoreUnavailable
+    from beam_app.online.scorer import Batcher
+
+    calls = []
+
+    def score(events):
+        calls.append(len(events))
+        if len(calls) == 1:
+            raise StoreUnavailable("online store down")
+        return _scored(events)
+
+    batcher = Batcher(score)
+    try:
+        failed = batcher.submit([Event("a", "request", T0, {})])
+        with pytest.raises(StoreUnavailable, match="down"):
+            failed.result(10)
+        assert batcher.submit([Event("b", "request", T0, {})]).result(10).body == {"predictions": [{"event_id": "b"}]}
+    finally:
+        batcher.close()

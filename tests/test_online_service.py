@@ -41,7 +41,9 @@ def _fill(table_path: str, observations, through_us: int) -> None:
     layout, groups = EventLayout.of(SPEC), feature_groups(SPEC)
     table = open_table(path)
     write_cells(table, [cell for event in observations for cell in observation_cells(layout, groups, event)])
-    write_through(table, through_us)
+    # As the stream leaves it: a mark a second, older ones until garbage collection takes them.
+    for mark_us in (through_us - 30 * 10 ** 6, through_us - 10 ** 6, through_us):
+        write_through(table, mark_us)
 
 
 def _client(table_path: str, model_dir, *flags: str):

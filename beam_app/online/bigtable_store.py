@@ -182,7 +182,8 @@ class OnlineStore:
         exact bounds): a filter per row (a row-key regex in a union) cost the emulator
         7.6 ms of CPU per request against 1.1 ms so. The meta row rides with the widest
         window's call; its `through` cell, stamped with the mark, is in that range unless
-        the store is further behind than the window, when it is read on its own."""
+        the store is further behind than the window, when it is read on its own.
+        Cells after a call's times may come back too: the engine reads only [t - W, t)."""
         from google.cloud.bigtable.data import ReadRowsQuery
         from google.cloud.bigtable.data import row_filters
 
@@ -196,9 +197,13 @@ class OnlineStore:
                 keys = list(dict.fromkeys(read.row for read in window_reads))
                 if with_through and window_s == widest:
                     keys.append(META_ROW)
+                # With the meta row, no end to the range: its newest `through` cell is stamped
+                # with the mark, which may be later than the calls' times (older versions wait
+                # for garbage collection, and one of them would be read instead).
+                end_ms = None if META_ROW in keys else max(read.end_ms for read in window_reads)
                 query = ReadRowsQuery(row_keys=keys, row_filter=row_filters.RowFilterChain([
                     row_filters.TimestampRangeFilter(_timestamp(min(read.start_ms for read in window_reads)),
-                                                     _timestamp(max(read.end_ms for read in window_reads))),
+                                                     _timestamp(end_ms) if end_ms is not None else None),
                     row_filters.CellsColumnLimitFilter(1)]))
                 for row in self._table.read_rows(query, operation_timeout=self._timeout_s):
                     if row.row_key == META_ROW:
