@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beam_app.local.demo import (DEAD_LETTERS, PREDICTIONS, TOPIC, query, streaming_stack,  # noqa: E402
-                                 wait_for_predictions)
+from beam_app.local.demo import wait_for_predictions  # noqa: E402
+from beam_app.local.streaming_stack import DEAD_LETTERS, PREDICTIONS, TOPIC, query, streaming_stack  # noqa: E402
 
 POISON = {  # kind -> (attributes given now, payload given now)
     "event_time attribute not a time": (lambda now: {"event_time": "not-a-time"}, None),

@@ -32,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beam_app.local.demo import (DEAD_LETTERS, PREDICTIONS, SUBSCRIPTION, TOPIC, latencies_s,  # noqa: E402
-                                 percentile, streaming_job_command, streaming_stack, wait_for_predictions)
+from beam_app.local.demo import latencies_s, percentile, wait_for_predictions  # noqa: E402
+from beam_app.local.streaming_stack import (DEAD_LETTERS, PREDICTIONS, SUBSCRIPTION, TOPIC,  # noqa: E402
+                                            streaming_job_command, streaming_stack)
 
 TARGET_P50_S, TARGET_P99_S = 2.0, 5.0
 START_TIME = "2013-12-02T11:00:00Z"  # a busy December morning

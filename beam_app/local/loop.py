@@ -394,7 +394,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def streaming_job_command(poll_s: float) -> Callable[[str, str], list[str]]:
-    from beam_app.local.demo import DEAD_LETTERS, EVENTS, PREDICTIONS, SUBSCRIPTION
+    from beam_app.local.streaming_stack import DEAD_LETTERS, EVENTS, PREDICTIONS, SUBSCRIPTION
 
     def command(model: str, bigquery_endpoint: str) -> list[str]:
         return [sys.executable, "-m", "beam_app.streaming", "--runner", "DirectRunner",
@@ -407,7 +407,7 @@ def streaming_job_command(poll_s: float) -> Callable[[str, str], list[str]]:
 def publish_events(name: str, events: list, work: Path, rate: float) -> tuple[Path, set[str]]:
     """Publishes `events` rebased to now; returns the record of what went out and its request ids."""
     from beam_app import publish
-    from beam_app.local.demo import TOPIC
+    from beam_app.local.streaming_stack import TOPIC
     from beam_app.common.options import configure_logging
 
     source = write_events(work / f"{name}.ndjson", events)
@@ -511,7 +511,7 @@ def copy_version(source: Path, model_dir: Path) -> str:
 
 
 def _loop(args: argparse.Namespace, work: Path, model_dir: Path, timeline: Timeline, summary: dict) -> None:
-    from beam_app.local.demo import EVENTS, PREDICTIONS, query, stop_job, streaming_stack
+    from beam_app.local.streaming_stack import EVENTS, PREDICTIONS, query, stop_job, streaming_stack
     from transforms.spec import load_spec
 
     label = load_spec("flights").label.name

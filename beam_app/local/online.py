@@ -31,7 +31,7 @@ from pathlib import Path
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE
 from beam_app.common.options import ArgumentParser, quiet_tensorflow
 from beam_app.common.times import TIME_HELP
-from beam_app.local.demo import SERVED_FEATURES, stop_job, streaming_job_command, streaming_stack
+from beam_app.local.streaming_stack import SERVED_FEATURES, TOPIC, stop_job, streaming_job_command, streaming_stack
 from beam_app.local.stack import DEFAULT_PROJECT, BigtableEmulator
 
 PROG = "python -m beam_app.local.online"
@@ -96,7 +96,7 @@ def run(argv: list[str] | None = None) -> None:
                     raise RuntimeError(f"the streaming job exited: see {work / 'streaming_job.log'}")
 
             recorded = work / "published.ndjson"
-            publish.run(["--topic", f"projects/{DEFAULT_PROJECT}/topics/events", "--start", args.start,
+            publish.run(["--topic", TOPIC, "--start", args.start,
                          "--limit", str(args.events), "--rate", str(args.rate), "--rebase_to_now",
                          "--record", str(recorded)])
             events = [json.loads(line) for line in recorded.read_text().splitlines()]
