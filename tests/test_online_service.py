@@ -197,3 +197,42 @@ def test_the_command_refuses_bad_flags_with_exit_2(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exited:
         serve.main(["--model", "m", "--online_table", "projects/p/tables/t"])
     assert exited.value.code == 2 and "projects/<project>/instances/<instance>/tables/<table>" in capsys.readouterr().err
+
+
+def test_the_writer_fills_the_store_from_history_and_marks_its_progress(bigtable_emulator):
+    """WriteOnlineStore (the streaming job's step) over a bounded history, as the warm start's
+    history goes through it: every observation's cells, and a progress mark at the latest event
+    time written, not beyond (the watermark of a bounded input jumps to the end of time)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.utils.timestamp import Timestamp
+
+    from beam_app.online.bigtable_store import OnlineStore
+    from beam_app.online.layout import answer, rows_to_read
+    from beam_app.online.write import WriteOnlineStore
+    from tests.scan_engine import bits
+    from tests.test_online_scoring import _batch_answers
+
+    table = "projects/test-project/instances/local/tables/from-history"
+    prepare_store(parse_table_path(table), SPEC.fingerprint, SPEC.max_window_s, 3600, create=True)
+    t0 = int(time.time() * 1e6) - 3 * 3600 * 10 ** 6
+    history = [_observation(f"20261206-UA{i}-EWR", t0 + i * 7 * MIN + i, float(i % 9 - 3),
+                            origin=("EWR", "JFK")[i % 2], tailnum=f"N{i % 4}") for i in range(25)]
+    requests = [Event(f"20261206-B6{i}-JFK", "request", t0 + i * 11 * MIN + 500,
+                      {"carrier": "UA", "origin": ("EWR", "JFK")[i % 2], "dest": "ORD", "tailnum": f"N{i % 4}"})
+                for i in range(12)]
+    with beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner"])) as pipeline:
+        (pipeline
+         | beam.Create(history + requests)
+         | beam.Map(lambda e: beam.window.TimestampedValue(e, Timestamp(micros=e.time_us)))
+         | WriteOnlineStore(SPEC, table))
+    store = OnlineStore(parse_table_path(table))
+    latest = max(e.time_us for e in history + requests)
+    assert store.through_us() == latest
+    layout, groups = EventLayout.of(SPEC), feature_groups(SPEC)
+    expected = _batch_answers(history + requests)
+    for request in requests:
+        cells, through = store.read(rows_to_read(layout, groups, request), with_through=True)
+        assert through == latest
+        assert bits(answer(layout, groups, request, len(SPEC.windowed_features), cells, 3600)) == \
+            bits(expected[request.event_id])
