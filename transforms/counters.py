@@ -71,6 +71,11 @@ def forget(tally: str) -> None:
         _TALLIES.pop(tally, None)
 
 
+# The online store (beam_app/online/write.py): what the streaming job writes for the online service.
+ONLINE_OBSERVATIONS_WRITTEN = Counter("online_store", "observations_written")
+ONLINE_CELLS_WRITTEN = Counter("online_store", "cells_written")
+ONLINE_PROGRESS_MARKS = Counter("online_store", "progress_marks")
+
 # Parsing (transforms/parse.py): every record read is parsed or a dead letter.
 RECORDS_READ = Counter("parse", "records_read")
 RECORDS_OK = Counter("parse", "records_ok")

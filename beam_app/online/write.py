@@ -27,6 +27,7 @@ for longer shows a store behind by its idle time: conservative, never wrong.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -40,25 +41,26 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_app.online.bigtable_store import open_table, write_cells, write_through
 from beam_app.online.layout import TablePath, observation_cells, parse_table_path
+from transforms import counters
 from transforms.feature_layout import EventLayout, feature_groups
 from transforms.spec import FeatureSpec
 
 PROGRESS_STEP_MS = 1000
 PROGRESS_IDLE_STEPS = 60
 FLUSH_CELLS = 2000
-NAMESPACE = "online_store"
 
-# Tables by path, kept across the DirectRunner's per-bundle DoFn copies (a client per bundle
-# would open a channel per bundle); on Dataflow a DoFn lives across bundles anyway.
-_TABLES: dict[str, object] = {}
+# Tables by path (and emulator), kept across the DirectRunner's per-bundle DoFn copies (a client
+# per bundle would open a channel per bundle); on Dataflow a DoFn lives across bundles anyway.
+_TABLES: dict[tuple, object] = {}
 _TABLES_LOCK = threading.Lock()
 
 
 def _table(path: str):
+    key = (path, os.environ.get("BIGTABLE_EMULATOR_HOST"))
     with _TABLES_LOCK:
-        if path not in _TABLES:
-            _TABLES[path] = open_table(parse_table_path(path))
-        return _TABLES[path]
+        if key not in _TABLES:
+            _TABLES[key] = open_table(parse_table_path(path))
+        return _TABLES[key]
 
 
 @beam.typehints.with_output_types(beam.typehints.Tuple[int, int])
@@ -68,8 +70,8 @@ class _WriteObservations(beam.DoFn):
     def __init__(self, spec: FeatureSpec, path: TablePath):
         self._spec = spec
         self._path = str(path)
-        self._cells_written = beam.metrics.Metrics.counter(NAMESPACE, "cells_written")
-        self._observations = beam.metrics.Metrics.counter(NAMESPACE, "observations_written")
+        self._cells_written = counters.ONLINE_CELLS_WRITTEN.metric()
+        self._observations = counters.ONLINE_OBSERVATIONS_WRITTEN.metric()
 
     def setup(self):
         self._layout = EventLayout.of(self._spec)
@@ -115,7 +117,7 @@ class _Progress(beam.DoFn):
 
     def __init__(self, path: TablePath):
         self._path = str(path)
-        self._marks = beam.metrics.Metrics.counter(NAMESPACE, "progress_marks")
+        self._marks = counters.ONLINE_PROGRESS_MARKS.metric()
 
     def process(self, element, latest=beam.DoFn.StateParam(LATEST), due=beam.DoFn.StateParam(DUE),
                 tick=beam.DoFn.TimerParam(TICK)):
