@@ -46,7 +46,6 @@ and Dataflow refuses a second running job of the same --job_name. Generated file
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re

@@ -33,6 +33,7 @@ from pathlib import Path
 from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE
 from beam_app.common.options import ArgumentParser, quiet_tensorflow
 from beam_app.common.times import TIME_HELP
+from beam_app.local.stack import BigQueryEmulator
 from beam_app.local.streaming_stack import (DEAD_LETTERS, EVENTS, PREDICTIONS, SERVED_FEATURES, TOPIC, query,
                                            stop_job, streaming_stack)
 

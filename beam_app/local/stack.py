@@ -15,7 +15,6 @@ unchanged against them, with no Google Cloud project, credentials or network.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import shutil
