@@ -108,6 +108,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/model_bench.py
 	$(BIN)/python bench/inference_bench.py
 	$(BIN)/python bench/reference_sql_bench.py
+	$(BIN)/python bench/serve_bench.py
 
 # Google Cloud (README, "Deploying to Google Cloud"): templates/deploy.py with these variables; empty ones
 # keep the script's defaults. STEP is all (resources, image, template, run) or one of them, or batch; SPEC (the
