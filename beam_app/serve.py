@@ -138,6 +138,12 @@ class Service:
         return {"model_version": self.model().version, "spec_fingerprint": self.spec.fingerprint,
                 "store_complete_through": time_us_to_rfc3339(through_us) if through_us is not None else None}
 
+    def close(self) -> None:
+        """Inserts what the served-features log still holds, and lets the store's client go."""
+        if self.served_log is not None:
+            self.served_log.close()
+        self.store.close()
+
     def summary(self) -> str:
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for metric in self.metrics.registry.collect() for s in metric.samples}
@@ -149,7 +155,6 @@ class Service:
                  + (", ".join(f"{status}: {n:,}" for status, n in sorted(calls.items())) or "none"),
                  f"  instances answered  {instances:>9,}"]
         if self.served_log is not None:
-            self.served_log.close()
             counts = self.served_log.counts
             lines.append(f"  served features     {counts['written']:>9,}   -> {self.served_log.table}  (refused "
                          f"{counts['refused']:,}, dropped {counts['dropped']:,}, still queued "
@@ -178,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"serving {service.spec.name} ({service.spec.fingerprint[:12]}) with model {service.model().version} on "
           f"http://{args.host}:{args.port}/v1/predict; Ctrl-C stops", flush=True)
     uvicorn.run(service.app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    service.close()
     print(service.summary(), flush=True)
 
 

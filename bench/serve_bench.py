@@ -46,7 +46,6 @@ import os
 import re
 import resource
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from beam_app.local.streaming_stack import stop_job  # noqa: E402
 from transforms.command_line import ArgumentParser  # noqa: E402
 
 TARGET_P99_MS = 15.0  # one instance per call, one client
@@ -418,21 +418,10 @@ def start_service(model: str, port: int, env: dict, log_path: Path) -> subproces
         except OSError as err:
             status = str(err)
         if time.monotonic() > deadline:
-            stop_service(process)
+            stop_job(process)
             sys.exit(f"the service did not answer /healthz 200 within {SERVICE_START_S} s (last: {status}):\n"
                      f"{_tail(log_path)}")
         time.sleep(0.5)
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops it (it prints its summary), then SIGKILL if it lingers."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def _log_warnings(log: str, most: int = 10) -> list[str]:
@@ -614,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
                     http_results[mode][str(c)] = http_level(port, requests, n, c, args, service.pid, emulator_pid,
                                                             checked)
         finally:
-            stop_service(service)
+            stop_job(service)
         service_log = log_path.read_text(errors="replace")
         results["http"] = http_results
         results["first_answer"] = checked[0] if checked else None

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from beam_app.bigquery.tables import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA, events_schema, served_features_schema, table_schema
+from tests.dockerfiles import dockerfile_instructions
 from transforms.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -505,21 +506,6 @@ def test_the_served_values_pass_the_services_own_checks():
 
 # ---- templates/serve/Dockerfile ----
 
-def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined and comments dropped, as Docker reads them."""
-    logical, current = [], ""
-    for line in path.read_text().splitlines():
-        if line.lstrip().startswith("#") or (not current and not line.strip()):
-            continue
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-            continue
-        logical.append(current + line)
-        current = ""
-    return [(instruction.upper(), " ".join(rest.split())) for instruction, _, rest in
-            (line.strip().partition(" ") for line in logical)]
-
-
 def _serve_args(argv: list[str]):
     """(argv parsed by python -m beam_app.serve's own parser, argv); the parser exits 2 on a flag it does not know."""
     from beam_app.serve import parser
@@ -532,7 +518,7 @@ def _cmd_argv(environment: dict[str, str]) -> list[str]:
     a stand-in python on PATH records its arguments. Returns them after `-m beam_app.serve`."""
     import tempfile
 
-    (cmd,) = [rest for instruction, rest in _dockerfile_instructions(SERVE_DOCKERFILE) if instruction == "CMD"]
+    (cmd,) = [rest for instruction, rest in dockerfile_instructions(SERVE_DOCKERFILE) if instruction == "CMD"]
     assert not cmd.startswith("["), "the CMD reads the environment: it needs a shell"
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "argv"
@@ -566,7 +552,7 @@ def test_dockerfile_cmd_passes_the_environment_as_flags_the_service_knows():
 
 
 def test_dockerfile_installs_the_pins_and_the_package_and_runs_as_a_user():
-    instructions = _dockerfile_instructions(SERVE_DOCKERFILE)
+    instructions = dockerfile_instructions(SERVE_DOCKERFILE)
     froms = [rest for instruction, rest in instructions if instruction == "FROM"]
     args = dict(rest.split("=", 1) for instruction, rest in instructions if instruction == "ARG" and "=" in rest)
     assert froms == ["python:${PYTHON_TAG}"] and args["PYTHON_TAG"].startswith("3.11")  # setup.py: Python 3.11

@@ -56,6 +56,7 @@ class Server:
     def stop(self) -> str:
         self._server.should_exit = True
         self._thread.join(30)
+        self.service.close()
         return self.service.summary()
 
 

@@ -22,6 +22,7 @@ import pytest
 from beam_app.common.options import CommonOptions
 from beam_app.common.errors import UsageError
 from beam_app.streaming import StreamingOptions, _check_options
+from tests.dockerfiles import dockerfile_instructions
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "templates" / "streaming"
@@ -226,23 +227,13 @@ def test_shipped_specs_pass_the_spec_validator(parameters):
 
 def _dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order; ${VAR} of ARGs with defaults expanded."""
-    logical, current = [], ""
-    for line in (TEMPLATE / "Dockerfile").read_text().splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-            continue
-        logical.append(current + line)
-        current = ""
     args, instructions = {}, []
-    for line in logical:
-        instruction, _, rest = line.strip().partition(" ")
-        rest = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), rest.strip())
-        if instruction.upper() == "ARG" and "=" in rest:
+    for instruction, rest in dockerfile_instructions(TEMPLATE / "Dockerfile"):
+        rest = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), rest)
+        if instruction == "ARG" and "=" in rest:
             name, _, default = rest.partition("=")
             args[name] = default
-        instructions.append((instruction.upper(), rest))
+        instructions.append((instruction, rest))
     return instructions
 
 

@@ -35,7 +35,7 @@ from beam_app.common.options import ArgumentParser, quiet_tensorflow
 from beam_app.common.times import TIME_HELP
 from beam_app.local.stack import BigQueryEmulator
 from beam_app.local.streaming_stack import (DEAD_LETTERS, EVENTS, PREDICTIONS, SERVED_FEATURES, TOPIC, query,
-                                           stop_job, streaming_stack)
+                                           require_model, stop_job, streaming_stack)
 
 PROG = "python -m beam_app.local.demo"
 MALFORMED = (b"{this is not json", '{"event_id": "x", "role": "request"}'.encode())
@@ -103,9 +103,7 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="output/demo",
                         help="Job log, published events, consistency and drift reports (default %(default)s).")
     args = parser.parse_args(argv)
-    if not (Path(args.model) / "LATEST").exists() and not Path(args.model).exists():
-        print(f"{PROG}: error: no model at {args.model}: run `make run` first (it trains one)", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    require_model(args.model, PROG)
     work = Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -28,11 +28,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from beam_app.common.errors import EXIT_CHECK_FAILED, EXIT_USAGE
+from beam_app.common.errors import EXIT_CHECK_FAILED
 from beam_app.common.options import ArgumentParser, quiet_tensorflow
 from beam_app.common.times import TIME_HELP
-from beam_app.local.streaming_stack import SERVED_FEATURES, TOPIC, stop_job, streaming_job_command, streaming_stack
 from beam_app.local.stack import DEFAULT_PROJECT, BigtableEmulator
+from beam_app.local.streaming_stack import (SERVED_FEATURES, TOPIC, require_model, stop_job, streaming_job_command,
+                                            streaming_stack)
 
 PROG = "python -m beam_app.local.online"
 ONLINE_TABLE = f"projects/{DEFAULT_PROJECT}/instances/local/tables/flights"
@@ -72,9 +73,7 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="output/online",
                         help="Logs of the job and the service, and the published events (default %(default)s).")
     args = parser.parse_args(argv)
-    if not (Path(args.model) / "LATEST").exists() and not Path(args.model).exists():
-        print(f"{PROG}: error: no model at {args.model}: run `make run` first (it trains one)", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    require_model(args.model, PROG)
     work = Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

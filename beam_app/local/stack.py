@@ -98,10 +98,16 @@ class _Emulator:
     def _picked_ports(self) -> bool:
         return self._free_port
 
+    host_variable: str | None = None  # the variable that points a Google client at it (host:port)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
     @property
     def env(self) -> dict[str, str]:
         """The environment variables a client needs to use this emulator."""
-        return {"NO_GCE_CHECK": "true"}
+        return {"NO_GCE_CHECK": "true", **({self.host_variable: self.host} if self.host_variable else {})}
 
     def start(self) -> Self:
         """Starts it and waits until it answers. A port it picked itself that turns out to be taken
@@ -192,17 +198,11 @@ class PubSubEmulator(_Emulator):
     """Google's Pub/Sub emulator (Java; ~2-4 s to start here)."""
 
     name = "Pub/Sub emulator"
+    host_variable = "PUBSUB_EMULATOR_HOST"
 
     def __init__(self, port: int = 0, start_timeout_s: float = 60) -> None:
         super().__init__(port, start_timeout_s)
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {**super().env, "PUBSUB_EMULATOR_HOST": self.host}
 
     def _command(self, workdir: Path) -> list[str]:
         jars = sorted(glob.glob(PUBSUB_JARS))
@@ -227,17 +227,11 @@ class BigtableEmulator(_Emulator):
     tables go when it stops."""
 
     name = "Bigtable emulator"
+    host_variable = "BIGTABLE_EMULATOR_HOST"
 
     def __init__(self, port: int = 0, start_timeout_s: float = 30) -> None:
         super().__init__(port, start_timeout_s)
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {**super().env, "BIGTABLE_EMULATOR_HOST": self.host}
 
     def _command(self, workdir: Path) -> list[str]:
         if not os.path.exists(CBTEMULATOR):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from beam_app.bigquery.client import bigquery_client, table_exists
+from beam_app.common.errors import EXIT_USAGE
 from beam_app.local.stack import DEFAULT_PROJECT, BigQueryEmulator, PubSubEmulator
 
 TOPIC = f"projects/{DEFAULT_PROJECT}/topics/events"
@@ -81,7 +82,15 @@ def stop_job(job: subprocess.Popen) -> None:
             job.wait(60)
         except subprocess.TimeoutExpired:
             job.kill()
+            job.wait(10)
 
 
 def query(bigquery: BigQueryEmulator, sql: str) -> list[dict]:
     return [dict(row.items()) for row in bigquery_client(DEFAULT_PROJECT, bigquery.endpoint).query(sql).result()]
+
+
+def require_model(model: str, prog: str) -> None:
+    """Exits with a usage error when there is no model at `model` (a local command needs `make run` first)."""
+    if not (Path(model) / "LATEST").exists() and not Path(model).exists():
+        print(f"{prog}: error: no model at {model}: run `make run` first (it trains one)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -23,7 +23,7 @@ import concurrent.futures
 import queue
 import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from beam_app.bigquery.tables import served_features_row
 from beam_app.online.bigtable_store import OnlineStore
@@ -240,9 +240,3 @@ class Batcher:
                 {"predictions": scored.answers[at:end]}, [row for row in scored.served_rows[at:end] if row],
                 None if None in lags else max(lags), scored.rows_read if index == 0 else 0, len(batch)))
             at = end
-
-
-def instance_json(event: Event) -> Mapping[str, Any]:
-    """An Event -> the instance that asks for it (what a client sends): the inverse of parse_instance."""
-    return {"event_id": event.event_id, "role": REQUEST, "event_time": time_us_to_rfc3339(event.time_us),
-            **{name: value for name, value in event.fields.items() if value is not None}}
