@@ -197,7 +197,8 @@ def _batch_scoring(spec: str, recorded: Path, output: Path, version_dir: Path) -
 
 
 def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: list[str], events: int,
-                      malformed: list[Malformed], bigquery_emulator, tmp_path: Path) -> Streamed:
+                      malformed: list[Malformed], bigquery_emulator, tmp_path: Path,
+                      job_flags: tuple[str, ...] = ()) -> Streamed:
     """Topic, subscription and tables of their own (`name`: the emulators are shared by the session);
     the streaming job in a thread; the malformed messages, then `events` events published with
     `publish_args` (recorded), then DUPLICATES of them again and one conflicting copy. Checks that every
@@ -222,7 +223,7 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
         "--model", str(version_dir.parent), "--predictions_table", predictions_table,
         "--dead_letter_table", dead_letter_table, "--create_tables",
         "--served_features", served_table, "--events_table", events_table,
-        "--bigquery_endpoint", bigquery_emulator.endpoint])
+        "--bigquery_endpoint", bigquery_emulator.endpoint, *job_flags])
     job_failed = job.check
     try:
         client = bigquery_client(PROJECT, bigquery_emulator.endpoint)
@@ -346,14 +347,28 @@ def _stream_and_check(*, name: str, spec: str, version_dir: Path, publish_args: 
 
 @pytest.mark.slow
 def test_published_events_get_exactly_one_prediction_each_equal_to_batch(
-        pubsub_emulator, bigquery_emulator, trained_model, tmp_path):
+        pubsub_emulator, bigquery_emulator, bigtable_emulator, trained_model, tmp_path):
     _, version_dir = trained_model
     source = tmp_path / "slice.csv"
     source.write_text("\n".join(flights_lines(lambda month, day: (month, day) == (11, 30))) + "\n")
+    online_table = "projects/test-project/instances/local/tables/hostile-stream"
     run = _stream_and_check(name="flights", spec="flights", version_dir=version_dir,
                             publish_args=["--input", str(source)], events=EVENTS, malformed=MALFORMED,
-                            bigquery_emulator=bigquery_emulator, tmp_path=tmp_path)
+                            bigquery_emulator=bigquery_emulator, tmp_path=tmp_path,
+                            job_flags=("--online_table", online_table))
     assert len(run.reference) > 100  # labeled requests (cancelled flights have none)
+    # The online store the same hostile stream kept: each accepted observation once under its origin (the
+    # copies and the conflict rewrote nothing new), and nothing of the poison.
+    from google.cloud.bigtable.data import ReadRowsQuery, RowRange
+
+    from beam_app.online.bigtable_store import _data_client
+
+    observations = {event["event_id"] for event in run.events if event["role"] == "observation"}
+    with _data_client("test-project") as client:
+        rows = client.get_table("local", "hostile-stream").read_rows(
+            ReadRowsQuery(row_ranges=[RowRange(b"origin#", b"origin$")]))
+    stored = [cell.qualifier.decode() for row in rows for cell in row.cells]
+    assert sorted(stored) == sorted(observations)
 
 
 @pytest.mark.slow
